@@ -1,0 +1,427 @@
+"""ckpt.py — weights in and out.
+
+Hugging Face checkpoints (config.json + safetensors, single or sharded) become a
+`model.Transformer` and go back out in the same layout, so that
+`transformers.AutoModelForCausalLM.from_pretrained` loads what we save with the
+same logits. Loading never unpickles: safetensors only.
+
+    model = load_hf("path/to/Qwen3-0.6B", dtype="bfloat16")
+    save_hf(model, "runs/sft/hf")
+    model = load_model("qwen3-0.6b")   # preset → local HF cache, else random init with a warning
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from model import CONFIGS, Config, Transformer, alternating, every_nth_global, get_config, layer_shapes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------- config.json
+
+FAMILIES = {"llama": "llama3", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
+            "gemma3_text": "gemma3", "gemma3": "gemma3"}
+HF_MODEL_TYPE = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
+                 "gemma3": "gemma3_text"}
+HF_ARCH = {"llama3": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+           "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+HF_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+def _ids(x) -> tuple[int, ...]:
+    return () if x is None else tuple(x) if isinstance(x, list) else (x,)
+
+
+def config_from_hf(hf: dict, **overrides) -> Config:
+    """Our Config from an HF config.json dict, in the hub's classic form (rope_theta,
+    rope_scaling, rope_local_base_freq, sliding_window_pattern) or transformers 5's
+    (rope_parameters, layer_types)."""
+    if hf.get("model_type") == "gemma3" and "text_config" in hf:  # multimodal Gemma 3: its text tower
+        hf = {**hf["text_config"], "model_type": "gemma3_text", "tie_word_embeddings": True,
+              **{k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}}
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"unknown model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
+    family = FAMILIES[model_type]
+    gemma = family.startswith("gemma")
+    defaults = CONFIGS[f"tiny-{family}"]  # the family's switches; sizes all come from the file
+    if hf.get("attention_bias") and family != "qwen2" or hf.get("mlp_bias"):
+        raise CheckpointError(f"{model_type}: attention_bias/mlp_bias checkpoints are not supported")
+    n_layers, n_heads = hf["num_hidden_layers"], hf["num_attention_heads"]
+
+    # RoPE: transformers 5 nests it per layer type; the classic form has flat fields.
+    rope = hf.get("rope_parameters") or {}
+    if "full_attention" in rope or "sliding_attention" in rope:
+        global_rope, local_rope = rope.get("full_attention", {}), rope.get("sliding_attention")
+    else:
+        global_rope, local_rope = rope, None
+    scaling = dict(hf.get("rope_scaling") or {}) or dict(global_rope)
+    scaling_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if scaling_type not in ("default", "linear", "llama3"):
+        raise CheckpointError(f"unsupported rope scaling type {scaling_type!r}")
+    theta = global_rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    local_theta = (local_rope or {}).get("rope_theta", hf.get("rope_local_base_freq"))
+
+    # Which layers slide: layer_types if present, else the family's rule.
+    window = hf.get("sliding_window")
+    if hf.get("layer_types"):
+        sliding = tuple(t == "sliding_attention" for t in hf["layer_types"])
+    elif family == "gemma2":
+        sliding = alternating(n_layers)
+    elif family == "gemma3":
+        period = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        sliding = every_nth_global(n_layers, period)
+    elif family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        sliding = tuple(i >= hf.get("max_window_layers", n_layers) for i in range(n_layers))
+    else:
+        sliding = ()
+    if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+        sliding = ()  # Qwen writes a sliding_window size even when it is switched off
+    if not any(sliding):
+        sliding, window = (), None
+
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or defaults.act
+    act = {"gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "gelu": "gelu_tanh" if gemma else "gelu"}.get(act)
+    if act is None:
+        raise CheckpointError(f"unsupported activation {hf.get('hidden_activation') or hf.get('hidden_act')!r}")
+    qpas = hf.get("query_pre_attn_scalar")
+    cfg = Config(
+        family=family, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, ffn_dim=hf["intermediate_size"],
+        act=act, norm_eps=hf.get("rms_norm_eps", 1e-6), norm_plus_one=defaults.norm_plus_one,
+        qk_norm=defaults.qk_norm, qkv_bias=defaults.qkv_bias, rope_theta=float(theta),
+        rope_local_theta=float(local_theta) if local_theta and family == "gemma3" else None,
+        rope_scaling=None if scaling_type == "default" else scaling_type,
+        rope_factor=float(scaling.get("factor", 1.0)),
+        rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        rope_original_max_len=int(scaling.get("original_max_position_embeddings", 8192)),
+        sliding_window=window, sliding_layers=sliding,
+        query_scale=qpas ** -0.5 if qpas else None,
+        attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
+        post_norms=defaults.post_norms, embed_scale=defaults.embed_scale,
+        tie_embeddings=hf.get("tie_word_embeddings", gemma), max_seq_len=hf.get("max_position_embeddings", 8192),
+        bos_id=hf.get("bos_token_id"), eos_ids=_ids(hf.get("eos_token_id")), pad_id=hf.get("pad_token_id"),
+    )
+    return cfg.replace(**overrides)
+
+
+def config_to_hf(cfg: Config) -> dict:
+    """config.json in the classic field names, which transformers 4.x and 5.x both read."""
+    hf = {
+        "architectures": [HF_ARCH[cfg.family]], "model_type": HF_MODEL_TYPE[cfg.family],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_seq_len,
+        "bos_token_id": cfg.bos_id, "pad_token_id": cfg.pad_id,
+        "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else (cfg.eos_ids or [None])[0],
+        "attention_bias": cfg.qkv_bias if cfg.family != "qwen2" else None, "torch_dtype": cfg.param_dtype,
+    }
+    hf["hidden_activation" if cfg.family in ("gemma2", "gemma3") else "hidden_act"] = HF_ACT[cfg.act]
+    if cfg.rope_scaling == "linear":
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_factor}
+    elif cfg.rope_scaling == "llama3":
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
+                              "low_freq_factor": cfg.rope_low_freq_factor,
+                              "high_freq_factor": cfg.rope_high_freq_factor,
+                              "original_max_position_embeddings": cfg.rope_original_max_len}
+    if cfg.family in ("gemma2", "gemma3"):
+        hf.update(query_pre_attn_scalar=(cfg.query_scale or cfg.head_dim ** -0.5) ** -2,
+                  attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
+    if cfg.rope_local_theta is not None:
+        hf["rope_local_base_freq"] = cfg.rope_local_theta
+    if any(cfg.sliding_layers):
+        hf["sliding_window"] = cfg.sliding_window
+        hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers]
+        if cfg.family in ("qwen2", "qwen3"):
+            hf.update(use_sliding_window=True, max_window_layers=cfg.sliding_layers.index(True))
+    return {k: v for k, v in hf.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- the name table
+
+# HF tensor name → our parameter, and how the tensor is laid out. `n_in` None: same shape;
+# 0: a flat vector reshaped to ours (biases [N*H] → [N, H]); 1 or 2: an HF Linear weight
+# [out, in] whose `in` is our first n_in axes (q [N*H, D] → [D, N, H]; o [D, N*H] → [N, H, D]).
+GLOBAL_NAMES = [("model.embed_tokens.weight", "embed", None), ("model.norm.weight", "final_norm", None),
+                ("lm_head.weight", "lm_head", None)]
+LAYER_NAMES = [
+    ("input_layernorm.weight", "attn_norm", None),
+    ("self_attn.q_proj.weight", "q", 1), ("self_attn.k_proj.weight", "k", 1), ("self_attn.v_proj.weight", "v", 1),
+    ("self_attn.q_proj.bias", "q_bias", 0), ("self_attn.k_proj.bias", "k_bias", 0),
+    ("self_attn.v_proj.bias", "v_bias", 0), ("self_attn.o_proj.weight", "o", 2),
+    ("self_attn.q_norm.weight", "q_norm", None), ("self_attn.k_norm.weight", "k_norm", None),
+    # Gemma 2/3 name their norm after attention so; the other families their norm before the MLP.
+    ("post_attention_layernorm.weight", "post_attn_norm|ffw_norm", None),
+    ("pre_feedforward_layernorm.weight", "ffw_norm", None),  # Gemma 2/3
+    ("post_feedforward_layernorm.weight", "post_ffw_norm", None),  # Gemma 2/3
+    ("mlp.gate_proj.weight", "gate", 1), ("mlp.up_proj.weight", "up", 1), ("mlp.down_proj.weight", "down", 1),
+]
+
+
+def name_table(cfg: Config) -> list[tuple[str, str, int | None]]:
+    """(HF name, our name, n_in) for every tensor of this config; layer names use {i}."""
+    table = [row for row in GLOBAL_NAMES if row[1] != "lm_head" or not cfg.tie_embeddings]
+    ours = layer_shapes(cfg)
+    for hf, name, n_in in LAYER_NAMES:
+        if "|" in name:
+            name = name.split("|")[0 if cfg.post_norms else 1]
+        elif name == "ffw_norm" and not cfg.post_norms:
+            continue  # pre_feedforward_layernorm exists only beside sandwich norms
+        if name in ours:
+            table.append((f"model.layers.{{i}}.{hf}", f"layers.{name}", n_in))
+    return table
+
+
+def hf_shape(ours: tuple[int, ...], n_in: int | None) -> tuple[int, ...]:
+    if n_in is None:
+        return tuple(ours)
+    if n_in == 0:
+        return (math.prod(ours),)
+    return (math.prod(ours[n_in:]), math.prod(ours[:n_in]))
+
+
+def to_ours(x: np.ndarray, ours: tuple[int, ...], n_in: int | None) -> np.ndarray:
+    return x.T.reshape(ours) if n_in else x.reshape(ours)
+
+
+def to_hf(x: np.ndarray, n_in: int | None) -> np.ndarray:
+    if n_in is None:
+        return x
+    if n_in == 0:
+        return x.reshape(-1)
+    return x.reshape(math.prod(x.shape[:n_in]), -1).T
+
+
+# ----------------------------------------------------------------------------- loading
+
+# Tensors some exports carry that are not weights, and the vision half of multimodal Gemma 3.
+IGNORED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+           ("language_model.lm_head.", "lm_head."))
+
+
+def _canonical(name: str) -> str:
+    for old, new in RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def read_config(path: pathlib.Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def tensor_index(path: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Every tensor name in the checkpoint → the safetensors file that holds it."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_file}: not a valid safetensors index ({e})") from None
+        files = {name: path / f for name, f in weight_map.items()}
+    else:
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{path}: no *.safetensors files (pickled .bin checkpoints are not read)")
+        files = {}
+        for shard in shards:
+            for name in _open(shard).keys():
+                files[name] = shard
+    for f in set(files.values()):
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the index but missing")
+    return {_canonical(n): f for n, f in files.items() if not n.startswith(IGNORED_PREFIXES)
+            and not n.endswith("rotary_emb.inv_freq")}
+
+
+def _open(file: pathlib.Path):
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def abstract_model(cfg: Config) -> Transformer:
+    """The model's structure with shapes and dtypes but no memory (jax.eval_shape)."""
+    return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+
+
+def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **overrides) -> Transformer:
+    """A Transformer with the weights of an HF checkpoint directory.
+
+    dtype: compute dtype (default float32); param_dtype: storage dtype (default: dtype).
+    Tensors are read one at a time and each stacked parameter is built once, so peak
+    host memory stays near the size of the model in param_dtype plus one parameter.
+    """
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    dtype = dtype or "float32"
+    cfg = config_from_hf(read_config(path), dtype=dtype, param_dtype=param_dtype or dtype, **overrides)
+    table = name_table(cfg)
+    files = tensor_index(path)
+    expected = {hf.format(i=i) for hf, name, _ in table
+                for i in (range(cfg.n_layers) if "{i}" in hf else [0])}
+    missing = sorted(expected - set(files))
+    unexpected = sorted(set(files) - expected - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors for {cfg.family}: {', '.join(missing[:8])}"
+                              + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors: {', '.join(unexpected[:8])}"
+                              + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+
+    graphdef, state = nnx.split(abstract_model(cfg))
+    handles: dict[pathlib.Path, object] = {}
+
+    def read(name: str, ours: tuple[int, ...], n_in) -> np.ndarray:
+        file = files[name]
+        if file not in handles:
+            handles[file] = _open(file)
+        try:
+            x = handles[file].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
+        if tuple(x.shape) != hf_shape(ours, n_in):
+            raise CheckpointError(f"{name}: checkpoint shape {tuple(x.shape)} does not match the config's "
+                                  f"{hf_shape(ours, n_in)} ({file.name})")
+        return to_ours(x, ours, n_in)
+
+    flat = dict(nnx.to_flat_state(state))
+    for hf, name, n_in in table:
+        key = tuple(name.split("."))
+        var = flat[key]
+        target = np.dtype(var.dtype)
+        if "{i}" in hf:  # stack layer tensors into one [L, ...] array, filled in place
+            stacked = np.empty(var.shape, target)
+            for i in range(cfg.n_layers):
+                stacked[i] = read(hf.format(i=i), var.shape[1:], n_in).astype(target)
+        else:
+            stacked = read(hf, var.shape, n_in).astype(target)
+        var.set_value(jnp.asarray(stacked))
+        del stacked
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save_hf(model: Transformer, path, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes).
+
+    The files go to a temporary directory beside `path` that replaces `path` only when
+    complete, so an interrupted save never damages an existing checkpoint.
+    """
+    cfg, path = model.cfg, pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+    def tensors():  # (HF name, numpy array), one at a time
+        for hf, name, n_in in name_table(cfg):
+            value = np.asarray(jax.device_get(flat[name].get_value()))
+            if "{i}" in hf:
+                for i in range(cfg.n_layers):
+                    yield hf.format(i=i), np.ascontiguousarray(to_hf(value[i], n_in))
+            else:
+                yield hf, np.ascontiguousarray(to_hf(value, n_in))
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        shards, current, size, total = [], {}, 0, 0  # write each shard as soon as it is full
+
+        def flush():
+            shards.append((f"shard-{len(shards) + 1:05d}.tmp", list(current)))
+            save_file(current, str(tmp / shards[-1][0]), metadata={"format": "pt"})
+
+        for name, x in tensors():
+            if current and size + x.nbytes > max_shard_bytes:
+                flush()
+                current, size = {}, 0
+            current[name], size, total = x, size + x.nbytes, total + x.nbytes
+        flush()
+        n = len(shards)
+        weight_map = {}
+        for i, (tmp_name, names) in enumerate(shards, 1):
+            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp / tmp_name, tmp / final)
+            weight_map.update({k: final for k in names})
+        if n > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+        if path.exists():  # swap in the new directory, then drop the old one
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "ckpt")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+# ----------------------------------------------------------------------------- presets
+
+HF_REPOS = {
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B", "llama3.2-3b": "meta-llama/Llama-3.2-3B",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B", "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B", "qwen3-0.6b": "Qwen/Qwen3-0.6B", "qwen3-1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3-4b": "Qwen/Qwen3-4B", "qwen3-8b": "Qwen/Qwen3-8B", "gemma-2b": "google/gemma-2b",
+    "gemma2-2b": "google/gemma-2-2b", "gemma3-270m": "google/gemma-3-270m", "gemma3-1b": "google/gemma-3-1b-pt",
+    "gemma3-4b": "google/gemma-3-4b-pt",
+}
+
+
+def hf_cache_dir(repo: str) -> pathlib.Path | None:
+    """The local snapshot of an HF hub repo (HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub)."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    root = pathlib.Path(hub) / f"models--{repo.replace('/', '--')}"
+    ref = root / "refs" / "main"
+    candidates = [root / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
+    candidates += sorted((root / "snapshots").glob("*")) if (root / "snapshots").is_dir() else []
+    return next((c for c in candidates if (c / "config.json").is_file()), None)
+
+
+def load_model(name: str = "tiny", ckpt=None, dtype: str | None = None, seed: int = 0, **overrides):
+    """`--ckpt DIR` if given; else the preset's checkpoint from the local HF cache; else the
+    preset with random weights and a warning on stderr. Returns (model, where it came from)."""
+    if ckpt:
+        return load_hf(ckpt, dtype=dtype, **overrides), str(ckpt)
+    cfg = get_config(name)
+    name = next(k for k, v in CONFIGS.items() if v is cfg)
+    repo = HF_REPOS.get(name)
+    local = hf_cache_dir(repo) if repo else None
+    if local:
+        return load_hf(local, dtype=dtype, **overrides), str(local)
+    if repo:
+        print(f"warning: {repo} is not in the local Hugging Face cache; {name} starts from random weights "
+              f"(pass --ckpt DIR to load a checkpoint)", file=sys.stderr)
+    cfg = cfg.replace(**({"dtype": dtype, "param_dtype": dtype} if dtype else {}), **overrides)
+    return Transformer(cfg, nnx.Rngs(seed)), f"random {name}"

@@ -1,0 +1,400 @@
+"""model.py — one decoder-only Transformer for Gemma, Gemma 2, Gemma 3, Llama 3, Qwen 2, Qwen 3.
+
+The six families differ only in a handful of switches, all of them fields of
+`Config`: the MLP activation (SwiGLU / GeGLU-tanh), the RMSNorm weight convention
+(`w` or `1 + w`), QK-norm, QKV bias, sandwich norms around attention and MLP,
+soft-capping, sliding-window layers with their own RoPE base, RoPE scaling, and
+embedding scaling. Everything else is the same pre-norm block:
+
+    x = x + post_attn_norm(Attn(attn_norm(x)))      # post norms: Gemma 2/3 only
+    x = x + post_ffw_norm(MLP(ffw_norm(x)))
+
+Parameters of all layers are stacked on a leading `L` axis and the forward pass
+is one `jax.lax.scan` over layers, so jit compiles one block, not `n_layers`.
+
+Einsum letters (as in Gemma's reference code): B batch, T query time, S key time,
+D model dim, N query heads, K kv heads, G query heads per kv head, H head dim,
+F feed-forward dim, V vocab, L layers.
+
+    from model import CONFIGS, Transformer
+    model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(0))
+    logits = model(tokens)                       # [B, T, V], float32
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+# The MLP is act(x W_gate) * (x W_up) W_down: SwiGLU with silu, GeGLU with gelu.
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    family: str  # llama3 | qwen2 | qwen3 | gemma | gemma2 | gemma3 (the HF model_type family)
+    vocab_size: int  # V
+    dim: int  # D, the residual stream width
+    n_layers: int  # L
+    n_heads: int  # N query heads
+    n_kv_heads: int  # K key/value heads (GQA when K < N)
+    head_dim: int  # H, independent of dim / n_heads (Qwen 3 and Gemma)
+    ffn_dim: int  # F
+    act: str = "silu"  # MLP gate activation: silu (SwiGLU) | gelu_tanh (GeGLU) | gelu
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w), weights stored as w
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k (Qwen 3, Gemma 3)
+    qkv_bias: bool = False  # bias on the q, k, v projections (Qwen 2)
+    rope_theta: float = 10_000.0  # RoPE base of global (full-attention) layers
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None: rope_theta
+    rope_scaling: str | None = None  # None | "linear" | "llama3", applied to global layers
+    rope_factor: float = 1.0  # scaling factor (linear and llama3)
+    rope_low_freq_factor: float = 1.0  # llama3 scaling
+    rope_high_freq_factor: float = 4.0  # llama3 scaling
+    rope_original_max_len: int = 8192  # llama3 scaling: original context length
+    sliding_window: int | None = None  # W: a sliding layer's query sees its W most recent keys
+    sliding_layers: tuple[bool, ...] = ()  # per layer, True if it slides (empty: none does)
+    query_scale: float | None = None  # attention logit scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None  # logits <- c * tanh(logits / c) in attention (Gemma 2)
+    final_softcap: float | None = None  # the same on the output logits (Gemma 2)
+    post_norms: bool = False  # extra RMSNorm after attention and after the MLP (Gemma 2/3)
+    embed_scale: bool = False  # multiply embeddings by sqrt(dim) (Gemma)
+    tie_embeddings: bool = True  # output head reuses the input embedding
+    max_seq_len: int = 8192  # longest sequence the checkpoint was trained for
+    bos_id: int | None = None  # beginning-of-sequence token of the checkpoint's tokenizer
+    eos_ids: tuple[int, ...] = ()  # end-of-sequence tokens
+    pad_id: int | None = None  # padding token
+    param_dtype: str = "float32"  # storage dtype of parameters
+    dtype: str = "float32"  # compute dtype of activations and matmuls (bf16 on TPU)
+    remat: bool = False  # recompute each block in the backward pass (saves activation memory)
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.sliding_layers and len(self.sliding_layers) != self.n_layers:
+            raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.n_layers} layers")
+        if any(self.sliding_layers) and not self.sliding_window:
+            raise ValueError("sliding layers need a sliding_window")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.act!r} (known: {', '.join(ACTIVATIONS)})")
+
+    def replace(self, **kw) -> Config:
+        return dataclasses.replace(self, **kw)
+
+
+def every_nth_global(n_layers: int, period: int) -> tuple[bool, ...]:
+    """Gemma 3's pattern: layers slide except every `period`-th one (5 local : 1 global)."""
+    return tuple((i + 1) % period != 0 for i in range(n_layers))
+
+
+def alternating(n_layers: int) -> tuple[bool, ...]:
+    """Gemma 2's pattern: even layers slide, odd layers attend globally."""
+    return tuple(i % 2 == 0 for i in range(n_layers))
+
+
+_LLAMA3_ROPE = dict(rope_scaling="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_len=8192)
+_LLAMA3 = dict(family="llama3", vocab_size=128_256, norm_eps=1e-5, rope_theta=500_000.0,
+               max_seq_len=131_072, bos_id=128_000, eos_ids=(128_001,), **_LLAMA3_ROPE)
+_QWEN = dict(vocab_size=151_936, rope_theta=1_000_000.0, bos_id=151_643, eos_ids=(151_643,), pad_id=151_643)
+_QWEN3 = dict(_QWEN, eos_ids=(151_645,))
+_GEMMA = dict(act="gelu_tanh", norm_plus_one=True, embed_scale=True, head_dim=256, bos_id=2,
+              eos_ids=(1,), pad_id=0)
+_GEMMA3 = dict(_GEMMA, family="gemma3", vocab_size=262_144, qk_norm=True, post_norms=True,
+               query_scale=256 ** -0.5, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
+               sliding_window=512, max_seq_len=32_768, eos_ids=(1, 106))
+
+# The published shapes. Real vocabularies, eos ids and RoPE settings, so a random init has
+# exactly the memory and FLOPs of the checkpoint it stands in for.
+CONFIGS: dict[str, Config] = {
+    "llama3.2-1b": Config(**_LLAMA3, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                          ffn_dim=8192, rope_factor=32.0),
+    "llama3.2-3b": Config(**_LLAMA3, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128,
+                          ffn_dim=8192, rope_factor=32.0),
+    "llama3.1-8b": Config(**_LLAMA3, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                          ffn_dim=14_336, rope_factor=8.0, tie_embeddings=False),
+    "qwen2.5-0.5b": Config(**_QWEN, family="qwen2", dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                           head_dim=64, ffn_dim=4864, qkv_bias=True, max_seq_len=32_768),
+    "qwen2.5-1.5b": Config(**_QWEN, family="qwen2", dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                           head_dim=128, ffn_dim=8960, qkv_bias=True, max_seq_len=131_072),
+    "qwen3-0.6b": Config(**_QWEN3, family="qwen3", dim=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                         head_dim=128, ffn_dim=3072, qk_norm=True, max_seq_len=40_960),
+    "qwen3-1.7b": Config(**_QWEN3, family="qwen3", dim=2048, n_layers=28, n_heads=16, n_kv_heads=8,
+                         head_dim=128, ffn_dim=6144, qk_norm=True, max_seq_len=40_960),
+    "qwen3-4b": Config(**_QWEN3, family="qwen3", dim=2560, n_layers=36, n_heads=32, n_kv_heads=8,
+                       head_dim=128, ffn_dim=9728, qk_norm=True, max_seq_len=40_960),
+    "qwen3-8b": Config(**_QWEN3, family="qwen3", dim=4096, n_layers=36, n_heads=32, n_kv_heads=8,
+                       head_dim=128, ffn_dim=12_288, qk_norm=True, max_seq_len=40_960,
+                       tie_embeddings=False),
+    "gemma-2b": Config(**_GEMMA, family="gemma", vocab_size=256_000, dim=2048, n_layers=18,
+                       n_heads=8, n_kv_heads=1, ffn_dim=16_384),
+    "gemma2-2b": Config(**_GEMMA, family="gemma2", vocab_size=256_000, dim=2304, n_layers=26,
+                        n_heads=8, n_kv_heads=4, ffn_dim=9216, post_norms=True,
+                        query_scale=256 ** -0.5, attn_softcap=50.0, final_softcap=30.0,
+                        sliding_window=4096, sliding_layers=alternating(26)),
+    "gemma3-270m": Config(**_GEMMA3, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, ffn_dim=2048,
+                          sliding_layers=every_nth_global(18, 6)),
+    "gemma3-1b": Config(**_GEMMA3, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1, ffn_dim=6912,
+                        sliding_layers=every_nth_global(26, 6)),
+    "gemma3-4b": Config(**{**_GEMMA3, "vocab_size": 262_208, "sliding_window": 1024, "max_seq_len": 131_072},
+                        dim=2560, n_layers=34, n_heads=8, n_kv_heads=4, ffn_dim=10_240,
+                        rope_scaling="linear", rope_factor=8.0, sliding_layers=every_nth_global(34, 6)),
+}
+
+# Tiny presets for CPU demos and tests: the byte-level tokenizer's vocabulary (256 bytes
+# + pad/bos/eos), two to four layers, every family switch of the real model kept on.
+_TINY = dict(vocab_size=259, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=384,
+             pad_id=256, bos_id=257, eos_ids=(258,), max_seq_len=1024)
+CONFIGS.update({
+    "tiny-llama3": Config(**{**_LLAMA3, **_TINY, "rope_original_max_len": 256}, rope_factor=8.0),
+    "tiny-qwen2": Config(**_TINY, family="qwen2", qkv_bias=True, rope_theta=1e6),
+    "tiny-qwen3": Config(**_TINY, family="qwen3", qk_norm=True, rope_theta=1e6),
+    "tiny-gemma": Config(**{**_GEMMA, **_TINY}, family="gemma"),
+    "tiny-gemma2": Config(**{**_GEMMA, **_TINY}, family="gemma2", post_norms=True,
+                          query_scale=24 ** -0.5, attn_softcap=50.0, final_softcap=30.0,
+                          sliding_window=32, sliding_layers=alternating(2)),
+    "tiny-gemma3": Config(**{**_GEMMA3, **_TINY, "n_layers": 3, "sliding_window": 32},
+                          sliding_layers=every_nth_global(3, 3)),
+})
+
+# `--model qwen3` means a sensible default size of the family.
+ALIASES = {"llama3": "llama3.2-1b", "qwen2": "qwen2.5-0.5b", "qwen3": "qwen3-0.6b", "gemma": "gemma-2b",
+           "gemma2": "gemma2-2b", "gemma3": "gemma3-270m", "tiny": "tiny-qwen3"}
+
+
+def get_config(name: str) -> Config:
+    """A preset by name or family alias; ValueError listing the choices otherwise."""
+    name = ALIASES.get(name, name)
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of: "
+                         + ", ".join(sorted(CONFIGS) + sorted(ALIASES)))
+    return CONFIGS[name]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum in x's dtype with float32 accumulation (fast and accurate for bf16 on CPU and TPU)."""
+    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Array:
+    """RMSNorm over the last axis; statistics and scaling in float32 whatever x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    scale = 1.0 + w.astype(jnp.float32) if plus_one else w.astype(jnp.float32)
+    return (x32 * scale).astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def rope_inv_freq(cfg: Config, theta: float, scaled: bool) -> jax.Array:
+    """Inverse frequencies [H/2] of one RoPE table, with the checkpoint's scaling rule."""
+    inv = 1.0 / theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
+    if not scaled or cfg.rope_scaling is None:
+        return inv
+    if cfg.rope_scaling == "linear":
+        return inv / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":  # Llama 3.1: stretch low frequencies, keep high, blend between
+        wavelen = 2 * math.pi / inv
+        low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+        smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        blended = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
+        return jnp.where(wavelen > low_wavelen, inv / cfg.rope_factor,
+                         jnp.where(wavelen < high_wavelen, inv, blended))
+    raise ValueError(f"unknown rope_scaling {cfg.rope_scaling!r}")
+
+
+def rope_table(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, H/2] in float32 (bf16 angles are already wrong at position 256)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate pairs (i, i + H/2) of x [B, T, N, H] (the HF "rotate_half" layout)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention(q, k, v, mask, scale: float, cap: float | None) -> jax.Array:
+    """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] (True = may attend)."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, N // K, H)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    logits = softcap(logits, cap)
+    # A large finite value, not -inf: a fully masked row (a padding query) stays finite.
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # softmax in float32
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for prefill + decode. Slot s of every row holds the
+    token at sequence index s; prompts are left-padded so all rows write at one index."""
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    segment_ids: jax.Array  # [B, S] int32, 0 for empty or padding slots
+    index: jax.Array  # [] int32, the next slot to write
+
+    @staticmethod
+    def init(cfg: Config, batch: int, length: int, dtype=None) -> KVCache:
+        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.dtype
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                       jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None):
+    """[B, T, S]: causal on slot index, same non-zero segment, and (if window) within it."""
+    ok = (k_slots[None, None, :] <= q_slots[None, :, None])
+    ok &= (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    if window:
+        ok &= q_slots[None, :, None] - k_slots[None, None, :] < window
+    return ok
+
+
+# ----------------------------------------------------------------------------- the model
+
+def layer_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Shapes of one block's parameters (stacked on a leading L axis in the model)."""
+    D, N, K, H, F = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    shapes = {"attn_norm": (D,), "q": (D, N, H), "k": (D, K, H), "v": (D, K, H), "o": (N, H, D),
+              "ffw_norm": (D,), "gate": (D, F), "up": (D, F), "down": (F, D)}
+    if cfg.qkv_bias:
+        shapes.update(q_bias=(N, H), k_bias=(K, H), v_bias=(K, H))
+    if cfg.qk_norm:
+        shapes.update(q_norm=(H,), k_norm=(H,))
+    if cfg.post_norms:
+        shapes.update(post_attn_norm=(D,), post_ffw_norm=(D,))
+    return shapes
+
+
+class Layers(nnx.Module):
+    """All blocks' parameters, each stacked as [L, ...] so the forward pass can scan."""
+
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.param_dtype)
+        for name, shape in layer_shapes(cfg).items():
+            shape = (cfg.n_layers, *shape)
+            if name.endswith("norm"):  # identity at init in both conventions
+                value = jnp.zeros(shape, dtype) if cfg.norm_plus_one else jnp.ones(shape, dtype)
+            elif name.endswith("bias"):
+                value = jnp.zeros(shape, dtype)
+            else:
+                value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+            setattr(self, name, nnx.Param(value))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in vars(self) if isinstance(getattr(self, name), nnx.Param)}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
+        self.layers = Layers(cfg, rngs)
+        self.final_norm = nnx.Param(jnp.zeros((cfg.dim,), dtype) if cfg.norm_plus_one else jnp.ones((cfg.dim,), dtype))
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
+
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """tokens [B, T] int32 → logits [B, T, V] float32 (and the updated cache if one is given).
+
+        positions [B, T]: RoPE positions (default 0..T-1; left-padded rows start at 0 after
+        their padding). segment_ids [B, T]: attention stays within equal ids and never sees
+        id 0 (padding), which makes left-padded and packed batches exact (default all 1).
+        cache: the tokens are written at slots index..index+T-1 and attend to all earlier slots.
+        """
+        cfg = self.cfg
+        B, T = tokens.shape
+        dtype = jnp.dtype(cfg.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+
+        x = self.embed[...][tokens].astype(dtype)  # [B, T, D]
+        if cfg.embed_scale:  # Gemma rounds sqrt(D) to the compute dtype, as HF does
+            x = x * jnp.asarray(math.sqrt(cfg.dim), dtype)
+
+        # Key slots: the cache's, or just this call's tokens.
+        if cache is None:
+            start, k_segments = 0, segment_ids
+            k_slots = jnp.arange(T)
+        else:
+            start = cache.index
+            k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, start))
+            k_slots = jnp.arange(cache.k.shape[2])
+        q_slots = start + jnp.arange(T)
+        global_mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, None)
+        sliding_mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, cfg.sliding_window)
+        global_rope = rope_table(positions, rope_inv_freq(cfg, cfg.rope_theta, scaled=True))
+        local_rope = global_rope if cfg.rope_local_theta is None else \
+            rope_table(positions, rope_inv_freq(cfg, cfg.rope_local_theta, scaled=False))
+        sliding = jnp.asarray(cfg.sliding_layers or (False,) * cfg.n_layers)  # [L]
+        scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
+        eps, plus_one = cfg.norm_eps, cfg.norm_plus_one
+
+        def block(x, layer):
+            p, is_sliding, layer_k, layer_v = layer
+            h = rms_norm(x, p["attn_norm"], eps, plus_one)
+            q = matmul("BTD,DNH->BTNH", h, p["q"])
+            k = matmul("BTD,DKH->BTKH", h, p["k"])
+            v = matmul("BTD,DKH->BTKH", h, p["v"])
+            if cfg.qkv_bias:
+                q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
+            if cfg.qk_norm:
+                q, k = rms_norm(q, p["q_norm"], eps, plus_one), rms_norm(k, p["k_norm"], eps, plus_one)
+            cos, sin = (jnp.where(is_sliding, a, b) for a, b in zip(local_rope, global_rope))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache is not None:  # write this call's keys/values, attend over the whole cache
+                layer_k = jax.lax.dynamic_update_slice(layer_k, k.astype(layer_k.dtype), (0, start, 0, 0))
+                layer_v = jax.lax.dynamic_update_slice(layer_v, v.astype(layer_v.dtype), (0, start, 0, 0))
+                k, v = layer_k.astype(dtype), layer_v.astype(dtype)
+            mask = jnp.where(is_sliding, sliding_mask, global_mask)
+            out = matmul("BTNH,NHD->BTD", attention(q, k, v, mask, scale, cfg.attn_softcap), p["o"])
+            if cfg.post_norms:
+                out = rms_norm(out, p["post_attn_norm"], eps, plus_one)
+            x = x + out
+
+            h = rms_norm(x, p["ffw_norm"], eps, plus_one)
+            h = ACTIVATIONS[cfg.act](matmul("BTD,DF->BTF", h, p["gate"])) * matmul("BTD,DF->BTF", h, p["up"])
+            out = matmul("BTF,FD->BTD", h, p["down"])
+            if cfg.post_norms:
+                out = rms_norm(out, p["post_ffw_norm"], eps, plus_one)
+            return x + out, (layer_k, layer_v)
+
+        if cfg.remat:
+            block = jax.checkpoint(block)
+        cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
+        x, (new_k, new_v) = jax.lax.scan(block, x, (self.layers.arrays(), sliding, *cache_kv))
+
+        x = rms_norm(x, self.final_norm[...], eps, plus_one)
+        head = self.embed[...] if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = softcap(logits, cfg.final_softcap)
+        if cache is None:
+            return logits
+        return logits, KVCache(new_k, new_v, k_segments, start + T)
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
