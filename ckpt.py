@@ -144,7 +144,8 @@ def config_to_hf(cfg: Config) -> dict:
                               "high_freq_factor": cfg.rope_high_freq_factor,
                               "original_max_position_embeddings": cfg.rope_original_max_len}
     if cfg.family in ("gemma2", "gemma3"):
-        hf.update(query_pre_attn_scalar=(cfg.query_scale or cfg.head_dim ** -0.5) ** -2,
+        qpas = (cfg.query_scale or cfg.head_dim ** -0.5) ** -2
+        hf.update(query_pre_attn_scalar=round(qpas) if abs(qpas - round(qpas)) < 1e-6 else qpas,
                   attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
     if cfg.rope_local_theta is not None:
         hf["rope_local_base_freq"] = cfg.rope_local_theta
