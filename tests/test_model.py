@@ -86,12 +86,13 @@ def test_cache_prefill_and_decode_equal_full_forward(name):
     model = Transformer(cfg, nnx.Rngs(0))
     x = jnp.asarray(tokens(2, 30, 259, 3))
     full = model(x)
+    call = nnx.jit(lambda m, *a, **k: m(*a, **k))
     cache = KVCache.init(cfg, batch=2, length=32)
-    logits, cache = model(x[:, :12], cache=cache)  # prefill
+    logits, cache = call(model, x[:, :12], cache=cache)  # prefill
     steps = [logits]
     for t in range(12, 30):  # decode one token at a time, well past the window of 8
         pos = jnp.full((2, 1), t, jnp.int32)
-        logits, cache = model(x[:, t:t + 1], positions=pos, cache=cache)
+        logits, cache = call(model, x[:, t:t + 1], positions=pos, cache=cache)
         steps.append(logits)
     assert int(cache.index) == 30
     assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5

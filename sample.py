@@ -1,0 +1,175 @@
+"""sample.py — text out: prefill once, then decode in one jitted loop over a KV cache.
+
+Prompts of different lengths are left-padded into one batch, so every row writes its
+next token at the same cache slot; padding is segment 0 (never attended) and each row's
+positions start at 0 after its padding, which makes a padded row compute exactly what it
+would alone. The decode loop is a `lax.while_loop` that stops when every row has emitted
+an end-of-sequence token; shapes are bucketed so a run compiles once per
+(batch, prompt-length bucket, max_new_tokens, sampling settings).
+
+    python sample.py --model tiny-gemma3 --prompt "12+34=" --max-new-tokens 16
+    python sample.py --ckpt path/to/gemma-3-270m --prompt "The capital of France is" --max-new-tokens 20
+    python sample.py --ckpt DIR --chat --prompt "Write a haiku" --temperature 0.7 --top-p 0.9
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model import KVCache, Transformer
+
+PROMPT_BUCKET = 64  # prompt lengths round up to a multiple of this: few shapes, few compiles
+
+
+def filter_logits(logits, temperature: float, top_k: int, top_p: float):
+    """Temperature, then top-k, then top-p (nucleus) on logits [B, V]; masked entries -inf."""
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        # keep the smallest set of most likely tokens whose mass reaches top_p (at least one)
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def next_token(logits, key, temperature: float, top_k: int, top_p: float):
+    """Sample (or argmax at temperature 0) from logits [B, V]; returns ids [B] and their
+    log-probabilities under the temperature-scaled distribution before top-k/top-p."""
+    if temperature == 0.0:
+        ids = jnp.argmax(logits, axis=-1)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        ids = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1)
+        logprobs = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return ids.astype(jnp.int32), jnp.take_along_axis(logprobs, ids[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
+def _generate(graphdef, state, tokens, segment_ids, positions, eos_ids, key, *,
+              max_new_tokens: int, temperature: float, top_k: int, top_p: float):
+    """tokens/segment_ids/positions [B, P] left-padded → new ids [B, max_new_tokens], their
+    log-probs, and the number of steps taken. Rows that finished keep emitting pad (-1)."""
+    model = nnx.merge(graphdef, state)
+    B, P = tokens.shape
+    cache = KVCache.init(model.cfg, B, P + max_new_tokens)
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    key, sub = jax.random.split(key)
+    first, first_lp = next_token(logits[:, -1], sub, temperature, top_k, top_p)
+    out = jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
+    out_lp = jnp.zeros((B, max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
+    done = jnp.isin(first, eos_ids)
+    ones = jnp.ones((B, 1), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, out, out_lp, cache, done, pos, key = carry
+        last = out[:, step - 1][:, None]  # [B, 1]
+        logits, cache = model(jnp.maximum(last, 0), positions=pos, segment_ids=ones, cache=cache)
+        key, sub = jax.random.split(key)
+        ids, lp = next_token(logits[:, 0], sub, temperature, top_k, top_p)
+        ids = jnp.where(done, -1, ids)
+        out = out.at[:, step].set(ids)
+        out_lp = out_lp.at[:, step].set(jnp.where(done, 0.0, lp))
+        return step + 1, out, out_lp, cache, done | jnp.isin(ids, eos_ids), pos + 1, key
+
+    last_pos = positions[:, -1:] + 1
+    carry = (jnp.int32(1), out, out_lp, cache, done, last_pos, key)
+    steps, out, out_lp, *_ = jax.lax.while_loop(cond, body, carry)
+    return out, out_lp, steps
+
+
+def left_pad(prompts: list[list[int]], bucket: int = PROMPT_BUCKET):
+    """Ragged prompts → tokens, segment_ids, positions [B, P] with P a multiple of bucket."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    P = -(-max(map(len, prompts)) // bucket) * bucket
+    tokens = np.zeros((len(prompts), P), np.int32)
+    segment_ids = np.zeros((len(prompts), P), np.int32)
+    positions = np.zeros((len(prompts), P), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, P - len(p):] = p
+        segment_ids[row, P - len(p):] = 1
+        positions[row, P - len(p):] = np.arange(len(p))
+    return tokens, segment_ids, positions
+
+
+def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids=None, return_logprobs: bool = False,
+             prompt_bucket: int = PROMPT_BUCKET):
+    """New token ids for each prompt (ragged lists of ids), up to and including the first
+    end-of-sequence token. With return_logprobs, also each sampled token's log-probability
+    under softmax(logits / temperature) (plain log-softmax when greedy)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 "
+                         f"(got {temperature}, {top_k}, {top_p})")
+    eos_ids = model.cfg.eos_ids if eos_ids is None else tuple(eos_ids)
+    tokens, segment_ids, positions = left_pad(prompts, prompt_bucket)
+    graphdef, state = nnx.split(model)
+    out, out_lp, _ = _generate(graphdef, state, tokens, segment_ids, positions,
+                               jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),
+                               max_new_tokens=max_new_tokens, temperature=float(temperature),
+                               top_k=int(top_k), top_p=float(top_p))
+    out, out_lp = np.asarray(out), np.asarray(out_lp)  # one host transfer at the end
+    results, logprobs = [], []
+    for row in range(len(prompts)):
+        n = int(np.sum(out[row] >= 0))
+        results.append(out[row, :n].tolist())
+        logprobs.append(out_lp[row, :n].tolist())
+    return (results, logprobs) if return_logprobs else results
+
+
+# ----------------------------------------------------------------------------- CLI
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        sys.exit(f"error: {message} (see --help)")
+
+
+def main(argv=None):
+    import ckpt
+    import data
+    p = _Parser(description="Generate text with a nanotune model.")
+    p.add_argument("--model", default="tiny-gemma3", help="preset or family alias (ignored with --ckpt)")
+    p.add_argument("--ckpt", default=None, help="Hugging Face checkpoint directory")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args(argv)
+    try:
+        model, source = ckpt.load_model(args.model, ckpt=args.ckpt, dtype=args.dtype)
+        tok = data.load_tokenizer(args.ckpt) if args.ckpt else data.ByteTokenizer()
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+        prompts = [tok.encode(text) for text in args.prompt]
+        eos = tuple(dict.fromkeys((*tok.eos_ids, *model.cfg.eos_ids)))
+        outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=eos)
+    except (ValueError, OSError) as e:  # CheckpointError and TokenizerError are ValueErrors
+        sys.exit(f"error: {e}")
+    print(f"# model: {source}", file=sys.stderr)
+    for text, ids in zip(args.prompt, outs):
+        print(text + tok.decode(ids))
+
+
+if __name__ == "__main__":
+    main()
