@@ -1,0 +1,168 @@
+"""sample.py: greedy ids against transformers' generate(), the sampling distribution, and the CLI."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import ckpt
+import data
+import sample
+from hf_models import FAMILIES, make_hf_model, save_hf_model
+from model import CONFIGS, Transformer
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def hf_greedy(hf, prompts, max_new_tokens, pad_id, eos_id=None):
+    """transformers' generate(do_sample=False) on a left-padded ragged batch."""
+    P = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                      pad_token_id=pad_id, eos_token_id=eos_id, min_new_tokens=0)
+    rows = []
+    for row in out[:, P:].tolist():
+        if eos_id in row:
+            row = row[:row.index(eos_id) + 1]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_transformers_generate(family, tmp_path):
+    hf = make_hf_model(family, seed=1)
+    ours = ckpt.load_hf(save_hf_model(hf, tmp_path / family))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 300, n).tolist() for n in (5, 17, 11)]  # ragged; + 24 new > window 16
+    expected = hf_greedy(hf, prompts, 24, pad_id=0)
+    assert sample.generate(ours, prompts, max_new_tokens=24, eos_ids=()) == expected
+
+
+def test_greedy_stops_after_eos_like_transformers(tmp_path):
+    hf = make_hf_model("qwen3", seed=2)
+    ours = ckpt.load_hf(save_hf_model(hf, tmp_path / "q"))
+    prompts = [[5, 9, 33], [7, 8, 9, 10, 11, 12, 13]]
+    free = sample.generate(ours, prompts, max_new_tokens=20, eos_ids=())
+    eos = free[0][6]  # a token the first row emits mid-way: make it the end-of-sequence token
+    got = sample.generate(ours, prompts, max_new_tokens=20, eos_ids=(eos,))
+    assert got == hf_greedy(hf, prompts, 20, pad_id=0, eos_id=eos)
+    assert got[0][-1] == eos and len(got[0]) <= 7
+
+
+def test_real_gemma3_greedy_matches_transformers(gemma3_dir):
+    tok = data.load_tokenizer(gemma3_dir)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
+             "1, 2, 3, 4,"]
+    prompts = [tok.encode(t) for t in texts]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32)
+    expected = hf_greedy(hf, prompts, 24, pad_id=tok.pad_id, eos_id=1)
+    del hf
+    ours = sample.generate(ckpt.load_hf(gemma3_dir), prompts, max_new_tokens=24)
+    assert ours == expected
+    assert tok.decode(ours[0]).startswith(" the capital of the country of France. It is")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@pytest.fixture(scope="module")
+def peaked():
+    """A tiny model with varied next-token distributions (a scaled-up separate output head:
+    top token ~0.4, the 0.8 nucleus ~16 tokens)."""
+    model = Transformer(CONFIGS["tiny-qwen3"].replace(tie_embeddings=False), nnx.Rngs(0))
+    model.lm_head[...] = model.lm_head[...] * 12.0
+    return model
+
+
+def first_token_logits(model, prompt):
+    return np.asarray(model(jnp.asarray([prompt]))[0, -1], np.float64)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0),
+                                                     (1.3, 0, 0.8), (0.9, 20, 0.9)])
+def test_sampling_frequencies_match_filtered_distribution(peaked, temperature, top_k, top_p):
+    prompt = [257, 10, 20, 30]
+    logits = first_token_logits(peaked, prompt) / temperature
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.ones_like(p, bool)
+    if top_k:
+        keep[order[top_k:]] = False
+    if top_p < 1.0:  # nucleus of the top-k-renormalised distribution (transformers' order)
+        pk = np.where(keep, p, 0.0) / p[keep].sum()
+        mass_before = np.cumsum(pk[order]) - pk[order]
+        keep[order[mass_before >= top_p]] = False
+    q = np.where(keep, p, 0.0)
+    q /= q.sum()
+    assert 2 <= keep.sum() < len(p) or (top_k == 0 and top_p == 1.0)
+
+    n = 6000
+    out = sample.generate(peaked, [prompt] * n, max_new_tokens=1, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=3, eos_ids=())
+    counts = np.bincount([o[0] for o in out], minlength=len(p))
+    assert counts[~keep].sum() == 0  # nothing outside the filtered support
+    # Pearson chi-square over tokens with expected count >= 5 (rest pooled); fixed seed.
+    expected = n * q
+    big = expected >= 5
+    obs = np.r_[counts[big], counts[~big & keep].sum()]
+    exp = np.r_[expected[big], expected[~big & keep].sum()]
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(obs) - 1
+    assert chi2 < dof + 5 * np.sqrt(2 * dof) + 10, (chi2, dof)
+
+
+def test_low_temperature_equals_greedy_and_seed_is_deterministic(peaked):
+    prompts = [[257, 1, 2, 3], [257, 50, 60]]
+    greedy = sample.generate(peaked, prompts, max_new_tokens=12, eos_ids=())
+    assert sample.generate(peaked, prompts, max_new_tokens=12, temperature=1e-4, eos_ids=()) == greedy
+    a = sample.generate(peaked, prompts, max_new_tokens=12, temperature=1.0, seed=7, eos_ids=())
+    assert a == sample.generate(peaked, prompts, max_new_tokens=12, temperature=1.0, seed=7, eos_ids=())
+    assert a != sample.generate(peaked, prompts, max_new_tokens=12, temperature=1.0, seed=8, eos_ids=())
+
+
+def test_sampled_logprobs_equal_a_training_forward(peaked):
+    """Sampler and learner agree: the kept log-probs are those of a plain forward pass."""
+    prompts = [[257, 1, 2, 3], [257, 50, 60, 70, 80, 90]]
+    T = 0.8
+    outs, lps = sample.generate(peaked, prompts, max_new_tokens=10, temperature=T, seed=1, eos_ids=(),
+                                return_logprobs=True)
+    for prompt, out, lp in zip(prompts, outs, lps):
+        seq = jnp.asarray([prompt + out])
+        logits = peaked(seq)[0, len(prompt) - 1:-1] / T
+        ref = jax.nn.log_softmax(logits, axis=-1)[jnp.arange(len(out)), jnp.asarray(out)]
+        np.testing.assert_allclose(lp, ref, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_generates_with_a_checkpoint(gemma3_dir):
+    r = run_cli("--ckpt", str(gemma3_dir), "--prompt", "The capital of France is", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is the capital of the country of France.")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ckpt", "/nonexistent/dir", "--prompt", "x"], "no such checkpoint directory"),
+    (["--model", "gpt5", "--prompt", "x"], "unknown model preset 'gpt5'"),
+    (["--prompt", "x", "--top-p", "1.5"], "0 < top_p <= 1"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
+    (["--max-new-tokens", "3"], "--prompt"),
+])
+def test_cli_bad_input_is_one_clear_line(args, message):
+    r = run_cli(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
