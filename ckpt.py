@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import pathlib
 import shutil
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError, safe_open
+import ml_dtypes
 from safetensors.numpy import save_file
 
 from model import CONFIGS, Config, Transformer, alternating, every_nth_global, get_config, layer_shapes
@@ -252,7 +253,7 @@ def tensor_index(path: pathlib.Path) -> dict[str, pathlib.Path]:
             raise CheckpointError(f"{path}: no *.safetensors files (pickled .bin checkpoints are not read)")
         files = {}
         for shard in shards:
-            for name in _open(shard).keys():
+            for name in SafetensorsFile(shard).keys():
                 files[name] = shard
     for f in set(files.values()):
         if not f.is_file():
@@ -261,11 +262,49 @@ def tensor_index(path: pathlib.Path) -> dict[str, pathlib.Path]:
             and not n.endswith("rotary_emb.inv_freq")}
 
 
-def _open(file: pathlib.Path):
-    try:
-        return safe_open(str(file), framework="numpy")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                      "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+    """Zero-copy, read-only views into a memory-mapped .safetensors file.
+
+    The format is an 8-byte little-endian header size, a JSON header {name: {dtype, shape,
+    data_offsets}}, then raw bytes. Mapping it lets the loader copy each tensor straight from
+    the page cache into its final stacked array, with no intermediate host copy; every
+    header entry is checked against the file size, so a truncated file fails by name.
+    """
+
+    def __init__(self, file: pathlib.Path):
+        self.file = file
+        try:
+            with open(file, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or n > size - 8:
+                    raise ValueError("header size past the end of the file")
+                self.header = json.loads(f.read(n))
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else b""
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        self.header.pop("__metadata__", None)
+        self.base = 8 + n
+        for name, t in self.header.items():
+            dtype = SAFETENSORS_DTYPES.get(t.get("dtype")) if isinstance(t, dict) else None
+            start, end = t.get("data_offsets", (0, -1)) if dtype else (0, -1)
+            if dtype is None or end - start != math.prod(t["shape"]) * np.dtype(dtype).itemsize \
+                    or self.base + end > size:
+                raise CheckpointError(f"{file}: not a readable safetensors file (tensor {name} is "
+                                      f"malformed or runs past the end of the file)")
+
+    def keys(self):
+        return self.header.keys()
+
+    def get(self, name: str) -> np.ndarray:
+        t = self.header[name]
+        dtype = SAFETENSORS_DTYPES[t["dtype"]]
+        return np.frombuffer(self.map, dtype, math.prod(t["shape"]), self.base + t["data_offsets"][0]).reshape(t["shape"])
 
 
 def abstract_model(cfg: Config) -> Transformer:
@@ -299,16 +338,15 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
                               + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
 
     graphdef, state = nnx.split(abstract_model(cfg))
-    handles: dict[pathlib.Path, object] = {}
+    handles: dict[pathlib.Path, SafetensorsFile] = {}
 
     def read(name: str, ours: tuple[int, ...], n_in) -> np.ndarray:
         file = files[name]
         if file not in handles:
-            handles[file] = _open(file)
-        try:
-            x = handles[file].get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
+            handles[file] = SafetensorsFile(file)
+        if name not in handles[file].keys():
+            raise CheckpointError(f"{file}: has no tensor {name} (the index says it does)")
+        x = handles[file].get(name)
         if tuple(x.shape) != hf_shape(ours, n_in):
             raise CheckpointError(f"{name}: checkpoint shape {tuple(x.shape)} does not match the config's "
                                   f"{hf_shape(ours, n_in)} ({file.name})")
@@ -322,9 +360,9 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
         if "{i}" in hf:  # stack layer tensors into one [L, ...] array, filled in place
             stacked = np.empty(var.shape, target)
             for i in range(cfg.n_layers):
-                stacked[i] = read(hf.format(i=i), var.shape[1:], n_in).astype(target)
+                stacked[i] = read(hf.format(i=i), var.shape[1:], n_in)  # casts on assignment
         else:
-            stacked = read(hf, var.shape, n_in).astype(target)
+            stacked = np.array(read(hf, var.shape, n_in), target)  # a copy: never alias the file map
         var.set_value(jnp.asarray(stacked))
         del stacked
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
