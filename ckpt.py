@@ -238,8 +238,8 @@ def read_config(path: pathlib.Path) -> dict:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
 
 
-def tensor_index(path: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Every tensor name in the checkpoint → the safetensors file that holds it."""
+def tensor_index(path: pathlib.Path) -> dict[str, tuple[pathlib.Path, str]]:
+    """Every tensor (by its text-model name) → the safetensors file and the name stored there."""
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
         try:
@@ -258,7 +258,7 @@ def tensor_index(path: pathlib.Path) -> dict[str, pathlib.Path]:
     for f in set(files.values()):
         if not f.is_file():
             raise CheckpointError(f"{f}: listed in the index but missing")
-    return {_canonical(n): f for n, f in files.items() if not n.startswith(IGNORED_PREFIXES)
+    return {_canonical(n): (f, n) for n, f in files.items() if not n.startswith(IGNORED_PREFIXES)
             and not n.endswith("rotary_emb.inv_freq")}
 
 
@@ -341,12 +341,12 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
     handles: dict[pathlib.Path, SafetensorsFile] = {}
 
     def read(name: str, ours: tuple[int, ...], n_in) -> np.ndarray:
-        file = files[name]
+        file, stored = files[name]
         if file not in handles:
             handles[file] = SafetensorsFile(file)
-        if name not in handles[file].keys():
-            raise CheckpointError(f"{file}: has no tensor {name} (the index says it does)")
-        x = handles[file].get(name)
+        if stored not in handles[file].keys():
+            raise CheckpointError(f"{file}: has no tensor {stored} (the index says it does)")
+        x = handles[file].get(stored)
         if tuple(x.shape) != hf_shape(ours, n_in):
             raise CheckpointError(f"{name}: checkpoint shape {tuple(x.shape)} does not match the config's "
                                   f"{hf_shape(ours, n_in)} ({file.name})")

@@ -139,3 +139,26 @@ def test_presets_have_published_sizes():
 
 def test_count_params_tiny():
     assert count_params(Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(0))) < 1_000_000
+
+
+def test_multimodal_gemma3_checkpoint_loads_its_text_tower(tmp_path):
+    """gemma3-4b and larger ship as Gemma3ForConditionalGeneration: we read the language model."""
+    import torch
+    import transformers
+    from hf_models import HF_CONFIGS
+    config = transformers.Gemma3Config(
+        text_config=HF_CONFIGS["gemma3"][1], mm_tokens_per_image=4,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14))
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.uniform_(-0.5, 0.5) if "norm" in name else p.normal_(0.0, 0.08)
+    hf.save_pretrained(tmp_path / "mm")
+    model = ckpt.load_hf(tmp_path / "mm")
+    x = tokens(vocab=250)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(x)).logits.numpy()
+    assert model.cfg.family == "gemma3" and model.cfg.sliding_layers == (True, False, True, False)
+    assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
