@@ -148,6 +148,8 @@ def main(argv=None):
     p.add_argument("--model", default="tiny-gemma3", help="preset or family alias (ignored with --ckpt)")
     p.add_argument("--ckpt", default=None, help="Hugging Face checkpoint directory")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the family's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -160,15 +162,24 @@ def main(argv=None):
         tok = data.load_tokenizer(args.ckpt) if args.ckpt else data.ByteTokenizer()
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
-        prompts = [tok.encode(text) for text in args.prompt]
-        eos = tuple(dict.fromkeys((*tok.eos_ids, *model.cfg.eos_ids)))
+        if args.chat:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            texts = [data.apply_chat_template(system + [{"role": "user", "content": t}], model.cfg.family)
+                     for t in args.prompt]
+            prompts = [tok.encode(t, add_bos=False) for t in texts]  # the template holds the BOS
+        else:
+            prompts = [tok.encode(text) for text in args.prompt]
+        eos = (*tok.eos_ids, *model.cfg.eos_ids)
+        if args.chat:
+            eos += (tok.token_id(data.END_OF_TURN[model.cfg.family]),)
+        eos = tuple(dict.fromkeys(i for i in eos if i is not None))
         outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=eos)
     except (ValueError, OSError) as e:  # CheckpointError and TokenizerError are ValueErrors
         sys.exit(f"error: {e}")
     print(f"# model: {source}", file=sys.stderr)
     for text, ids in zip(args.prompt, outs):
-        print(text + tok.decode(ids))
+        print(tok.decode(ids) if args.chat else text + tok.decode(ids))
 
 
 if __name__ == "__main__":

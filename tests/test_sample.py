@@ -166,3 +166,14 @@ def test_cli_bad_input_is_one_clear_line(args, message):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_cli_chat_mode_uses_the_template(gemma3_dir):
+    r = run_cli("--ckpt", str(gemma3_dir), "--chat", "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    tok = data.load_tokenizer(gemma3_dir)
+    text = data.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                    "gemma3")
+    expected = sample.generate(ckpt.load_hf(gemma3_dir), [tok.encode(text, add_bos=False)], max_new_tokens=4,
+                               eos_ids=(1, tok.token_id("<end_of_turn>")))
+    assert r.stdout == tok.decode(expected[0]) + "\n"
