@@ -92,6 +92,67 @@ def _generate(graphdef, state, tokens, segment_ids, positions, eos_ids, key, *,
     return out, out_lp, steps
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_beams", "length_penalty"))
+def _beam_search(graphdef, state, tokens, segment_ids, positions, eos_ids, *, max_new_tokens: int,
+                 num_beams: int, length_penalty: float):
+    """Beam search with transformers' rules (its default early_stopping=False heuristic): keep
+    the num_beams best running continuations out of the top max(2, 1 + n_eos) * num_beams; a
+    continuation that ends (EOS or length limit) and ranks in the top num_beams joins the
+    finished set with score sum(logprob) / length ** length_penalty; stop once no running
+    beam can beat the worst finished one. Returns the best finished beam [B, G] and lengths."""
+    model = nnx.merge(graphdef, state)
+    B, P = tokens.shape
+    nb, G = num_beams, max_new_tokens
+    K = max(2, 1 + eos_ids.shape[0]) * nb
+    beams = lambda x: jnp.repeat(x, nb, axis=0)  # [B, ...] → [B*nb, ...], a row's beams adjacent
+    cache = KVCache.init(model.cfg, B * nb, P + G + 1)
+    logits, cache = model(beams(tokens), positions=beams(positions), segment_ids=beams(segment_ids), cache=cache)
+    logits = logits[:, -1:]  # [B*nb, 1, V]
+    gather = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def body(carry):
+        g, logits, cache, run_seq, run_score, fin_seq, fin_score, fin_len, is_fin, unsat, _ = carry
+        V = logits.shape[-1]
+        logprobs = jax.nn.log_softmax(logits[:, -1], axis=-1).reshape(B, nb, V) + run_score[:, :, None]
+        top_lp, top_idx = jax.lax.top_k(logprobs.reshape(B, nb * V), K)  # [B, K], best first
+        src, tok = top_idx // V, (top_idx % V).astype(jnp.int32)
+        top_seq = gather(run_seq, src).at[:, :, g].set(tok)  # [B, K, G]
+        ends = jnp.isin(tok, eos_ids) | (g + 1 >= G)
+        # running beams: the best nb continuations that did not end
+        run_score, keep = jax.lax.top_k(top_lp - 1e9 * ends, nb)
+        run_seq, run_src = gather(top_seq, keep), gather(src, keep)
+        # finished beams: merge the top-nb continuations that just ended, length-normalised
+        just = ends & (jnp.arange(K) < nb)[None]
+        cand = top_lp / (g + 1.0) ** length_penalty - 1e9 * ~unsat - 1e9 * ~just
+        fin_score, pick = jax.lax.top_k(jnp.concatenate([fin_score, cand], 1), nb)
+        fin_seq = gather(jnp.concatenate([fin_seq, top_seq], 1), pick)
+        fin_len = gather(jnp.concatenate([fin_len, jnp.full((B, K), g + 1)], 1), pick)
+        is_fin = gather(jnp.concatenate([is_fin, just], 1), pick)
+        # reorder the cache to follow each running beam's source, then feed its new token
+        flat_src = (jnp.arange(B)[:, None] * nb + run_src).reshape(-1)
+        cache = KVCache(cache.k[:, flat_src], cache.v[:, flat_src], cache.segment_ids[flat_src], cache.index)
+        pos = beams(positions[:, -1:]) + 1 + g
+        logits, cache = model(run_seq[:, :, g].reshape(-1, 1), positions=pos,
+                              segment_ids=jnp.ones((B * nb, 1), jnp.int32), cache=cache)
+        g = g + 1
+        best_possible = run_score[:, :1] / g.astype(jnp.float32) ** length_penalty
+        worst_finished = jnp.where(is_fin, jnp.min(fin_score, axis=1, keepdims=True), -1e9)
+        unsat = unsat & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
+        return g, logits, cache, run_seq, run_score, fin_seq, fin_score, fin_len, is_fin, unsat, jnp.all(ends)
+
+    def cond(carry):
+        g, *_, unsat, all_ended = carry
+        return (g < G) & jnp.any(unsat) & ~all_ended
+
+    run_score = jnp.where(jnp.arange(nb) == 0, 0.0, -1e9)[None].repeat(B, 0)  # identical beams: use the first
+    carry = (jnp.int32(0), logits, cache, jnp.zeros((B, nb, G), jnp.int32), run_score,
+             jnp.zeros((B, nb, G), jnp.int32), jnp.full((B, nb), -1e9), jnp.zeros((B, nb), jnp.int32),
+             jnp.zeros((B, nb), bool), jnp.ones((B, 1), bool), jnp.bool_(False))
+    carry = jax.lax.while_loop(cond, body, carry)
+    fin_seq, fin_len = carry[5], carry[7]
+    return fin_seq[:, 0], fin_len[:, 0]
+
+
 def left_pad(prompts: list[list[int]], bucket: int = PROMPT_BUCKET):
     """Ragged prompts → tokens, segment_ids, positions [B, P] with P a multiple of bucket."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -109,18 +170,28 @@ def left_pad(prompts: list[list[int]], bucket: int = PROMPT_BUCKET):
 
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids=None, return_logprobs: bool = False,
-             prompt_bucket: int = PROMPT_BUCKET):
+             num_beams: int = 1, length_penalty: float = 1.0, prompt_bucket: int = PROMPT_BUCKET):
     """New token ids for each prompt (ragged lists of ids), up to and including the first
     end-of-sequence token. With return_logprobs, also each sampled token's log-probability
-    under softmax(logits / temperature) (plain log-softmax when greedy)."""
+    under softmax(logits / temperature) (plain log-softmax when greedy). num_beams > 1 runs
+    beam search (deterministic; the best beam per prompt)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 "
                          f"(got {temperature}, {top_k}, {top_p})")
+    if num_beams < 1 or (num_beams > 1 and (temperature > 0 or return_logprobs)):
+        raise ValueError(f"num_beams must be >= 1, and beam search is greedy (got num_beams={num_beams}, "
+                         f"temperature={temperature})")
     eos_ids = model.cfg.eos_ids if eos_ids is None else tuple(eos_ids)
     tokens, segment_ids, positions = left_pad(prompts, prompt_bucket)
     graphdef, state = nnx.split(model)
+    if num_beams > 1:
+        seqs, lengths = _beam_search(graphdef, state, tokens, segment_ids, positions,
+                                     jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new_tokens=max_new_tokens,
+                                     num_beams=num_beams, length_penalty=float(length_penalty))
+        seqs, lengths = np.asarray(seqs), np.asarray(lengths)
+        return [seqs[row, :lengths[row]].tolist() for row in range(len(prompts))]
     out, out_lp, _ = _generate(graphdef, state, tokens, segment_ids, positions,
                                jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),
                                max_new_tokens=max_new_tokens, temperature=float(temperature),
@@ -154,6 +225,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
@@ -174,7 +246,7 @@ def main(argv=None):
             eos += (tok.token_id(data.END_OF_TURN[model.cfg.family]),)
         eos = tuple(dict.fromkeys(i for i in eos if i is not None))
         outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=eos)
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=eos, num_beams=args.num_beams)
     except (ValueError, OSError) as e:  # CheckpointError and TokenizerError are ValueErrors
         sys.exit(f"error: {e}")
     print(f"# model: {source}", file=sys.stderr)

@@ -177,3 +177,25 @@ def test_cli_chat_mode_uses_the_template(gemma3_dir):
     expected = sample.generate(ckpt.load_hf(gemma3_dir), [tok.encode(text, add_bos=False)], max_new_tokens=4,
                                eos_ids=(1, tok.token_id("<end_of_turn>")))
     assert r.stdout == tok.decode(expected[0]) + "\n"
+
+
+@pytest.mark.parametrize("family,num_beams,eos", [("gemma3", 3, None), ("qwen3", 4, "mid"), ("llama3", 2, "mid")])
+def test_beam_search_matches_transformers(family, num_beams, eos, tmp_path):
+    hf = make_hf_model(family, seed=3)
+    ours = ckpt.load_hf(save_hf_model(hf, tmp_path / family))
+    prompts = [[5, 9, 33, 7], [7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    eos_id = None
+    if eos == "mid":  # an end token that makes some beams end early while others run on
+        free = sample.generate(ours, prompts, max_new_tokens=12, num_beams=num_beams, eos_ids=())
+        eos_id = next(e for e in free[0][:6] + free[1][:6] if min(map(len, sample.generate(
+            ours, prompts, max_new_tokens=12, num_beams=num_beams, eos_ids=(e,)))) < 12)
+    P, pad = max(map(len, prompts)), 299
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_beams=num_beams, do_sample=False,
+                      pad_token_id=pad, eos_token_id=eos_id)[:, P:].tolist()
+    got = sample.generate(ours, prompts, max_new_tokens=12, num_beams=num_beams,
+                          eos_ids=() if eos_id is None else (eos_id,))
+    assert [g + [pad] * (len(r) - len(g)) for g, r in zip(got, ref)] == ref
+    if eos_id is not None:
+        assert any(len(g) < 12 and g[-1] == eos_id for g in got)  # the ending path really ran
