@@ -183,8 +183,16 @@ def get_config(name: str) -> Config:
 # ----------------------------------------------------------------------------- building blocks
 
 def matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum in x's dtype with float32 accumulation (fast and accurate for bf16 on CPU and TPU)."""
-    return jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    """The einsum `eq` where x's trailing letters contract with w's leading ones ("BTD,DNH->BTNH"),
+    run as one 2D matmul in x's dtype with float32 accumulation. The 2D form is measurably
+    faster than a 3D einsum for decode-sized inputs on CPU; bf16 is fast only with f32 accumulation."""
+    lhs, rhs = eq.split("->")[0].split(",")
+    n_in = len(set(lhs) & set(rhs))
+    assert lhs[-n_in:] == rhs[:n_in], eq
+    lead, outs = x.shape[:-n_in], w.shape[n_in:]
+    y = jnp.dot(x.reshape(math.prod(lead), -1), w.reshape(math.prod(w.shape[:n_in]), -1).astype(x.dtype),
+                preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(*lead, *outs)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Array:
@@ -315,13 +323,16 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
+                 last_only: bool = False):
         """tokens [B, T] int32 → logits [B, T, V] float32 (and the updated cache if one is given).
 
         positions [B, T]: RoPE positions (default 0..T-1; left-padded rows start at 0 after
         their padding). segment_ids [B, T]: attention stays within equal ids and never sees
         id 0 (padding), which makes left-padded and packed batches exact (default all 1).
         cache: the tokens are written at slots index..index+T-1 and attend to all earlier slots.
+        last_only: logits of the last position only, [B, 1, V] (a prefill needs no more, and the
+        output head is the largest matmul of a small model).
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -387,6 +398,8 @@ class Transformer(nnx.Module):
         cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
         x, (new_k, new_v) = jax.lax.scan(block, x, (self.layers.arrays(), sliding, *cache_kv))
 
+        if last_only:
+            x = x[:, -1:]
         x = rms_norm(x, self.final_norm[...], eps, plus_one)
         head = self.embed[...] if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)

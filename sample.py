@@ -63,7 +63,7 @@ def _generate(graphdef, state, tokens, segment_ids, positions, eos_ids, key, *,
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
     cache = KVCache.init(model.cfg, B, P + max_new_tokens)
-    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, last_only=True)
     key, sub = jax.random.split(key)
     first, first_lp = next_token(logits[:, -1], sub, temperature, top_k, top_p)
     out = jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
@@ -106,8 +106,8 @@ def _beam_search(graphdef, state, tokens, segment_ids, positions, eos_ids, *, ma
     K = max(2, 1 + eos_ids.shape[0]) * nb
     beams = lambda x: jnp.repeat(x, nb, axis=0)  # [B, ...] → [B*nb, ...], a row's beams adjacent
     cache = KVCache.init(model.cfg, B * nb, P + G + 1)
-    logits, cache = model(beams(tokens), positions=beams(positions), segment_ids=beams(segment_ids), cache=cache)
-    logits = logits[:, -1:]  # [B*nb, 1, V]
+    logits, cache = model(beams(tokens), positions=beams(positions), segment_ids=beams(segment_ids), cache=cache,
+                          last_only=True)  # [B*nb, 1, V]
     gather = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
     def body(carry):

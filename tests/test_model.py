@@ -162,3 +162,9 @@ def test_multimodal_gemma3_checkpoint_loads_its_text_tower(tmp_path):
         ref = hf(input_ids=torch.as_tensor(x)).logits.numpy()
     assert model.cfg.family == "gemma3" and model.cfg.sliding_layers == (True, False, True, False)
     assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
+
+
+def test_last_only_logits():
+    model = Transformer(CONFIGS["tiny-gemma2"], nnx.Rngs(0))
+    x = jnp.asarray(tokens(2, 20, 259))
+    np.testing.assert_allclose(model(x, last_only=True), model(x)[:, -1:], rtol=1e-5, atol=1e-6)
