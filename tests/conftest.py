@@ -2,6 +2,10 @@ import os
 import pathlib
 import sys
 
+# Eight simulated CPU devices for the sharding tests; must be set before jax is imported.
+# Single-device code runs on the first of them as before.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))

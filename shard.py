@@ -1,0 +1,201 @@
+"""shard.py — the device mesh and where every array lives.
+
+One mesh with three axes, named as EasyLM and MaxText do:
+
+    data  plain data parallelism: parameters replicated, batch split
+    fsdp  fully sharded data parallelism: parameters *and* batch split, weights
+          all-gathered layer by layer inside the jitted step
+    tp    tensor parallelism: heads and the FFN hidden dimension split
+
+`--mesh data=1,fsdp=-1,tp=1` (-1 takes the remaining devices; the default puts every
+device on fsdp; all axes 1 means one device). One table, `PARAM_RULES`, maps each parameter to its PartitionSpec;
+optimizer state follows its parameter because the rules match on the path of every
+leaf (Adam's mu for `layers/q` lives at `.../mu/layers/q`). A dimension the mesh axis
+does not divide stays whole (Gemma 3 270M has one KV head: it cannot be split 2 ways).
+
+An algorithm script needs three lines:
+
+    mesh = shard.make_mesh(cfg.mesh)
+    model = shard.shard_model(model, mesh)
+    step = jax.jit(train_step, in_shardings=(..., shard.batch_sharding(mesh)), ...)
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "tp")
+BATCH = ("data", "fsdp")  # the batch dimension is split over both data-parallel axes
+
+# Path regex → PartitionSpec, first match wins. Letters: L layers, V vocab, D model,
+# N/K query/kv heads, H head dim, F feed-forward. Layer weights carry a leading L (never split).
+PARAM_RULES = [
+    (r"(^|/)(embed|lm_head)$", P("tp", "fsdp")),  # [V, D]
+    (r"layers/(q|k|v)$", P(None, "fsdp", "tp", None)),  # [L, D, N|K, H]
+    (r"layers/o$", P(None, "tp", None, "fsdp")),  # [L, N, H, D]
+    (r"layers/(gate|up)$", P(None, "fsdp", "tp")),  # [L, D, F]
+    (r"layers/down$", P(None, "tp", "fsdp")),  # [L, F, D]
+    (r"layers/(q|k|v)_bias$", P(None, "tp", None)),  # [L, N|K, H]
+    (r"norm$", P()),  # [L, D], [L, H], [D]: small, replicated
+    (r".*", P()),  # anything else (step counters, scalars): replicated
+]
+
+
+class MeshError(ValueError):
+    """A --mesh string that cannot be laid out on the devices at hand."""
+
+
+def parse_mesh(spec: str, n_devices: int) -> dict[str, int]:
+    """'data=1,fsdp=-1,tp=2' → {'data': 1, 'fsdp': n/2, 'tp': 2}; empty → all devices on fsdp."""
+    sizes = {"data": 1, "fsdp": -1, "tp": 1}
+    if spec.strip():
+        sizes = {"data": 1, "fsdp": 1, "tp": 1}
+        for part in spec.split(","):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in AXES:
+                raise MeshError(f"unknown mesh axis {name!r} in {spec!r}; axes are {', '.join(AXES)}")
+            try:
+                sizes[name] = int(value)
+            except ValueError:
+                raise MeshError(f"mesh axis {name} needs an integer size, got {value!r}") from None
+            if sizes[name] == 0 or sizes[name] < -1:
+                raise MeshError(f"mesh axis {name} must be a positive size or -1, got {sizes[name]}")
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise MeshError(f"only one mesh axis may be -1 in {spec!r}")
+    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+    if free:
+        if n_devices % fixed:
+            raise MeshError(f"mesh {spec!r}: {n_devices} devices do not divide by {fixed}")
+        sizes[free[0]] = n_devices // fixed
+    if int(np.prod(list(sizes.values()))) not in (1, n_devices):
+        raise MeshError(f"mesh {spec!r} has {int(np.prod(list(sizes.values())))} slots for {n_devices} devices")
+    return sizes
+
+
+def make_mesh(spec: str = "", devices=None) -> Mesh:
+    """The mesh of a --mesh string over all devices (or over the first one only, when every
+    axis is 1: the single-device reference that sharded runs are compared with)."""
+    devices = jax.devices() if devices is None else devices
+    sizes = parse_mesh(spec, len(devices))
+    if int(np.prod(list(sizes.values()))) == 1:
+        devices = devices[:1]
+    # Auto axes: XLA's sharding propagation places the activations; the table places the state.
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def path_str(path) -> str:
+    """A pytree key path as 'layers/q' (dict keys, attributes and sequence indices alike)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    path = "/".join(parts)
+    return path[:-len("/value")] if path.endswith("/value") else path  # nnx Variables end in .value
+
+
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The table's spec for a leaf, with axes that do not divide their dimension dropped."""
+    spec = next(s for pattern, s in PARAM_RULES if re.search(pattern, path))
+    if len(spec) != len(shape):
+        return P()
+    fitted = []
+    for dim, axes in zip(shape, spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        fitted.append(axes if names and dim % size == 0 else None)
+    return P(*fitted)
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """NamedSharding for every array leaf of a pytree of parameters or optimizer state."""
+    def one(path, leaf):
+        shape = getattr(leaf, "shape", ())
+        return NamedSharding(mesh, spec_for(path_str(path), tuple(shape), mesh))
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def shard_tree(tree, mesh: Mesh):
+    return jax.device_put(tree, tree_shardings(tree, mesh))
+
+
+def shard_model(model, mesh: Mesh):
+    """Move an nnx model's parameters onto the mesh as the table says (in place; returns it)."""
+    from flax import nnx
+    state = nnx.state(model)
+    nnx.update(model, shard_tree(state, mesh))
+    return model
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batches [B, T, ...]: rows over (data, fsdp), the rest whole."""
+    return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def cache_sharding(mesh: Mesh) -> NamedSharding:
+    """KV caches [L, B, S, K, H]: batch over (data, fsdp), kv heads over tp."""
+    return NamedSharding(mesh, P(None, BATCH, None, "tp", None))
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+def init_tpu() -> None:
+    """--tpu: start the multi-host runtime and check that the devices really are TPUs;
+    one clear line on stderr and exit status 2 otherwise.
+
+    jax.distributed.initialize() must run before anything touches a device, so the
+    first check looks only at what a TPU VM exposes: its device files and environment.
+    """
+    # TPU VMs expose /dev/accel* (v2-v4) or /dev/vfio/* (v5+); TPU_WORKER_ID names a pod host.
+    has_tpu = any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) or "TPU_WORKER_ID" in os.environ
+    if not has_tpu:
+        _exit("--tpu given but this machine has no TPU (no /dev/accel* or /dev/vfio devices)")
+    try:
+        jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:  # a single-host TPU VM needs no coordinator
+        print(f"note: jax.distributed.initialize() skipped ({e})", file=sys.stderr)
+    if {d.platform for d in jax.devices()} != {"tpu"}:
+        _exit(f"--tpu given but the devices are {describe_devices()}, not TPUs")
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def describe_devices() -> str:
+    devices = jax.devices()
+    return f"{len(devices)} x {devices[0].platform}" if devices else "none"
+
+
+def is_main_process() -> bool:
+    """Only process 0 logs and writes files; every process takes part in the computation."""
+    return jax.process_index() == 0
+
+
+def host_rows(global_batch: int) -> slice:
+    """The rows of a global batch that this host loads (each host reads only its slice)."""
+    n = jax.process_count()
+    if global_batch % n:
+        raise ValueError(f"batch size {global_batch} does not divide over {n} hosts")
+    per = global_batch // n
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Assemble the per-host slices into one global array sharded as batch_sharding."""
+    sharding = batch_sharding(mesh, local.ndim)
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
