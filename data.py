@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
+
 
 class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded; the message names the directory and the problem."""
@@ -225,3 +227,215 @@ def apply_chat_template(messages: list[dict], family: str, add_generation_prompt
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
     return CHAT_TEMPLATES[family](messages, add_generation_prompt, **kw)
+
+
+# ----------------------------------------------------------------------------- the built-in task
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, the line and the problem."""
+
+
+class Arithmetic:
+    """A procedurally generated, exactly checkable task: fixed-width arithmetic.
+
+    "123*4=" → "0492". Operands and answers are zero-padded to a fixed width, which is
+    what lets a tiny model learn it in minutes (free-width answers barely learn, see
+    shared notes); the digit counts and the operator set the difficulty. A problem
+    belongs to the held-out split by a hash of its operands, so the splits never mix
+    whatever the seed. Wrong-but-plausible answers (one digit changed) make preference pairs.
+    """
+
+    def __init__(self, op: str = "*", a_digits: int = 3, b_digits: int = 1):
+        if op not in "+-*" or len(op) != 1 or not (1 <= a_digits <= 9 and 1 <= b_digits <= 9):
+            raise ValueError(f"task needs op in + - * and 1..9 digits, got {op!r} {a_digits} {b_digits}")
+        self.op, self.a_digits, self.b_digits = op, a_digits, b_digits
+        biggest = self.solve(10 ** a_digits - 1, 10 ** b_digits - 1 if op != "-" else 0)
+        self.width = len(str(biggest)) + (op == "-")  # "-" answers carry a sign column
+
+    def solve(self, a: int, b: int) -> int:
+        return a + b if self.op == "+" else a - b if self.op == "-" else a * b
+
+    def format_answer(self, c: int) -> str:
+        return (("-" if c < 0 else "+") if self.op == "-" else "") + str(abs(c)).zfill(self.width - (self.op == "-"))
+
+    def held_out(self, a: int, b: int) -> bool:
+        return (a * 7_919 + b * 104_729) % 10 == 0  # 10% of all problems, fixed for all seeds
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
+        """n problems of the split ("train" or "eval") as {"prompt", "completion"} rows."""
+        rng = np.random.default_rng([seed, split == "eval"])
+        rows = []
+        while len(rows) < n:
+            a, b = int(rng.integers(10 ** self.a_digits)), int(rng.integers(10 ** self.b_digits))
+            if self.held_out(a, b) == (split == "eval"):
+                prompt = f"{a:0{self.a_digits}d}{self.op}{b:0{self.b_digits}d}="
+                rows.append({"prompt": prompt, "completion": self.format_answer(self.solve(a, b))})
+        return rows
+
+    def answer(self, prompt: str) -> str:
+        a, b = prompt.rstrip("=").split(self.op, 1) if self.op != "-" else prompt.rstrip("=").split("-", 1)
+        return self.format_answer(self.solve(int(a), int(b)))
+
+    def is_correct(self, prompt: str, completion: str) -> bool:
+        """Exact match of the completion (whitespace-stripped) with the answer."""
+        return completion.strip() == self.answer(prompt)
+
+    def wrong_answer(self, prompt: str, rng: np.random.Generator) -> str:
+        """The right answer with one digit changed: a plausible mistake."""
+        right = list(self.answer(prompt))
+        digits = [i for i, ch in enumerate(right) if ch.isdigit()]
+        i = int(rng.choice(digits))
+        right[i] = str((int(right[i]) + int(rng.integers(1, 10))) % 10)
+        return "".join(right)
+
+
+# ----------------------------------------------------------------------------- JSONL datasets
+
+def read_jsonl(path) -> list[dict]:
+    """Rows of a JSONL file in one of TRL's formats: {"prompt", "completion"}, {"messages"}
+    or {"text"}. Every problem is reported with the file and line number."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{number}: not UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: bad JSON ({e.msg} at column {e.colno})") from None
+            rows.append(_check_row(row, f"{path}:{number}"))
+    if not rows:
+        raise DataError(f"{path}: empty file (no JSON lines)")
+    return rows
+
+
+def _check_row(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] must be {{\"role\": str, \"content\": str}}")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise DataError(f"{where}: messages[{i}] has unknown role {m['role']!r}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: 'messages' has no assistant turn to learn from")
+        return row
+    if "prompt" in row or "completion" in row:
+        for key in ("prompt", "completion"):
+            if key not in row:
+                raise DataError(f"{where}: missing key '{key}'")
+            if not isinstance(row[key], str):
+                raise DataError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
+        return row
+    if "text" in row:
+        if not isinstance(row["text"], str):
+            raise DataError(f"{where}: 'text' must be a string, got {type(row['text']).__name__}")
+        return row
+    raise DataError(f"{where}: expected keys 'prompt'+'completion', 'messages' or 'text'; got {sorted(row)}")
+
+
+def tokenize(row: dict, tok, family: str | None = None) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask): the loss covers the completion (+ EOS), the assistant turns of a
+    conversation (+ their end-of-turn token), or all of a plain text."""
+    eos = tok.eos_ids[0]
+    if "messages" in row:
+        if family is None:
+            raise DataError("conversations need a chat template: load a checkpoint of a known family")
+        ids, mask, done = [], [], ""
+        messages = row["messages"]
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = apply_chat_template(messages[:i], family, add_generation_prompt=True)
+            after = apply_chat_template(messages[:i + 1], family, add_generation_prompt=False)
+            if not before.startswith(done) or not after.startswith(before):
+                raise DataError(f"the {family} template does not render this conversation incrementally")
+            for text, learn in ((before[len(done):], 0), (after[len(before):], 1)):
+                piece = tok.encode(text, add_bos=False)
+                ids += piece
+                mask += [learn] * len(piece)
+            done = after
+        return ids, mask
+    if "text" in row:
+        ids = tok.encode(row["text"]) + [eos]
+        return ids, [0] + [1] * (len(ids) - 1)
+    prompt, completion = tok.encode(row["prompt"]), tok.encode(row["completion"], add_bos=False) + [eos]
+    return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def bucket_length(n: int, max_len: int, smallest: int = 64) -> int:
+    """Pad lengths to powers of two (64, 128, ...) so a run compiles a handful of shapes."""
+    length = smallest
+    while length < n:
+        length *= 2
+    return min(length, max_len)
+
+
+class Batches:
+    """An endless, deterministic stream of fixed-shape batches over tokenized examples.
+
+    Each epoch visits the examples in a permutation drawn from (seed, epoch). `position`
+    (examples consumed so far) is all the state there is: a checkpoint stores it and
+    `Batches(..., position=p)` continues exactly where the run stopped. With `pack`, rows
+    hold several examples back to back, told apart by segment ids so attention never
+    crosses them; otherwise one example per row, right-padded to a length bucket.
+    """
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, max_len: int,
+                 seed: int = 0, pack: bool = False, position: int = 0, pad_id: int = 0):
+        if not examples:
+            raise DataError("no examples to train on")
+        self.examples = [(ids[:max_len], mask[:max_len]) for ids, mask in examples]
+        self.batch_size, self.max_len, self.seed, self.pack = batch_size, max_len, seed, pack
+        self.position, self.pad_id = position, pad_id
+
+    def _example(self, k: int):
+        epoch, i = divmod(k, len(self.examples))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        return self.examples[order[i]]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = []
+        while len(rows) < self.batch_size:
+            row = [self._example(self.position)]
+            self.position += 1
+            while self.pack and sum(len(ids) for ids, _ in row) + len(self._example(self.position)[0]) <= self.max_len:
+                row.append(self._example(self.position))
+                self.position += 1
+            rows.append(row)
+        length = self.max_len if self.pack else bucket_length(max(len(r[0][0]) for r in rows), self.max_len)
+        return collate(rows, length, self.pad_id)
+
+
+def collate(rows: list[list[tuple[list[int], list[int]]]], length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Rows of (ids, loss_mask) examples → tokens, loss_mask, segment_ids, positions [B, length].
+    loss_mask[t] says whether tokens[t] is a target, i.e. predicted from tokens[:t]."""
+    B = len(rows)
+    out = {"tokens": np.full((B, length), pad_id, np.int32), "loss_mask": np.zeros((B, length), np.float32),
+           "segment_ids": np.zeros((B, length), np.int32), "positions": np.zeros((B, length), np.int32)}
+    for r, examples in enumerate(rows):
+        t = 0
+        for segment, (ids, mask) in enumerate(examples, 1):
+            n = len(ids)
+            out["tokens"][r, t:t + n] = ids
+            out["loss_mask"][r, t:t + n] = mask
+            out["segment_ids"][r, t:t + n] = segment
+            out["positions"][r, t:t + n] = np.arange(n)
+            t += n
+    return out
