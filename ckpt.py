@@ -464,3 +464,39 @@ def load_model(name: str = "tiny", ckpt=None, dtype: str | None = None, seed: in
               f"(pass --ckpt DIR to load a checkpoint)", file=sys.stderr)
     cfg = cfg.replace(**({"dtype": dtype, "param_dtype": dtype} if dtype else {}), **overrides)
     return Transformer(cfg, nnx.Rngs(seed)), f"random {name}"
+
+
+# ----------------------------------------------------------------------------- train state (orbax)
+
+def checkpoint_manager(directory, keep: int = 2):
+    """Orbax manager for <out>/checkpoints: each save is written to a temporary directory and
+    renamed when complete, so a crash mid-save never leaves a `latest` that cannot be read;
+    the newest `keep` steps are kept."""
+    import orbax.checkpoint as ocp
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_train_state(manager, step: int, state, meta: dict) -> None:
+    """state: a pytree of arrays (params, optimizer state, RNG key data), saved sharded as it
+    lives; meta: small JSON (data position, config) restored alongside."""
+    import orbax.checkpoint as ocp
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+
+
+def restore_train_state(manager, abstract_state):
+    """(step, state, meta) of the newest complete checkpoint, restored straight into the
+    shardings of `abstract_state` (jax.ShapeDtypeStruct leaves); None when there is none."""
+    import orbax.checkpoint as ocp
+    step = manager.latest_step()
+    if step is None:
+        return None
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types; all mean "this is not the state we need"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{manager.directory}/{step}: cannot restore the train state "
+                              f"(does it belong to this model and optimizer?): {first}") from None
+    return step, restored["state"], restored["meta"]
