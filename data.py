@@ -404,11 +404,13 @@ class Batches:
         self.examples = [(ids[:max_len], mask[:max_len]) for ids, mask in examples]
         self.batch_size, self.max_len, self.seed, self.pack = batch_size, max_len, seed, pack
         self.position, self.pad_id = position, pad_id
+        self._epoch, self._order = None, None
 
     def _example(self, k: int):
         epoch, i = divmod(k, len(self.examples))
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        return self.examples[order[i]]
+        if self._epoch != epoch:  # one permutation per epoch, drawn from (seed, epoch)
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        return self.examples[self._order[i]]
 
     def __iter__(self):
         return self
