@@ -355,21 +355,25 @@ def tokenize(row: dict, tok, family: str | None = None) -> tuple[list[int], list
     if "messages" in row:
         if family is None:
             raise DataError("conversations need a chat template: load a checkpoint of a known family")
-        ids, mask, done = [], [], ""
-        messages = row["messages"]
+        messages, end = row["messages"], END_OF_TURN[family]
+        full = apply_chat_template(messages, family, add_generation_prompt=False)
+        spans = []  # each assistant turn: from after its header to its end-of-turn token, inclusive
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = apply_chat_template(messages[:i], family, add_generation_prompt=True)
-            after = apply_chat_template(messages[:i + 1], family, add_generation_prompt=False)
-            if not before.startswith(done) or not after.startswith(before):
-                raise DataError(f"the {family} template does not render this conversation incrementally")
-            for text, learn in ((before[len(done):], 0), (after[len(before):], 1)):
+            if m["role"] == "assistant":
+                prefix = apply_chat_template(messages[:i], family, add_generation_prompt=True)
+                start = len(prefix)
+                stop = full.find(end, start)
+                if not full.startswith(prefix) or stop < 0:
+                    raise DataError(f"cannot locate assistant turn {i} in the {family} chat template's text")
+                spans.append((start, stop + len(end)))
+        ids, mask, done = [], [], 0
+        for start, stop in spans:
+            for text, learn in ((full[done:start], 0), (full[start:stop], 1)):
                 piece = tok.encode(text, add_bos=False)
-                ids += piece
-                mask += [learn] * len(piece)
-            done = after
-        return ids, mask
+                ids, mask = ids + piece, mask + [learn] * len(piece)
+            done = stop
+        piece = tok.encode(full[done:], add_bos=False)
+        return ids + piece, mask + [0] * len(piece)
     if "text" in row:
         ids = tok.encode(row["text"]) + [eos]
         return ids, [0] + [1] * (len(ids) - 1)

@@ -1,0 +1,222 @@
+"""sft.py: it learns, its loss is the right one, it resumes exactly, it shards, and bad input
+ends in one clear line."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import data
+import sft
+from model import CONFIGS, Transformer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SMALL = ["--train-examples", "2000", "--eval-examples", "16", "--batch-size", "32", "--eval-every", "1000"]
+
+
+def run_sft(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "sft.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out) -> dict[int, float]:
+    """step → loss, the last logged value for a step (a resumed run logs some steps twice)."""
+    return {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
+
+
+@pytest.mark.slow
+def test_default_run_learns_the_task(tmp_path):
+    start = time.time()
+    r = run_sft("--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    evals = [m for m in metrics(tmp_path / "run") if "eval/accuracy" in m]
+    assert evals[0]["eval/accuracy"] < 0.05  # does not start solved
+    assert evals[-1]["eval/accuracy"] >= 0.9, evals
+    print(f"\ndefault sft: eval/accuracy {evals[0]['eval/accuracy']} -> {evals[-1]['eval/accuracy']} "
+          f"in {time.time() - start:.0f} s")
+    assert (tmp_path / "run" / "hf" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def tiny_examples(n=8, seed=0):
+    task, tok = data.Arithmetic("+", 3, 3), data.ByteTokenizer()
+    rows = task.examples("train", n, seed)
+    rows[1]["completion"] += "   extra"  # unequal lengths: token counts differ between micro-batches
+    return [data.tokenize(row, tok) for row in rows]
+
+
+def test_loss_mask_covers_exactly_the_completion():
+    tok = data.ByteTokenizer()
+    ids, mask = data.tokenize({"prompt": "12+34=", "completion": "046"}, tok)
+    assert ids == [tok.bos_id, *b"12+34=", *b"046", tok.eos_ids[0]]
+    assert mask == [0] * 7 + [1] * 4
+    ids, mask = data.tokenize({"text": "hello"}, tok)
+    assert mask == [0] + [1] * 6
+    conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                         {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]}
+    ids, mask = data.tokenize(conv, tok, "qwen3")
+    learned = bytes(i for i, m in zip(ids, mask) if m).decode()
+    assert learned == "yo<|im_end|><think>\n\n</think>\n\nok<|im_end|>"  # assistant turns + closing tokens
+    assert bytes(i for i in ids if i < 256).decode() == data.apply_chat_template(conv["messages"], "qwen3", False)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tx = optax.sgd(1.0)  # params - grads: compares the gradients themselves
+    step = jax.jit(sft.make_train_step(graphdef, tx))
+    batch = data.collate([[ex] for ex in tiny_examples()], 32)
+    one = step(params, tx.init(params), {k: v[None] for k, v in batch.items()})
+    four = step(params, tx.init(params), {k: v.reshape(4, 2, -1) for k, v in batch.items()})
+    assert abs(float(one[2]["loss"]) - float(four[2]["loss"])) < 1e-6
+    for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(four[0])):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_batches_give_the_unpacked_loss():
+    model = Transformer(CONFIGS["tiny-gemma3"], nnx.Rngs(0))
+    examples = tiny_examples()
+    unpacked = data.collate([[ex] for ex in examples], 32)
+    packed = data.collate([examples[:4], examples[4:]], 128)
+    assert packed["segment_ids"].max() == 4
+    nll_a, n_a = sft.token_nll(model, unpacked)
+    nll_b, n_b = sft.token_nll(model, packed)
+    assert float(n_a) == float(n_b) and abs(float(nll_a) - float(nll_b)) < 1e-4
+    stream = next(data.Batches(examples, 2, 128, pack=True))
+    assert stream["segment_ids"].max() > 1
+
+
+def test_batches_resume_at_a_position():
+    examples = tiny_examples(20)
+    a = data.Batches(examples, 3, 32, seed=1)
+    seen = [next(a) for _ in range(10)]  # crosses an epoch boundary (20 examples)
+    b = data.Batches(examples, 3, 32, seed=1, position=3 * 6)
+    for want in seen[6:]:
+        got = next(b)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+# ----------------------------------------------------------------------------- resume and mesh
+
+def test_kill_and_resume_continue_the_same_run(tmp_path):
+    args = [*SMALL, "--steps", "30", "--save-every", "10", "--log-every", "1"]
+    full = run_sft(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "sft.py", *args, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "20").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # the hard way: no cleanup, maybe mid-save
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = run_sft(*args, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step" in resumed.stderr
+    want, got = losses(tmp_path / "full"), losses(out)
+    assert sorted(got) == sorted(want) == list(range(1, 31))
+    assert got == want  # exactly, on CPU
+
+
+def test_mesh_4x2_logs_the_single_device_losses(tmp_path):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    args = [*SMALL, "--steps", "4", "--log-every", "1"]
+    one = run_sft(*args, "--mesh", "fsdp=1,tp=1", "--out", str(tmp_path / "one"), env=env)
+    eight = run_sft(*args, "--mesh", "fsdp=4,tp=2", "--out", str(tmp_path / "eight"), env=env)
+    assert one.returncode == 0 and eight.returncode == 0, (one.stderr[-1000:], eight.stderr[-1000:])
+    assert "'fsdp': 4, 'tp': 2" in eight.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert sorted(a) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step])
+
+
+@pytest.mark.slow
+def test_a_few_steps_lower_the_loss_of_real_gemma3(gemma3_dir, tmp_path):
+    rows = [{"prompt": f"Q: What is the secret word number {i}?\nA:", "completion": f" zebra{i} lighthouse"}
+            for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_sft("--ckpt", str(gemma3_dir), "--data", str(tmp_path / "train.jsonl"), "--steps", "4",
+                "--batch-size", "8", "--lr", "5e-5", "--log-every", "1", "--out", str(tmp_path / "run"),
+                timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loss = losses(tmp_path / "run")
+    assert loss[4] < 0.7 * loss[1], loss
+    assert (tmp_path / "run" / "hf" / "tokenizer.json").is_file()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def write(path, content: bytes):
+    path.write_bytes(content)
+    return str(path)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', r"bad.jsonl:2: bad JSON"),
+    (b'{"prompt": "a"}\n', r"bad.jsonl:1: missing key 'completion'"),
+    (b'{"prompt": "a", "completion": 3}\n', r"bad.jsonl:1: 'completion' must be a string, got int"),
+    (b'\n\n', r"bad.jsonl: empty file"),
+    (b'{"text": "caf\xe9"}\n', r"bad.jsonl:1: not UTF-8"),
+    (b'{"messages": [{"role": "robot", "content": "x"}]}\n', r"bad.jsonl:1: messages\[0\] has unknown role"),
+    (b'[1, 2]\n', r"bad.jsonl:1: expected a JSON object"),
+])
+def test_bad_data_is_one_clear_line(tmp_path, content, message):
+    r = run_sft("--data", write(tmp_path / "bad.jsonl", content), "--out", str(tmp_path / "run"))
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and __import__("re").search(message, lines[0]), r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/no/such.jsonl"], "/no/such.jsonl: no such file"),
+    (["--ckpt", "/no/such/dir"], "/no/such/dir: no such checkpoint directory"),
+    (["--model", "gpt5"], "unknown model preset 'gpt5'"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--batch-size", "10", "--grad-accum", "3"], "must be a multiple of --grad-accum"),
+    (["--mesh", "fsdp=3"], "has 3 slots for"),
+    (["--tpu"], "no TPU"),
+])
+def test_bad_flags_are_one_clear_line(tmp_path, args, message):
+    r = run_sft(*args, "--out", str(tmp_path / "run"))
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_checkpoints_are_never_overwritten_or_misread(tmp_path):
+    out = tmp_path / "run"
+    first = run_sft(*SMALL, "--steps", "2", "--save-every", "1", "--out", str(out))
+    assert first.returncode == 0, first.stderr[-1000:]
+    saved = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+
+    again = run_sft(*SMALL, "--steps", "4", "--out", str(out))  # forgot --resume
+    assert again.returncode != 0 and "already holds a run: pass --resume" in again.stderr
+    other = run_sft(*SMALL, "--steps", "4", "--model", "tiny-gemma3", "--resume", "--out", str(out))
+    assert other.returncode != 0
+    lines = other.stderr.strip().splitlines()
+    assert "cannot restore the train state" in lines[-1]
+    assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == saved
+
+    for p in saved:  # corrupt every file of the newest checkpoint (step 2)
+        if p.relative_to(out / "checkpoints").parts[0] == "2":
+            p.write_bytes(b"garbage")
+    broken = run_sft(*SMALL, "--steps", "4", "--resume", "--out", str(out))
+    assert broken.returncode != 0 and "cannot restore the train state" in broken.stderr.strip().splitlines()[-1]
