@@ -23,6 +23,7 @@ F feed-forward dim, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -324,7 +325,7 @@ class Transformer(nnx.Module):
             self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 last_only: bool = False):
+                 last_only: bool = False, layers: list[dict] | None = None):
         """tokens [B, T] int32 → logits [B, T, V] float32 (and the updated cache if one is given).
 
         positions [B, T]: RoPE positions (default 0..T-1; left-padded rows start at 0 after
@@ -333,6 +334,9 @@ class Transformer(nnx.Module):
         cache: the tokens are written at slots index..index+T-1 and attend to all earlier slots.
         last_only: logits of the last position only, [B, 1, V] (a prefill needs no more, and the
         output head is the largest matmul of a small model).
+        layers: the block parameters as separate per-layer arrays (`unstack_layers`), run as an
+        unrolled loop instead of a scan: decoding is ~1.5x faster on CPU that way (XLA runs
+        matmuls inside a while loop slower), at the price of compiling every layer.
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -396,7 +400,15 @@ class Transformer(nnx.Module):
         if cfg.remat:
             block = jax.checkpoint(block)
         cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
-        x, (new_k, new_v) = jax.lax.scan(block, x, (self.layers.arrays(), sliding, *cache_kv))
+        if layers is None:
+            x, (new_k, new_v) = jax.lax.scan(block, x, (self.layers.arrays(), sliding, *cache_kv))
+        else:
+            new_kv = []
+            for i, p in enumerate(layers):
+                x, kv = block(x, (p, sliding[i], *(c if c is None else c[i] for c in cache_kv)))
+                new_kv.append(kv)
+            new_k, new_v = (None, None) if cache is None else (jnp.stack([k for k, _ in new_kv]),
+                                                                jnp.stack([v for _, v in new_kv]))
 
         if last_only:
             x = x[:, -1:]
@@ -407,6 +419,16 @@ class Transformer(nnx.Module):
         if cache is None:
             return logits
         return logits, KVCache(new_k, new_v, k_segments, start + T)
+
+
+def unstack_layers(model: Transformer) -> list[dict[str, jax.Array]]:
+    """The stacked [L, ...] block parameters as L dicts of separate arrays (one jitted copy)."""
+    return _unstack(model.layers.arrays(), model.cfg.n_layers)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(stacked: dict[str, jax.Array], n_layers: int) -> list[dict[str, jax.Array]]:
+    return [{name: x[i] for name, x in stacked.items()} for i in range(n_layers)]
 
 
 def count_params(model: nnx.Module) -> int:

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import KVCache, Transformer
+from model import KVCache, Transformer, unstack_layers
 
-PROMPT_BUCKET = 64  # prompt lengths round up to a multiple of this: few shapes, few compiles
+MIN_PROMPT_BUCKET = 8  # prompt lengths round up to a power of two >= this: few shapes, few compiles
 
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):
@@ -56,14 +56,15 @@ def next_token(logits, key, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, tokens, segment_ids, positions, eos_ids, key, *,
+def _generate(graphdef, state, layers, tokens, segment_ids, positions, eos_ids, key, *,
               max_new_tokens: int, temperature: float, top_k: int, top_p: float):
     """tokens/segment_ids/positions [B, P] left-padded → new ids [B, max_new_tokens], their
     log-probs, and the number of steps taken. Rows that finished keep emitting pad (-1)."""
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
     cache = KVCache.init(model.cfg, B, P + max_new_tokens)
-    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, last_only=True)
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, last_only=True,
+                          layers=layers)
     key, sub = jax.random.split(key)
     first, first_lp = next_token(logits[:, -1], sub, temperature, top_k, top_p)
     out = jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
@@ -78,7 +79,7 @@ def _generate(graphdef, state, tokens, segment_ids, positions, eos_ids, key, *,
     def body(carry):
         step, out, out_lp, cache, done, pos, key = carry
         last = out[:, step - 1][:, None]  # [B, 1]
-        logits, cache = model(jnp.maximum(last, 0), positions=pos, segment_ids=ones, cache=cache)
+        logits, cache = model(jnp.maximum(last, 0), positions=pos, segment_ids=ones, cache=cache, layers=layers)
         key, sub = jax.random.split(key)
         ids, lp = next_token(logits[:, 0], sub, temperature, top_k, top_p)
         ids = jnp.where(done, -1, ids)
@@ -153,11 +154,13 @@ def _beam_search(graphdef, state, tokens, segment_ids, positions, eos_ids, *, ma
     return fin_seq[:, 0], fin_len[:, 0]
 
 
-def left_pad(prompts: list[list[int]], bucket: int = PROMPT_BUCKET):
-    """Ragged prompts → tokens, segment_ids, positions [B, P] with P a multiple of bucket."""
+def left_pad(prompts: list[list[int]], bucket: int = MIN_PROMPT_BUCKET):
+    """Ragged prompts → tokens, segment_ids, positions [B, P], P the next power of two >= bucket."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    P = -(-max(map(len, prompts)) // bucket) * bucket
+    P = bucket
+    while P < max(map(len, prompts)):
+        P *= 2
     tokens = np.zeros((len(prompts), P), np.int32)
     segment_ids = np.zeros((len(prompts), P), np.int32)
     positions = np.zeros((len(prompts), P), np.int32)
@@ -170,7 +173,7 @@ def left_pad(prompts: list[list[int]], bucket: int = PROMPT_BUCKET):
 
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids=None, return_logprobs: bool = False,
-             num_beams: int = 1, length_penalty: float = 1.0, prompt_bucket: int = PROMPT_BUCKET):
+             num_beams: int = 1, length_penalty: float = 1.0, prompt_bucket: int = MIN_PROMPT_BUCKET):
     """New token ids for each prompt (ragged lists of ids), up to and including the first
     end-of-sequence token. With return_logprobs, also each sampled token's log-probability
     under softmax(logits / temperature) (plain log-softmax when greedy). num_beams > 1 runs
@@ -192,7 +195,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
                                      num_beams=num_beams, length_penalty=float(length_penalty))
         seqs, lengths = np.asarray(seqs), np.asarray(lengths)
         return [seqs[row, :lengths[row]].tolist() for row in range(len(prompts))]
-    out, out_lp, _ = _generate(graphdef, state, tokens, segment_ids, positions,
+    layers = unstack_layers(model)  # separate per-layer arrays: an unrolled decode step is faster on CPU
+    out, out_lp, _ = _generate(graphdef, state, layers, tokens, segment_ids, positions,
                                jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),
                                max_new_tokens=max_new_tokens, temperature=float(temperature),
                                top_k=int(top_k), top_p=float(top_p))

@@ -220,3 +220,21 @@ def test_checkpoints_are_never_overwritten_or_misread(tmp_path):
             p.write_bytes(b"garbage")
     broken = run_sft(*SMALL, "--steps", "4", "--resume", "--out", str(out))
     assert broken.returncode != 0 and "cannot restore the train state" in broken.stderr.strip().splitlines()[-1]
+
+
+def test_bf16_run_exports_a_checkpoint_transformers_loads(tmp_path):
+    import torch
+    import transformers
+
+    import ckpt
+    out = tmp_path / "run"
+    r = run_sft(*SMALL, "--steps", "3", "--dtype", "bfloat16", "--remat", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(np.isfinite(m["loss"]) for m in metrics(out) if "loss" in m)
+    ours = ckpt.load_hf(out / "hf")
+    assert ours.cfg.param_dtype == "float32" and not ours.cfg.remat
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    x = np.random.default_rng(0).integers(0, 259, (2, 12))
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(x)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), ref, rtol=1e-4, atol=1e-4)
