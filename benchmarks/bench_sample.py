@@ -56,6 +56,21 @@ def transformers_worker(ckpt_dir):
     return run
 
 
+def read_bandwidth() -> float:
+    """GB/s of a jitted sum over 1 GiB of float32: the memory roofline for batch-1 decoding."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((1 << 28,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        total(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return x.nbytes / statistics.median(times) / 1e9
+
+
 def serve(run):
     for line in sys.stdin:
         seconds, texts = run(json.loads(line))
@@ -124,6 +139,7 @@ def main():
             results[(name, batch)] = (t1, batch * (N - 1) / (tn - t1))
     for w in workers:
         w.close()
+    bandwidth = read_bandwidth()
 
     print(f"\nGemma 3 270M, f32, greedy, prompt {PROMPT!r}, {N} new tokens, median of {args.repeats}, "
           f"{os.cpu_count()} CPU cores\n")
@@ -131,6 +147,11 @@ def main():
     for (name, batch), (t1, tps) in results.items():
         print(f"| {name} | {batch} | {t1 * 1000:.0f} | {tps:.1f} |")
     print()
+    weights_gb = sum(f.stat().st_size for f in pathlib.Path(args.ckpt).glob("*.safetensors")) / 1e9
+    roofline = bandwidth / weights_gb
+    ours_b1 = results.get(("nanotune", 1), (0, 0.0))[1]
+    print(f"memory roofline: a jitted sum reads {bandwidth:.1f} GB/s here; {weights_gb:.2f} GB of weights per "
+          f"step → at most {roofline:.1f} tok/s at batch 1 (nanotune batch 1: {ours_b1 / roofline:.0%} of it)\n")
     for batch in args.batches:
         ours = results[("nanotune", batch)][1]
         ratios = [f"{ours / results[(w.name, batch)][1]:.2f}x {w.name}" for w in workers if w.name != "nanotune"]
