@@ -448,21 +448,24 @@ def hf_cache_dir(repo: str) -> pathlib.Path | None:
     return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
-def load_model(name: str = "tiny", ckpt=None, dtype: str | None = None, seed: int = 0, **overrides):
+def load_model(name: str = "tiny", ckpt=None, dtype: str | None = None, seed: int = 0,
+               param_dtype: str | None = None, **overrides):
     """`--ckpt DIR` if given; else the preset's checkpoint from the local HF cache; else the
-    preset with random weights and a warning on stderr. Returns (model, where it came from)."""
+    preset with random weights and a warning on stderr. Returns (model, where it came from).
+    dtype: compute dtype; param_dtype: storage (default dtype; training keeps float32)."""
     if ckpt:
-        return load_hf(ckpt, dtype=dtype, **overrides), str(ckpt)
+        return load_hf(ckpt, dtype=dtype, param_dtype=param_dtype, **overrides), str(ckpt)
     cfg = get_config(name)
     name = next(k for k, v in CONFIGS.items() if v is cfg)
     repo = HF_REPOS.get(name)
     local = hf_cache_dir(repo) if repo else None
     if local:
-        return load_hf(local, dtype=dtype, **overrides), str(local)
+        return load_hf(local, dtype=dtype, param_dtype=param_dtype, **overrides), str(local)
     if repo:
         print(f"warning: {repo} is not in the local Hugging Face cache; {name} starts from random weights "
               f"(pass --ckpt DIR to load a checkpoint)", file=sys.stderr)
-    cfg = cfg.replace(**({"dtype": dtype, "param_dtype": dtype} if dtype else {}), **overrides)
+    dtypes = {"dtype": dtype or cfg.dtype, "param_dtype": param_dtype or dtype or cfg.param_dtype}
+    cfg = cfg.replace(**dtypes, **overrides)
     return Transformer(cfg, nnx.Rngs(seed)), f"random {name}"
 
 

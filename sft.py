@@ -163,8 +163,8 @@ def main(argv=None):
     cfg = shard.startup(Config, argv)
     out = pathlib.Path(cfg.out)
     try:
-        model, source = ckpt.load_model(cfg.model, ckpt=cfg.ckpt, dtype=cfg.dtype, seed=cfg.seed)
-        model.cfg = model.cfg.replace(param_dtype="float32", remat=cfg.remat)
+        model, source = ckpt.load_model(cfg.model, ckpt=cfg.ckpt, dtype=cfg.dtype, param_dtype="float32",
+                                        seed=cfg.seed, remat=cfg.remat)
         tok = data.load_tokenizer(cfg.ckpt) if cfg.ckpt else data.ByteTokenizer()
         train, evals = load_datasets(cfg, tok, model.cfg.family if cfg.ckpt else None)
         manager = ckpt.checkpoint_manager(out / "checkpoints", keep=cfg.keep)

@@ -231,8 +231,11 @@ def test_bf16_run_exports_a_checkpoint_transformers_loads(tmp_path):
 
     import ckpt
     out = tmp_path / "run"
-    r = run_sft(*SMALL, "--steps", "3", "--dtype", "bfloat16", "--remat", "--out", str(out))
+    r = run_sft(*SMALL, "--steps", "3", "--dtype", "bfloat16", "--remat", "--save-every", "3", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
+    import orbax.checkpoint as ocp  # the trained parameters are float32 master weights
+    saved = ocp.StandardCheckpointer().metadata(out / "checkpoints" / "3" / "state")
+    assert saved.item_metadata["params"]["embed"]["value"].dtype == np.float32
     assert all(np.isfinite(m["loss"]) for m in metrics(out) if "loss" in m)
     ours = ckpt.load_hf(out / "hf")
     assert ours.cfg.param_dtype == "float32" and not ours.cfg.remat
