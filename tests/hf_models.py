@@ -75,6 +75,6 @@ def to_classic_config(path: pathlib.Path) -> None:
     file.write_text(json.dumps(cfg, indent=2))
 
 
-def hf_logits(model, tokens) -> "numpy.ndarray":
+def hf_logits(model, tokens):
     with torch.no_grad():
         return model(torch.as_tensor(tokens)).logits.float().numpy()

@@ -2,7 +2,6 @@
 Gemma 3 270M, preset resolution, and every bad-checkpoint error."""
 import json
 import os
-import pathlib
 import time
 
 import jax
@@ -15,7 +14,7 @@ from flax import nnx
 
 import ckpt
 from ckpt import CheckpointError
-from hf_models import hf_logits, make_hf_model, save_hf_model
+from hf_models import hf_logits, make_hf_model
 from model import CONFIGS, Transformer
 
 
