@@ -28,6 +28,12 @@ class ByteTokenizer:
     vocab_size, pad_id, bos_id, eos_ids = 259, 256, 257, (258,)
     family = None
 
+    def save(self, directory) -> None:
+        """Mark a checkpoint directory as using this tokenizer (load_tokenizer finds it)."""
+        (pathlib.Path(directory) / BYTE_TOKENIZER_FILE).write_text(json.dumps(
+            {"type": "bytes", "vocab_size": self.vocab_size, "pad_id": self.pad_id, "bos_id": self.bos_id,
+             "eos_ids": list(self.eos_ids)}) + "\n")
+
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return [self.bos_id] * add_bos + list(text.encode("utf-8"))
 
@@ -122,12 +128,17 @@ def _special_tokens(path: pathlib.Path) -> dict:
     return out
 
 
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"  # marks a checkpoint trained with ByteTokenizer
+
+
 def load_tokenizer(path=None):
-    """The tokenizer of a checkpoint directory (tokenizer.json preferred over tokenizer.model);
-    the byte-level tokenizer when path is None."""
+    """The tokenizer of a checkpoint directory (tokenizer.json preferred over tokenizer.model,
+    then the byte-level marker that tiny-preset exports carry); ByteTokenizer when path is None."""
     if path is None:
         return ByteTokenizer()
     path = pathlib.Path(path)
+    if (path / BYTE_TOKENIZER_FILE).is_file():
+        return ByteTokenizer()
     if (path / "tokenizer.json").is_file():
         try:
             return HFTokenizer(path)
@@ -138,7 +149,7 @@ def load_tokenizer(path=None):
             return SentencePieceTokenizer(path)
         except (OSError, RuntimeError) as e:
             raise TokenizerError(f"{path / 'tokenizer.model'}: cannot be read ({e})") from None
-    raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
+    raise TokenizerError(f"{path}: no tokenizer.json, tokenizer.model or {BYTE_TOKENIZER_FILE}")
 
 
 # ----------------------------------------------------------------------------- chat templates

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 import jax
@@ -235,7 +236,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         model, source = ckpt.load_model(args.model, ckpt=args.ckpt, dtype=args.dtype)
-        tok = data.load_tokenizer(args.ckpt) if args.ckpt else data.ByteTokenizer()
+        local = args.ckpt or (source if os.path.isdir(source) else None)  # --ckpt or the HF cache
+        tok = data.load_tokenizer(local)  # no directory: the byte-level tokenizer of the tiny presets
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
         if args.chat:

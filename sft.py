@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -164,8 +165,9 @@ def main(argv=None):
     try:
         model, source = ckpt.load_model(cfg.model, ckpt=cfg.ckpt, dtype=cfg.dtype, param_dtype="float32",
                                         seed=cfg.seed, remat=cfg.remat)
-        tok = data.load_tokenizer(cfg.ckpt) if cfg.ckpt else data.ByteTokenizer()
-        train, evals = load_datasets(cfg, tok, model.cfg.family if cfg.ckpt else None)
+        local = cfg.ckpt or (source if os.path.isdir(source) else None)  # --ckpt or the HF cache
+        tok = data.load_tokenizer(local)  # no directory: the byte-level tokenizer of the tiny presets
+        train, evals = load_datasets(cfg, tok, model.cfg.family if local else None)
         manager = ckpt.checkpoint_manager(out / "checkpoints", keep=cfg.keep)
         if manager.latest_step() is not None and not cfg.resume:
             raise ValueError(f"{out}/checkpoints already holds a run: pass --resume or choose another --out")
@@ -247,10 +249,12 @@ def main(argv=None):
         final = nnx.merge(graphdef, params)
         final.cfg = final.cfg.replace(remat=False)
         ckpt.save_hf(final, out / "hf")
+        if isinstance(tok, data.ByteTokenizer):
+            tok.save(out / "hf")
         for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                     "generation_config.json"):
-            if cfg.ckpt and (pathlib.Path(cfg.ckpt) / name).is_file():
-                shutil.copy(pathlib.Path(cfg.ckpt) / name, out / "hf" / name)
+                     "generation_config.json", data.BYTE_TOKENIZER_FILE):
+            if local and (pathlib.Path(local) / name).is_file():
+                shutil.copy(pathlib.Path(local) / name, out / "hf" / name)
         print(f"saved {out / 'hf'}; metrics in {out / 'metrics.jsonl'}", file=sys.stderr)
 
 

@@ -114,7 +114,7 @@ def test_sentencepiece_backend(tmp_path):
 
 
 def test_missing_and_broken_tokenizers(tmp_path):
-    with pytest.raises(data.TokenizerError, match="no tokenizer.json or tokenizer.model"):
+    with pytest.raises(data.TokenizerError, match="no tokenizer.json, tokenizer.model or byte_tokenizer.json"):
         data.load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(data.TokenizerError, match="tokenizer.json: cannot be read"):

@@ -51,6 +51,13 @@ def test_default_run_learns_the_task(tmp_path):
     print(f"\ndefault sft: eval/accuracy {evals[0]['eval/accuracy']} -> {evals[-1]['eval/accuracy']} "
           f"in {time.time() - start:.0f} s")
     assert (tmp_path / "run" / "hf" / "config.json").is_file()
+    # the README's next step: the exported model answers held-out problems through sample.py
+    want = ["123*4=0492", "907*8=7256", "555*5=2775", "018*9=0162"]
+    prompts = [a for w in want for a in ("--prompt", w[:6])]
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "run" / "hf"), *prompts,
+                        "--max-new-tokens", "6"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sum(got == w for got, w in zip(r.stdout.splitlines(), want)) >= 3, r.stdout
 
 
 # ----------------------------------------------------------------------------- the loss
