@@ -287,7 +287,7 @@ class Arithmetic:
         return rows
 
     def answer(self, prompt: str) -> str:
-        a, b = prompt.rstrip("=").split(self.op, 1) if self.op != "-" else prompt.rstrip("=").split("-", 1)
+        a, b = prompt.rstrip("=").split(self.op, 1)
         return self.format_answer(self.solve(int(a), int(b)))
 
     def is_correct(self, prompt: str, completion: str) -> bool:

@@ -60,7 +60,7 @@ def next_token(logits, key, temperature: float, top_k: int, top_p: float):
 def _generate(graphdef, state, layers, tokens, segment_ids, positions, eos_ids, key, *,
               max_new_tokens: int, temperature: float, top_k: int, top_p: float):
     """tokens/segment_ids/positions [B, P] left-padded → new ids [B, max_new_tokens], their
-    log-probs, and the number of steps taken. Rows that finished keep emitting pad (-1)."""
+    log-probs. Rows that finished keep emitting pad (-1)."""
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
     cache = KVCache.init(model.cfg, B, P + max_new_tokens)
@@ -90,8 +90,8 @@ def _generate(graphdef, state, layers, tokens, segment_ids, positions, eos_ids, 
 
     last_pos = positions[:, -1:] + 1
     carry = (jnp.int32(1), out, out_lp, cache, done, last_pos, key)
-    steps, out, out_lp, *_ = jax.lax.while_loop(cond, body, carry)
-    return out, out_lp, steps
+    _, out, out_lp, *_ = jax.lax.while_loop(cond, body, carry)
+    return out, out_lp
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_beams", "length_penalty"))
@@ -197,7 +197,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         seqs, lengths = np.asarray(seqs), np.asarray(lengths)
         return [seqs[row, :lengths[row]].tolist() for row in range(len(prompts))]
     layers = unstack_layers(model)  # separate per-layer arrays: an unrolled decode step is faster on CPU
-    out, out_lp, _ = _generate(graphdef, state, layers, tokens, segment_ids, positions,
+    out, out_lp = _generate(graphdef, state, layers, tokens, segment_ids, positions,
                                jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),
                                max_new_tokens=max_new_tokens, temperature=float(temperature),
                                top_k=int(top_k), top_p=float(top_p))

@@ -183,7 +183,7 @@ def main(argv=None):
     opt_sh = shard.tree_shardings(jax.eval_shape(tx.init, params), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     # [grad_accum, B, T]: each micro-batch's rows split over (data, fsdp)
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, shard.BATCH, None))
+    batch_sh = shard.batch_sharding(mesh, 3, axis=1)
     train_step = jax.jit(make_train_step(graphdef, tx), in_shardings=(param_sh, opt_sh, batch_sh),
                          out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
     eval_loss_fn = jax.jit(lambda p, b: token_nll(nnx.merge(graphdef, p), b))
@@ -224,7 +224,7 @@ def main(argv=None):
         batch = next(batches)
         rows = shard.host_rows(cfg.batch_size)  # each host feeds its slice of the global batch
         batch = {k: v[rows].reshape(cfg.grad_accum, -1, v.shape[-1]) for k, v in batch.items()}
-        batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
+        batch = {k: shard.global_batch(v, mesh, axis=1) for k, v in batch.items()}
         params, opt_state, metrics = train_step(params, opt_state, batch)
         step += 1
         pending.append(metrics["tokens"])

@@ -137,9 +137,9 @@ def shard_model(model, mesh: Mesh):
     return model
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batches [B, T, ...]: rows over (data, fsdp), the rest whole."""
-    return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
+    """Batches [B, T, ...]: rows (dimension `axis`) over (data, fsdp), the rest whole."""
+    return NamedSharding(mesh, P(*[BATCH if d == axis else None for d in range(ndim)]))
 
 
 def cache_sharding(mesh: Mesh) -> NamedSharding:
@@ -226,10 +226,9 @@ def host_rows(global_batch: int) -> slice:
     return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 
 
-def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Assemble the per-host slices into one global array sharded as batch_sharding."""
-    sharding = batch_sharding(mesh, local.ndim)
-    if jax.process_count() == 1:
-        return jax.device_put(local, sharding)
-    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+def global_batch(local: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
+    """Assemble the per-host slices (rows along `axis`) into one global array sharded as
+    batch_sharding(mesh, local.ndim, axis)."""
+    global_shape = list(local.shape)
+    global_shape[axis] *= jax.process_count()
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim, axis), local, tuple(global_shape))
