@@ -11,6 +11,7 @@ same logits. Loading never unpickles: safetensors only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -27,7 +28,7 @@ from flax import nnx
 import ml_dtypes
 from safetensors.numpy import save_file
 
-from model import CONFIGS, Config, Transformer, alternating, every_nth_global, get_config, layer_shapes
+from model import CONFIGS, Config, Transformer, add_lora, alternating, every_nth_global, get_config, layer_shapes
 
 
 class CheckpointError(ValueError):
@@ -377,7 +378,6 @@ def save_hf(model: Transformer, path, max_shard_bytes: int = 4 << 30) -> None:
     complete, so an interrupted save never damages an existing checkpoint.
     """
     cfg, path = model.cfg, pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
     def tensors():  # (HF name, numpy array), one at a time
@@ -389,8 +389,7 @@ def save_hf(model: Transformer, path, max_shard_bytes: int = 4 << 30) -> None:
             else:
                 yield hf, np.ascontiguousarray(to_hf(value, n_in))
 
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with replaced_dir(path) as tmp:
         shards, current, size, total = [], {}, 0, 0  # write each shard as soon as it is full
 
         def flush():
@@ -413,6 +412,16 @@ def save_hf(model: Transformer, path, max_shard_bytes: int = 4 << 30) -> None:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def replaced_dir(path: pathlib.Path):
+    """Yields a temporary directory beside `path` that replaces `path` when the block completes;
+    on an exception it is deleted and `path` is untouched (never a half-written checkpoint)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
         if path.exists():  # swap in the new directory, then drop the old one
             old = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "ckpt")
@@ -423,6 +432,85 @@ def save_hf(model: Transformer, path, max_shard_bytes: int = 4 << 30) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+# ----------------------------------------------------------------------------- LoRA adapters (PEFT's layout)
+
+# Our adapter target → the HF module it wraps. PEFT names each factor
+# base_model.model.<module path>.lora_A.weight [r, in] and .lora_B.weight [out, r].
+PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+PEFT_PREFIX = "base_model.model.model.layers.{i}."
+
+
+def save_peft(model: Transformer, path, base_model: str | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained
+    onto the transformers model (atomically replaced, like save_hf)."""
+    lora, path = model.lora, pathlib.Path(path)
+    arrays = model.layers.arrays()
+    tensors = {}
+    for name in lora.targets:
+        a = np.asarray(jax.device_get(arrays[f"{name}_lora_a"]), np.float32)  # [L, in..., r]
+        b = np.asarray(jax.device_get(arrays[f"{name}_lora_b"]), np.float32)  # [L, r, out...]
+        for i in range(model.cfg.n_layers):
+            module = PEFT_PREFIX.format(i=i) + PEFT_MODULES[name]
+            tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(to_hf(a[i], a.ndim - 2))  # [r, in]
+            tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(to_hf(b[i], 1))  # [out, r]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "use_rslora": lora.rslora,
+              "target_modules": sorted(PEFT_MODULES[t].split(".")[1] for t in lora.targets),
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
+    with replaced_dir(path) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_peft(model: Transformer, path) -> Transformer:
+    """Attach the LoRA adapter of a PEFT directory to `model` in place (a plain LoRA: no DoRA,
+    no per-layer ranks, no bias or extra trained modules); CheckpointError names what is wrong."""
+    path = pathlib.Path(path)
+    config_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    for f in (config_file, weights):
+        if not f.is_file():
+            raise CheckpointError(f"{path}: not a PEFT adapter directory (no {f.name})")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{config_file}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}, only LORA is supported")
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
+                   if config.get(k)] + (["bias"] if config.get("bias", "none") != "none" else [])
+    if unsupported:
+        raise CheckpointError(f"{config_file}: unsupported LoRA options: {', '.join(unsupported)}")
+    modules = config.get("target_modules")
+    by_module = {m.split(".")[1]: t for t, m in PEFT_MODULES.items()}
+    if modules == "all-linear":
+        modules = list(by_module)
+    if not isinstance(modules, list) or not modules or any(m not in by_module for m in modules):
+        raise CheckpointError(f"{config_file}: target_modules {modules!r}: need a list among {', '.join(by_module)}")
+    targets = tuple(by_module[m] for m in modules)
+    add_lora(model, int(config["r"]), float(config.get("lora_alpha", 8)), targets,
+             dropout=float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora")))
+    file = SafetensorsFile(weights)
+    for name in model.lora.targets:
+        for factor, n_in in (("a", None), ("b", 1)):
+            var = getattr(model.layers, f"{name}_lora_{factor}")
+            stacked = np.empty(var.shape, np.dtype(var.dtype))
+            for i in range(model.cfg.n_layers):
+                module = PEFT_PREFIX.format(i=i) + PEFT_MODULES[name]
+                hf = f"{module}.lora_{factor.upper()}.weight"
+                if hf not in file.keys():
+                    raise CheckpointError(f"{weights}: missing tensor {hf}")
+                ours = var.shape[1:]
+                n = len(ours) - 1 if factor == "a" else n_in  # A: [in..., r]; B: [r, out...]
+                x = file.get(hf)
+                if tuple(x.shape) != hf_shape(ours, n):
+                    raise CheckpointError(f"{hf}: adapter shape {tuple(x.shape)} does not match the model's "
+                                          f"{hf_shape(ours, n)} ({weights.name})")
+                stacked[i] = to_ours(x, ours, n)
+            var.set_value(jnp.asarray(stacked))
+    return model
 
 
 # ----------------------------------------------------------------------------- presets

@@ -311,7 +311,8 @@ class Layers(nnx.Module):
             setattr(self, name, nnx.Param(value))
 
     def arrays(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in vars(self) if isinstance(getattr(self, name), nnx.Param)}
+        """name → stacked array: weights, and (when present) LoRA factors and quantized codes/scales."""
+        return {name: getattr(self, name)[...] for name in vars(self) if isinstance(getattr(self, name), nnx.Variable)}
 
 
 class Transformer(nnx.Module):
@@ -325,7 +326,7 @@ class Transformer(nnx.Module):
             self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 last_only: bool = False, layers: list[dict] | None = None):
+                 last_only: bool = False, layers: list[dict] | None = None, dropout_key: jax.Array | None = None):
         """tokens [B, T] int32 → logits [B, T, V] float32 (and the updated cache if one is given).
 
         positions [B, T]: RoPE positions (default 0..T-1; left-padded rows start at 0 after
@@ -337,6 +338,7 @@ class Transformer(nnx.Module):
         layers: the block parameters as separate per-layer arrays (`unstack_layers`), run as an
         unrolled loop instead of a scan: decoding is ~1.5x faster on CPU that way (XLA runs
         matmuls inside a while loop slower), at the price of compiling every layer.
+        dropout_key: LoRA dropout on the adapters' inputs (training only; None: no dropout).
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -346,7 +348,7 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
 
-        x = self.embed[...][tokens].astype(dtype)  # [B, T, D]
+        x = self.embed_rows(tokens).astype(dtype)  # [B, T, D]
         if cfg.embed_scale:  # Gemma rounds sqrt(D) to the compute dtype, as HF does
             x = x * jnp.asarray(math.sqrt(cfg.dim), dtype)
 
@@ -367,13 +369,24 @@ class Transformer(nnx.Module):
         sliding = jnp.asarray(cfg.sliding_layers or (False,) * cfg.n_layers)  # [L]
         scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
         eps, plus_one = cfg.norm_eps, cfg.norm_plus_one
+        shapes = layer_shapes(cfg)
+        lora = getattr(self, "lora", None)
+        lora_scale = lora.scale if lora else 0.0
+        dropout = functools.partial(lora_dropout, rate=lora.dropout if lora else 0.0)
+        drop_keys = None if dropout_key is None or not lora or not lora.dropout else \
+            jax.random.split(dropout_key, cfg.n_layers)
 
         def block(x, layer):
-            p, is_sliding, layer_k, layer_v = layer
+            p, is_sliding, layer_k, layer_v, drop_key = layer
+            def proj(name, h):  # the base weight (dequantized if stored quantized) + its adapter, if any
+                y = matmul(f"{LETTERS[name]}", h, weight(p, name, shapes[name], dtype))
+                if f"{name}_lora_a" in p:
+                    h_in = h if drop_key is None else dropout(h, jax.random.fold_in(drop_key, TARGETS.index(name)))
+                    y = y + lora_delta(h_in, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora_scale)
+                return y
+
             h = rms_norm(x, p["attn_norm"], eps, plus_one)
-            q = matmul("BTD,DNH->BTNH", h, p["q"])
-            k = matmul("BTD,DKH->BTKH", h, p["k"])
-            v = matmul("BTD,DKH->BTKH", h, p["v"])
+            q, k, v = proj("q", h), proj("k", h), proj("v", h)
             if cfg.qkv_bias:
                 q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
             if cfg.qk_norm:
@@ -385,14 +398,13 @@ class Transformer(nnx.Module):
                 layer_v = jax.lax.dynamic_update_slice(layer_v, v.astype(layer_v.dtype), (0, start, 0, 0))
                 k, v = layer_k.astype(dtype), layer_v.astype(dtype)
             mask = jnp.where(is_sliding, sliding_mask, global_mask)
-            out = matmul("BTNH,NHD->BTD", attention(q, k, v, mask, scale, cfg.attn_softcap), p["o"])
+            out = proj("o", attention(q, k, v, mask, scale, cfg.attn_softcap))
             if cfg.post_norms:
                 out = rms_norm(out, p["post_attn_norm"], eps, plus_one)
             x = x + out
 
             h = rms_norm(x, p["ffw_norm"], eps, plus_one)
-            h = ACTIVATIONS[cfg.act](matmul("BTD,DF->BTF", h, p["gate"])) * matmul("BTD,DF->BTF", h, p["up"])
-            out = matmul("BTF,FD->BTD", h, p["down"])
+            out = proj("down", ACTIVATIONS[cfg.act](proj("gate", h)) * proj("up", h))
             if cfg.post_norms:
                 out = rms_norm(out, p["post_ffw_norm"], eps, plus_one)
             return x + out, (layer_k, layer_v)
@@ -401,11 +413,11 @@ class Transformer(nnx.Module):
             block = jax.checkpoint(block)
         cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
         if layers is None:
-            x, (new_k, new_v) = jax.lax.scan(block, x, (self.layers.arrays(), sliding, *cache_kv))
+            x, (new_k, new_v) = jax.lax.scan(block, x, (self.layers.arrays(), sliding, *cache_kv, drop_keys))
         else:
             new_kv = []
             for i, p in enumerate(layers):
-                x, kv = block(x, (p, sliding[i], *(c if c is None else c[i] for c in cache_kv)))
+                x, kv = block(x, (p, sliding[i], *(c if c is None else c[i] for c in (*cache_kv, drop_keys))))
                 new_kv.append(kv)
             new_k, new_v = (None, None) if cache is None else (jnp.stack([k for k, _ in new_kv]),
                                                                 jnp.stack([v for _, v in new_kv]))
@@ -413,12 +425,185 @@ class Transformer(nnx.Module):
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x, self.final_norm[...], eps, plus_one)
-        head = self.embed[...] if cfg.tie_embeddings else self.lm_head[...]
+        head = self.table("embed" if cfg.tie_embeddings else "lm_head", dtype)  # [V, D]
         logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
         logits = softcap(logits, cfg.final_softcap)
         if cache is None:
             return logits
         return logits, KVCache(new_k, new_v, k_segments, start + T)
+
+    def embed_rows(self, tokens) -> jax.Array:
+        """Embedding rows of tokens [B, T] → [B, T, D] (only those rows dequantized if quantized)."""
+        if isinstance(getattr(self, "embed", None), nnx.Param):
+            return self.embed[...][tokens]
+        codes, scales = self.embed_codes[...][tokens], self.embed_scales[...][tokens]
+        return dequantize(codes, scales, (*tokens.shape, self.cfg.dim), jnp.dtype(self.cfg.dtype))
+
+    def table(self, name: str, dtype) -> jax.Array:
+        """A [V, D] table (embed or lm_head), dequantized if stored quantized."""
+        if isinstance(getattr(self, name, None), nnx.Param):
+            return getattr(self, name)[...].astype(dtype)
+        codes, scales = getattr(self, f"{name}_codes")[...], getattr(self, f"{name}_scales")[...]
+        return dequantize(codes, scales, (self.cfg.vocab_size, self.cfg.dim), dtype)
+
+
+# ----------------------------------------------------------------------------- LoRA and quantized weights
+#
+# LoRA (Hu et al. 2021, arXiv 2106.09685) adds a trainable low-rank path beside a frozen weight:
+#     y = x W + (alpha / r) · (x A) B,   A [in, r], B [r, out], B = 0 at the start
+# (rsLoRA, Kalajievo 2023: alpha / sqrt(r)). QLoRA (Dettmers et al. 2023, arXiv 2305.14314) stores
+# the frozen W in 4 bits: blocks of 64 values share one absmax scale, and each value is the index
+# of the nearest of 16 "NormalFloat" levels, quantiles of a normal distribution. W is dequantized
+# inside the forward pass, layer by layer, so the full-precision copy never exists at once.
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can wrap
+LETTERS = {"q": "BTD,DNH->BTNH", "k": "BTD,DKH->BTKH", "v": "BTD,DKH->BTKH", "o": "BTNH,NHD->BTD",
+           "gate": "BTD,DF->BTF", "up": "BTD,DF->BTF", "down": "BTF,FD->BTD"}
+QUANT_FORMATS = ("nf4", "int8")
+NF4_LEVELS = jnp.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], jnp.float32)
+
+
+class LoRA(nnx.Param):
+    """An adapter factor (A or B). A subclass of Param, so `nnx.split(model, LoRA, ...)` separates
+    the trainable adapters from the frozen base."""
+
+
+class Quantized(nnx.Variable):
+    """Codes or scales of a quantized frozen weight: not a Param, so never trained or counted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    rank: int  # r
+    alpha: float  # scale numerator
+    targets: tuple[str, ...] = TARGETS
+    dropout: float = 0.0  # on the adapter's input, training only
+    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def add_lora(model: Transformer, rank: int, alpha: float, targets=TARGETS, dropout: float = 0.0,
+             rslora: bool = False, seed: int = 0) -> Transformer:
+    """Attach adapters in place: A [L, in..., r] with PEFT's init (uniform, bound 1/sqrt(in)) and
+    B [L, r, out...] = 0, so the model computes exactly what it did until B trains."""
+    unknown = set(targets) - set(TARGETS)
+    if rank < 1 or unknown or not targets:
+        raise ValueError(f"LoRA needs rank >= 1 and targets among {', '.join(TARGETS)} (got {rank}, {targets})")
+    cfg, key = model.cfg, jax.random.key(seed)
+    shapes = layer_shapes(cfg)
+    for i, name in enumerate(TARGETS):
+        if name not in targets:
+            continue
+        n_in = 2 if name == "o" else 1
+        ins, outs = shapes[name][:n_in], shapes[name][n_in:]
+        bound = 1.0 / math.sqrt(math.prod(ins))
+        a = jax.random.uniform(jax.random.fold_in(key, i), (cfg.n_layers, *ins, rank), jnp.float32, -bound, bound)
+        setattr(model.layers, f"{name}_lora_a", LoRA(a.astype(cfg.param_dtype)))
+        setattr(model.layers, f"{name}_lora_b", LoRA(jnp.zeros((cfg.n_layers, rank, *outs), cfg.param_dtype)))
+    model.lora = LoRAConfig(rank, float(alpha), tuple(t for t in TARGETS if t in targets), dropout, rslora)
+    return model
+
+
+def lora_delta(x, a, b, scale: float) -> jax.Array:
+    """scale · (x A) B for x [..., in...], a [in..., r], b [r, out...] → [..., out...]."""
+    r, n_in = a.shape[-1], a.ndim - 1
+    lead = x.shape[:x.ndim - n_in]
+    xa = jnp.dot(x.reshape(math.prod(lead), -1), a.reshape(-1, r).astype(x.dtype), preferred_element_type=jnp.float32)
+    y = jnp.dot(xa.astype(x.dtype), b.reshape(r, -1).astype(x.dtype), preferred_element_type=jnp.float32)
+    return (scale * y).astype(x.dtype).reshape(*lead, *b.shape[1:])
+
+
+def lora_dropout(x, key, rate: float) -> jax.Array:
+    if not rate:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def quantize(w, fmt: str, block: int = 64) -> tuple[jax.Array, jax.Array]:
+    """w [A, ...] → (codes, scales [A, n_blocks] float32); blocks of `block` run along the
+    flattened trailing axes. int8: codes [A, n, block] = round(127 w / absmax). nf4: the index of
+    the nearest NF4 level to w / absmax, two 4-bit indices per byte: codes [A, n, block/2] uint8."""
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; choose {' or '.join(QUANT_FORMATS)}")
+    if math.prod(w.shape[1:]) % block:
+        raise ValueError(f"shape {tuple(w.shape)} does not split into blocks of {block}")
+    w = jnp.asarray(w, jnp.float32).reshape(w.shape[0], -1, block)
+    absmax = jnp.max(jnp.abs(w), axis=-1)
+    scales = absmax / 127.0 if fmt == "int8" else absmax
+    x = w / jnp.where(scales == 0, 1.0, scales)[..., None]
+    if fmt == "int8":
+        return jnp.round(x).astype(jnp.int8), scales
+    idx = jnp.searchsorted((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2, x).astype(jnp.uint8)  # nearest level
+    return (idx[..., 0::2] << 4) | idx[..., 1::2], scales
+
+
+def dequantize(codes, scales, shape: tuple[int, ...], dtype) -> jax.Array:
+    """The inverse of `quantize` (the format is in the codes' dtype), reshaped to `shape`."""
+    if codes.dtype == jnp.int8:
+        x = codes.astype(jnp.float32)
+    else:
+        idx = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(*codes.shape[:-1], -1)
+        x = NF4_LEVELS[idx]
+    return (x * scales[..., None]).astype(dtype).reshape(shape)
+
+
+def weight(p: dict, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
+    """A block's weight from its parameter dict: the array itself, or dequantized codes."""
+    if name in p:
+        return p[name]
+    return dequantize(p[f"{name}_codes"], p[f"{name}_scales"], shape, dtype)
+
+
+def quantize_model(model: Transformer, fmt: str, block: int = 64, tables: bool = True) -> Transformer:
+    """Replace the frozen projection weights (and, with `tables`, the embedding and output head:
+    62% of Gemma 3 270M) by quantized codes and scales, in place."""
+    targets = [(model.layers, name) for name in TARGETS]
+    if tables:
+        targets += [(model, name) for name in ("embed", "lm_head") if hasattr(model, name)]
+    for owner, name in targets:
+        codes, scales = quantize(getattr(owner, name)[...], fmt, block)
+        delattr(owner, name)
+        setattr(owner, f"{name}_codes", Quantized(codes))
+        setattr(owner, f"{name}_scales", Quantized(scales))
+    return model
+
+
+def merge_lora(model: Transformer) -> Transformer:
+    """A plain Transformer computing what `model` does: W + scale · A B in every adapted weight,
+    quantized weights dequantized (in param_dtype). The input model is left as it is."""
+    cfg = model.cfg
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    flat = dict(nnx.to_flat_state(state))
+    stacked = model.layers.arrays()
+    shapes = layer_shapes(cfg)
+    lora = getattr(model, "lora", None)
+    for path, var in flat.items():
+        if path[0] == "layers":
+            name = path[1]
+            value = weight(stacked, name, (cfg.n_layers, *shapes[name]), jnp.float32).astype(jnp.float32)
+            if f"{name}_lora_a" in stacked:
+                a, b = stacked[f"{name}_lora_a"], stacked[f"{name}_lora_b"]
+                delta = jnp.einsum("lir,lro->lio", a.reshape(cfg.n_layers, -1, lora.rank).astype(jnp.float32),
+                                   b.reshape(cfg.n_layers, lora.rank, -1).astype(jnp.float32))
+                value = value + lora.scale * delta.reshape(value.shape)
+        elif path[0] in ("embed", "lm_head"):
+            value = model.table(path[0], jnp.float32)
+        else:
+            value = getattr(model, path[0])[...]
+        var.set_value(value.astype(var.dtype))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def param_bytes(model: nnx.Module) -> int:
+    """Bytes of every stored parameter, trainable or frozen, quantized or not."""
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
 
 
 def unstack_layers(model: Transformer) -> list[dict[str, jax.Array]]:

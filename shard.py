@@ -42,6 +42,14 @@ PARAM_RULES = [
     (r"layers/(gate|up)$", P(None, "fsdp", "tp")),  # [L, D, F]
     (r"layers/down$", P(None, "tp", "fsdp")),  # [L, F, D]
     (r"layers/(q|k|v)_bias$", P(None, "tp", None)),  # [L, N|K, H]
+    # LoRA factors follow the weight they adapt; the rank r is never split
+    (r"layers/(q|k|v|gate|up)_lora_a$", P(None, "fsdp", None)),  # [L, D, r]
+    (r"layers/(q|k|v)_lora_b$", P(None, None, "tp", None)),  # [L, r, N|K, H]
+    (r"layers/(gate|up)_lora_b$", P(None, None, "tp")),  # [L, r, F]
+    (r"layers/o_lora_a$", P(None, "tp", None, None)),  # [L, N, H, r]
+    (r"layers/down_lora_a$", P(None, "tp", None)),  # [L, F, r]
+    (r"layers/(o|down)_lora_b$", P(None, None, "fsdp")),  # [L, r, D]
+    (r"_(codes|scales)$", P(None, "fsdp")),  # quantized [L|V, blocks, ...]: blocks split
     (r"norm$", P()),  # [L, D], [L, H], [D]: small, replicated
     (r".*", P()),  # anything else (step counters, scalars): replicated
 ]
