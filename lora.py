@@ -10,8 +10,9 @@ codes (or int8) with one absmax scale per block of 64, dequantized inside the fo
 The loss is SFT's completion-token NLL; only A and B are differentiated and only they have
 optimizer state. The model code for both lives in model.py (`add_lora`, `quantize_model`).
 
-With no arguments it trains rank-8 adapters on a frozen *random* tiny Qwen 3 (about 9% of its
-parameters; on real models well under 1%) until held-out accuracy on the built-in task passes 0.8:
+With no arguments it trains rank-8 adapters on a frozen *random* tiny Qwen 3 (9% of its
+parameters; on real models well under 1%) to add 3-digit numbers, "123+045=" → "0168", reaching
+≥ 0.9 held-out accuracy in about two minutes on a laptop CPU:
 
     python lora.py
     python lora.py --ckpt path/to/gemma-3-270m --quant nf4 --data train.jsonl --lr 2e-4 --merge
@@ -51,7 +52,7 @@ class Config:
     ckpt: str | None = None  # Hugging Face checkpoint directory to fine-tune
     data: str | None = None  # training JSONL; default: the built-in arithmetic task
     eval_data: str | None = None  # JSONL of {"prompt","completion"} for eval; default: held-out task problems
-    task: str = "*,3,1"  # built-in task: operator, digits of a, digits of b
+    task: str = "+,3,3"  # built-in task: operator, digits of a, digits of b
     train_examples: int = 50_000  # built-in task: size of the training set
     eval_examples: int = 256  # held-out problems for eval/loss and eval/accuracy
     lora_rank: int = 8  # r

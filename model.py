@@ -307,7 +307,8 @@ class Layers(nnx.Module):
             elif name.endswith("bias"):
                 value = jnp.zeros(shape, dtype)
             else:
-                value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+                fan_in = math.prod(shape[1:3] if name == "o" else shape[1:2])  # o: [L, N, H, D]
+                value = fan_in ** -0.5 * jax.random.normal(rngs.params(), shape, dtype)  # LeCun normal
             setattr(self, name, nnx.Param(value))
 
     def arrays(self) -> dict[str, jax.Array]:
@@ -319,7 +320,10 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype = jnp.dtype(cfg.param_dtype)
-        self.embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
+        # Rows of unit norm: with tied embeddings a normalised hidden state can then reach logits of
+        # order sqrt(D). The usual 0.02 caps a D=128 model's logits near 2.6, too flat to learn through
+        # when only adapters train (the head stays frozen).
+        self.embed = nnx.Param(cfg.dim ** -0.5 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
         self.layers = Layers(cfg, rngs)
         self.final_norm = nnx.Param(jnp.zeros((cfg.dim,), dtype) if cfg.norm_plus_one else jnp.ones((cfg.dim,), dtype))
         if not cfg.tie_embeddings:

@@ -1,0 +1,107 @@
+"""Step time and peak memory of full SFT, LoRA and QLoRA (nf4, int8) on the same model, in one run.
+
+Each measurement is a fresh subprocess (so its peak resident memory is its own), the modes
+alternating A B C D A B C D; the train steps are the scripts' own (`sft.make_train_step`,
+`lora.make_train_step`), AdamW, float32 master weights, one micro-batch.
+
+    python benchmarks/bench_lora.py                        # Gemma 3 270M shapes, random weights
+    python benchmarks/bench_lora.py --ckpt ~/.cache/nanotune-tests/gemma3-270m-hf --batch 4 --len 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODES = ("sft", "lora", "qlora-nf4", "qlora-int8")
+
+
+def worker(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import jax
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    import ckpt
+    import lora
+    import model as M
+    import sft
+
+    model, _ = ckpt.load_model(args.model, ckpt=args.ckpt, param_dtype="float32")
+    if args.mode != "sft":
+        M.add_lora(model, args.rank, 2.0 * args.rank)
+        if args.mode.startswith("qlora"):
+            M.quantize_model(model, args.mode.split("-")[1])
+    param_bytes = M.param_bytes(model)
+    tx = optax.adamw(1e-5)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.cfg.vocab_size, (1, args.batch, args.len)).astype(np.int32)
+    batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens), "segment_ids": np.ones_like(tokens),
+             "positions": np.broadcast_to(np.arange(args.len, dtype=np.int32), tokens.shape).copy()}
+    if args.mode == "sft":
+        graphdef, params = nnx.split(model)
+        step = jax.jit(sft.make_train_step(graphdef, tx), donate_argnums=(0, 1))
+        run = lambda p, o: step(p, o, batch)  # noqa: E731
+    else:
+        graphdef, params, frozen = nnx.split(model, M.LoRA, ...)
+        step = jax.jit(lora.make_train_step(graphdef, tx), donate_argnums=(0, 1))
+        run = lambda p, o: step(p, o, frozen, batch, jax.random.key(0))  # noqa: E731
+    del model
+    opt_state = tx.init(params)
+    times = []
+    for i in range(args.steps + 1):  # the first step compiles
+        start = time.perf_counter()
+        params, opt_state, metrics = run(params, opt_state)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - start)
+    return {"mode": args.mode, "step_s": statistics.median(times[1:]), "param_bytes": param_bytes,
+            "trainable": sum(x.size for x in jax.tree.leaves(params)),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--len", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # worker mode
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(worker(args)))
+        return
+    results = {m: [] for m in MODES}
+    flags = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("mode", "repeats") and v is not None]
+    for r in range(args.repeats):
+        for mode in MODES:
+            out = subprocess.run([sys.executable, __file__, *flags, "--mode", mode], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{mode} failed: {out.stderr.strip().splitlines()[-1]}")
+            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {r + 1} {mode}: {results[mode][-1]}", file=sys.stderr)
+    base = statistics.median(x["step_s"] for x in results["sft"])
+    base_rss = statistics.median(x["peak_rss_bytes"] for x in results["sft"])
+    print(f"\n{args.model}{' (' + args.ckpt + ')' if args.ckpt else ''}, batch {args.batch} x {args.len} tokens, "
+          f"rank {args.rank}, median of {args.repeats} runs x {args.steps} steps\n")
+    print("| mode | trainable params | parameter memory (MiB) | peak RSS (MiB) | step (s) | step vs SFT |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for mode in MODES:
+        x = results[mode]
+        step = statistics.median(r["step_s"] for r in x)
+        rss = statistics.median(r["peak_rss_bytes"] for r in x)
+        print(f"| {mode} | {x[0]['trainable'] / 1e6:.2f}M | {x[0]['param_bytes'] / 2**20:.0f} | "
+              f"{rss / 2**20:.0f} ({rss / base_rss:.2f}x) | {step:.2f} | {step / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
