@@ -152,6 +152,7 @@ def hf_dirs(tmp_path_factory):
     for family in ("qwen3", "gemma3", "llama3"):
         path = tmp_path_factory.mktemp(family)
         make_hf_model(family).save_pretrained(path)
+        data.ByteTokenizer().save(path)  # so lora.py --ckpt finds a tokenizer (ids < 259 fit every vocab here)
         dirs[family] = path
     return dirs
 
