@@ -1,0 +1,201 @@
+"""GRPO step time on a random tiny Qwen 3 (f32, CPU): nanotune's grpo.py vs Tunix's GRPOLearner.
+
+One GRPO step = rollout (B prompts x G sampled completions of exactly C new tokens, EOS off)
++ rewards + group advantages + reference log-probs (beta > 0) + mu optimizer updates. Both
+sides use the same shapes (nanotune's `tiny-qwen3`: vocab 259, dim 128, 2 layers, 4 heads, 2
+KV heads, head_dim 32, FFN 384, QK-norm, tied embeddings, RoPE 1e6; each side its own random
+init), prompt padding 8, temperature 1, AdamW + clip 1 with grpo.py's schedule, the same reward
+function (a digit sum of the text: it differs within a group, so every update is a real one),
+one device. Each system runs in its own process and the driver alternates A B A B, one step
+per request; the first step (compilation) is reported separately.
+
+    python benchmarks/bench_grpo.py                           # settings B,G,C,mu: 2,4,32,1 2,4,32,2 16,8,16,2
+    python benchmarks/bench_grpo.py --settings 16,8,16,2 --repeats 30 --beta 0.02
+
+nanotune's step is grpo.py's main loop body (its functions: sample.generate with
+return_logprobs, score, group_advantages, rollout_batch, loss_weights, the ref_logps and
+make_train_step jits), timed here as four phases. Tunix runs when benchmarks/.tunix-venv
+exists (see benchmarks/RESULTS.md for its install).
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def reward(prompts, completions, **columns):
+    """The same on both sides (tunix_grpo_worker.reward): varies within a group, costs nothing."""
+    return [float(sum(map(ord, c)) % 10) for c in completions]
+
+
+def nanotune_worker(setting):
+    """grpo.py's per-step work (main()'s loop body) on one device; returns run(prompts) -> reply."""
+    sys.path.insert(0, str(ROOT))
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+    import ckpt
+    import data
+    import grpo
+    import sample
+    import shard
+    cfg = grpo.Config(prompts_per_step=setting["prompts_per_step"], num_generations=setting["num_generations"],
+                      max_completion_len=setting["max_completion_len"], num_iterations=setting["num_iterations"],
+                      beta=setting["beta"], warmup_sft_steps=0)
+    model, _ = ckpt.load_model("tiny-qwen3", dtype=cfg.dtype, param_dtype="float32", seed=cfg.seed)
+    tok, mesh = data.load_tokenizer(None), shard.make_mesh(cfg.mesh)
+    eos_ids, pad_id = (), tok.pad_id  # no EOS: every completion has max_completion_len tokens
+    graphdef, params, frozen = nnx.split(shard.shard_model(model, mesh), nnx.Param, ...)
+    updates_total = cfg.steps * cfg.num_iterations
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, int(cfg.warmup * updates_total)),
+                                                  updates_total)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    param_sh = shard.tree_shardings(params, mesh)
+    opt_sh = shard.tree_shardings(jax.eval_shape(tx.init, params), mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    ref = None if not cfg.beta else jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
+    train_step = jax.jit(grpo.make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1),
+                         out_shardings=(param_sh, opt_sh, None, shard.batch_sharding(mesh, 3, axis=1)))
+    ref_logps = jax.jit(lambda r, f, b: jax.lax.map(
+        lambda mb: grpo.token_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature)[0], b))
+    B, G, A = cfg.prompts_per_step, cfg.num_generations, cfg.grad_accum
+    state = {"params": params, "opt_state": opt_state, "step": 0}
+
+    def run(prompts):
+        params, opt_state, step = state["params"], state["opt_state"], state["step"]
+        t = [time.perf_counter()]
+        rows = [{"prompt": p} for p in prompts for _ in range(G)]
+        prompt_ids = [tok.encode(r["prompt"]) for r in rows]
+        seed = int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0])
+        completions, logps = sample.generate(nnx.merge(graphdef, params, frozen), prompt_ids,
+                                             max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature,
+                                             top_k=cfg.top_k, top_p=cfg.top_p, seed=seed, eos_ids=eos_ids,
+                                             return_logprobs=True)
+        t.append(time.perf_counter())
+        per_func = grpo.score([reward], [r["prompt"] for r in rows], [tok.decode(c) for c in completions], rows)
+        rewards = per_func @ np.ones(1)
+        advantages, std = grpo.group_advantages(rewards, G, cfg.scale_rewards)
+        batch = grpo.rollout_batch(prompt_ids, completions, logps, eos_ids, pad_id, cfg)
+        batch["advantages"] = advantages.astype(np.float32)
+        batch = {k: v.reshape(A, -1, *v.shape[1:]) for k, v in batch.items()}
+        batch["weights"] = grpo.loss_weights(batch["mask"], cfg.loss_type, cfg.max_completion_len)
+        batch = {k: shard.global_batch(v, mesh, axis=1) for k, v in batch.items()}
+        t.append(time.perf_counter())
+        if cfg.beta:
+            batch["ref_logp"] = jax.block_until_ready(ref_logps(ref, frozen, batch))
+        t.append(time.perf_counter())
+        for iteration in range(cfg.num_iterations):
+            params, opt_state, metrics, logp = train_step(params, opt_state, frozen, batch,
+                                                          jnp.asarray(iteration == 0))
+            batch["old_logp"] = logp
+        jax.block_until_ready((params, opt_state))
+        t.append(time.perf_counter())
+        state.update(params=params, opt_state=opt_state, step=step + 1)
+        phases = dict(zip(("rollout", "rewards_batch", "ref_logps", "updates"), np.diff(t).tolist()))
+        compiles = {"train_step": train_step._cache_size(), "ref_logps": ref_logps._cache_size(),
+                    "generate": sample._generate._cache_size()}
+        return {"seconds": t[-1] - t[0], "phases": phases, "lengths": sorted({len(c) for c in completions}),
+                "reward_std": float(np.std(rewards)), "compiles": compiles}
+    return run
+
+
+class Worker:
+    def __init__(self, name, argv):
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def __call__(self, prompts):
+        self.proc.stdin.write(json.dumps({"prompts": prompts}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} worker died")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--settings", nargs="+", default=["2,4,32,1", "2,4,32,2", "16,8,16,2"],
+                   help="prompts per step B, group size G, new tokens C, updates per rollout mu")
+    p.add_argument("--beta", type=float, default=0.02, help="KL coefficient (> 0: a reference forward per step)")
+    p.add_argument("--repeats", type=int, default=20, help="timed steps per system and setting")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per system after the first")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        run = nanotune_worker(json.loads(args.worker))
+        for line in sys.stdin:
+            print(json.dumps(run(json.loads(line)["prompts"])), flush=True)
+        return
+    sys.path.insert(0, str(ROOT))
+    import data
+    task_prompts = [r["prompt"] for r in data.Arithmetic("*", 3, 1).examples("train", 4096, 0)]
+    tunix_python = HERE / ".tunix-venv" / "bin" / "python"
+    if not tunix_python.exists():
+        print("(no benchmarks/.tunix-venv: Tunix skipped)", file=sys.stderr)
+
+    results = []
+    for text in args.settings:
+        B, G, C, mu = map(int, text.split(","))
+        setting = json.dumps({"prompts_per_step": B, "num_generations": G, "max_completion_len": C,
+                              "num_iterations": mu, "beta": args.beta})
+        workers = [Worker("nanotune", [sys.executable, str(HERE / "bench_grpo.py"), "--worker", setting])]
+        if tunix_python.exists():
+            workers.append(Worker("tunix", [str(tunix_python), str(HERE / "tunix_grpo_worker.py"), setting]))
+        batches = (task_prompts[(i * B) % len(task_prompts):][:B] for i in range(10**9))
+        first = {}
+        for w in workers:  # compile, then a few untimed steps
+            first[w.name] = w(next(batches))["seconds"]
+            for _ in range(args.warmup):
+                w(next(batches))
+        replies = {w.name: [] for w in workers}
+        for _ in range(args.repeats):  # alternate A B A B
+            for w in workers:
+                replies[w.name].append(w(next(batches)))
+        for w in workers:
+            w.close()
+        for name, rs in replies.items():  # medians in ms; lengths and reward spread: equal, real work
+            median_ms = lambda key: statistics.median(r["phases"].get(key, 0.0) for r in rs) * 1000
+            results.append({"system": name, "setting": (B, G, C, mu), "first_s": first[name],
+                            "ms": statistics.median(r["seconds"] for r in rs) * 1000,
+                            "phases": {k: median_ms(k) for k in rs[-1]["phases"]},
+                            "lengths": sorted({n for r in rs for n in r["lengths"]}),
+                            "zero_std_steps": sum(r["reward_std"] == 0 for r in rs),
+                            "compiles": rs[-1].get("compiles")})
+            print(f"{name:>9} B={B} G={G} C={C} mu={mu}: {results[-1]}", file=sys.stderr)
+
+    print(f"\nGRPO step, random tiny Qwen 3 (f32), beta {args.beta}, prompt length 7 (padded to 8), EOS off, "
+          f"median of {args.repeats} steps, {os.cpu_count()} CPU cores; phases: medians in ms, other = the rest\n")
+    print("| B x G x C, mu | system | ms/step | first step (s) | rollout | ref + old log-probs | updates | other |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        ph = r["phases"]
+        logps = ph.get("ref_logps", 0) + ph.get("old_logps", 0)
+        other = r["ms"] - ph["rollout"] - logps - ph["updates"]
+        B, G, C, mu = r["setting"]
+        print(f"| {B} x {G} x {C}, {mu} | {r['system']} | {r['ms']:.1f} | {r['first_s']:.1f} | "
+              f"{ph['rollout']:.1f} | {logps:.1f} | {ph['updates']:.1f} | {other:.1f} |")
+    print()
+    for r in results:
+        if r["system"] == "nanotune":
+            peer = next((q for q in results if q["setting"] == r["setting"] and q["system"] == "tunix"), None)
+            if peer:
+                print(f"B x G x C, mu = {' x '.join(map(str, r['setting'][:3]))}, {r['setting'][3]}: "
+                      f"nanotune = {peer['ms'] / r['ms']:.2f}x Tunix's speed")
+
+
+if __name__ == "__main__":
+    main()
