@@ -24,7 +24,7 @@ With no arguments it runs the built-in verifiable task ("123*4=" → "0492", rew
 exact answer) on the tiny Qwen 3 on a laptop CPU in about 3.5 minutes. A random policy never
 earns a reward (and a group whose rewards are equal teaches nothing), so a supervised warm-up
 runs first, printed and saved to <out>/warmup_sft, stopped once it answers 30% of training
-prompts; 500 GRPO steps then raise greedy held-out accuracy (eval/reward) from 0.24 to 0.55:
+prompts; 800 GRPO steps then raise greedy held-out accuracy (eval/reward) from 0.24 to 0.65:
 
     python grpo.py
     python grpo.py --ckpt runs/sft/hf --steps 100                     # from an SFT export
@@ -95,7 +95,7 @@ class Config:
     mask_truncated_completions: bool = False  # completions that never emitted EOS get no loss
     num_iterations: int = 1  # μ, optimizer updates per rollout batch
     reward_weights: str = ""  # comma-separated weight per reward function (default: all 1)
-    steps: int = 500  # GRPO steps, each one rollout batch and num_iterations updates
+    steps: int = 800  # GRPO steps, each one rollout batch and num_iterations updates
     lr: float = 1e-3  # peak learning rate (tiny demo; real models: ~1e-6)
     warmup: float = 0.05  # fraction of updates of linear warmup, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -237,8 +237,11 @@ def token_logps(model, batch, temperature: float):
     the policy's entropy there. tokens, segment_ids, positions [b, P + C]: the prompt left-padded
     to P, the completion right after it, right-padded to C (padding: segment 0)."""
     C = batch["mask"].shape[-1]
+    # Unrolled layers, as sample.py decodes: a scan's backward fills stacked [L, b, T, ...] residual
+    # buffers, and an update ran 1.7x slower that way on CPU (benchmarks/RESULTS.md).
     logits = model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                   segment_ids=batch["segment_ids"][:, :-1])[:, -C:]  # [b, C, V]: the ones predicting completions
+                   segment_ids=batch["segment_ids"][:, :-1],
+                   layers=model_lib.unstack_layers(model), last=C)  # [b, C, V]: those predicting completions
     logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
     logp = jnp.take_along_axis(logp_all, batch["tokens"][:, -C:, None], axis=-1)[..., 0]
     return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
@@ -376,8 +379,9 @@ def warmup_sft(model, cfg: Config, rows, ids, tok, funcs, eos_ids, pad_id: int, 
 
     def step(params, opt_state, batch):
         def nll(p):
-            logits = nnx.merge(graphdef, p)(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                                            segment_ids=batch["segment_ids"][:, :-1])
+            model = nnx.merge(graphdef, p)
+            logits = model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
+                           segment_ids=batch["segment_ids"][:, :-1], layers=model_lib.unstack_layers(model))
             logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch["tokens"][:, 1:, None], -1)[..., 0]
             return -jnp.sum(logp * batch["loss_mask"][:, 1:]) / jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1)
         grads = jax.grad(nll)(params)

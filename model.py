@@ -330,15 +330,15 @@ class Transformer(nnx.Module):
             self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 last_only: bool = False, layers: list[dict] | None = None, dropout_key: jax.Array | None = None):
+                 last: int | None = None, layers: list[dict] | None = None, dropout_key: jax.Array | None = None):
         """tokens [B, T] int32 → logits [B, T, V] float32 (and the updated cache if one is given).
 
         positions [B, T]: RoPE positions (default 0..T-1; left-padded rows start at 0 after
         their padding). segment_ids [B, T]: attention stays within equal ids and never sees
         id 0 (padding), which makes left-padded and packed batches exact (default all 1).
         cache: the tokens are written at slots index..index+T-1 and attend to all earlier slots.
-        last_only: logits of the last position only, [B, 1, V] (a prefill needs no more, and the
-        output head is the largest matmul of a small model).
+        last: logits of the last `last` positions only, [B, last, V] (a prefill needs one, a
+        learner only the completion's; the output head is the largest matmul of a small model).
         layers: the block parameters as separate per-layer arrays (`unstack_layers`), run as an
         unrolled loop instead of a scan: decoding is ~1.5x faster on CPU that way (XLA runs
         matmuls inside a while loop slower), at the price of compiling every layer.
@@ -426,8 +426,8 @@ class Transformer(nnx.Module):
             new_k, new_v = (None, None) if cache is None else (jnp.stack([k for k, _ in new_kv]),
                                                                 jnp.stack([v for _, v in new_kv]))
 
-        if last_only:
-            x = x[:, -1:]
+        if last is not None:
+            x = x[:, -last:]
         x = rms_norm(x, self.final_norm[...], eps, plus_one)
         head = self.table("embed" if cfg.tie_embeddings else "lm_head", dtype)  # [V, D]
         logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)

@@ -64,7 +64,7 @@ def _generate(graphdef, state, layers, tokens, segment_ids, positions, eos_ids, 
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
     cache = KVCache.init(model.cfg, B, P + max_new_tokens)
-    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, last_only=True,
+    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, last=1,
                           layers=layers)
     key, sub = jax.random.split(key)
     first, first_lp = next_token(logits[:, -1], sub, temperature, top_k, top_p)
@@ -109,7 +109,7 @@ def _beam_search(graphdef, state, tokens, segment_ids, positions, eos_ids, *, ma
     beams = lambda x: jnp.repeat(x, nb, axis=0)  # [B, ...] → [B*nb, ...], a row's beams adjacent
     cache = KVCache.init(model.cfg, B * nb, P + G + 1)
     logits, cache = model(beams(tokens), positions=beams(positions), segment_ids=beams(segment_ids), cache=cache,
-                          last_only=True)  # [B*nb, 1, V]
+                          last=1)  # [B*nb, 1, V]
     gather = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
     def body(carry):

@@ -164,7 +164,9 @@ def test_multimodal_gemma3_checkpoint_loads_its_text_tower(tmp_path):
     assert rel_err(model(jnp.asarray(x)), ref) < 1e-4
 
 
-def test_last_only_logits():
+def test_logits_of_the_last_positions_only():
     model = Transformer(CONFIGS["tiny-gemma2"], nnx.Rngs(0))
     x = jnp.asarray(tokens(2, 20, 259))
-    np.testing.assert_allclose(model(x, last_only=True), model(x)[:, -1:], rtol=1e-5, atol=1e-6)
+    for last in (1, 7):
+        assert model(x, last=last).shape == (2, last, 259)
+        np.testing.assert_allclose(model(x, last=last), model(x)[:, -last:], rtol=1e-5, atol=1e-6)
