@@ -28,7 +28,7 @@ from flax import nnx
 import ml_dtypes
 from safetensors.numpy import save_file
 
-from model import CONFIGS, Config, Transformer, add_lora, alternating, every_nth_global, get_config, layer_shapes
+from model import CONFIGS, Config, Transformer, add_lora, every_nth_global, get_config, layer_shapes
 
 
 class CheckpointError(ValueError):
@@ -85,7 +85,7 @@ def config_from_hf(hf: dict, **overrides) -> Config:
     if hf.get("layer_types"):
         sliding = tuple(t == "sliding_attention" for t in hf["layer_types"])
     elif family == "gemma2":
-        sliding = alternating(n_layers)
+        sliding = every_nth_global(n_layers, 2)
     elif family == "gemma3":
         period = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
         sliding = every_nth_global(n_layers, period)

@@ -9,8 +9,9 @@ embedding scaling. Everything else is the same pre-norm block:
     x = x + post_attn_norm(Attn(attn_norm(x)))      # post norms: Gemma 2/3 only
     x = x + post_ffw_norm(MLP(ffw_norm(x)))
 
-Parameters of all layers are stacked on a leading `L` axis and the forward pass
-is one `jax.lax.scan` over layers, so jit compiles one block, not `n_layers`.
+Parameters of all layers are stacked on a leading `L` axis. The forward pass scans over
+them (jit compiles one block) or, given `layers=unstack_layers(model)`, runs them unrolled:
+faster on CPU, where the decode loop and the training steps of sample.py and grpo.py use it.
 
 Einsum letters (as in Gemma's reference code): B batch, T query time, S key time,
 D model dim, N query heads, K kv heads, G query heads per kv head, H head dim,
@@ -33,11 +34,8 @@ from flax import nnx
 
 
 # The MLP is act(x W_gate) * (x W_up) W_down: SwiGLU with silu, GeGLU with gelu.
-ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-}
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+               "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +91,8 @@ class Config:
 
 
 def every_nth_global(n_layers: int, period: int) -> tuple[bool, ...]:
-    """Gemma 3's pattern: layers slide except every `period`-th one (5 local : 1 global)."""
+    """Layers slide except every `period`-th one: Gemma 3 (period 6: 5 local, 1 global), Gemma 2 (2)."""
     return tuple((i + 1) % period != 0 for i in range(n_layers))
-
-
-def alternating(n_layers: int) -> tuple[bool, ...]:
-    """Gemma 2's pattern: even layers slide, odd layers attend globally."""
-    return tuple(i % 2 == 0 for i in range(n_layers))
 
 
 _LLAMA3_ROPE = dict(rope_scaling="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
@@ -141,7 +134,7 @@ CONFIGS: dict[str, Config] = {
     "gemma2-2b": Config(**_GEMMA, family="gemma2", vocab_size=256_000, dim=2304, n_layers=26,
                         n_heads=8, n_kv_heads=4, ffn_dim=9216, post_norms=True,
                         query_scale=256 ** -0.5, attn_softcap=50.0, final_softcap=30.0,
-                        sliding_window=4096, sliding_layers=alternating(26)),
+                        sliding_window=4096, sliding_layers=every_nth_global(26, 2)),
     "gemma3-270m": Config(**_GEMMA3, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, ffn_dim=2048,
                           sliding_layers=every_nth_global(18, 6)),
     "gemma3-1b": Config(**_GEMMA3, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1, ffn_dim=6912,
@@ -162,7 +155,7 @@ CONFIGS.update({
     "tiny-gemma": Config(**{**_GEMMA, **_TINY}, family="gemma"),
     "tiny-gemma2": Config(**{**_GEMMA, **_TINY}, family="gemma2", post_norms=True,
                           query_scale=24 ** -0.5, attn_softcap=50.0, final_softcap=30.0,
-                          sliding_window=32, sliding_layers=alternating(2)),
+                          sliding_window=32, sliding_layers=every_nth_global(2, 2)),
     "tiny-gemma3": Config(**{**_GEMMA3, **_TINY, "n_layers": 3, "sliding_window": 32},
                           sliding_layers=every_nth_global(3, 3)),
 })
@@ -264,8 +257,7 @@ class KVCache(NamedTuple):
 
     @staticmethod
     def init(cfg: Config, batch: int, length: int, dtype=None) -> KVCache:
-        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-        dtype = dtype or cfg.dtype
+        shape, dtype = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim), dtype or cfg.dtype
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                        jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -320,9 +312,8 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype = jnp.dtype(cfg.param_dtype)
-        # Rows of unit norm: with tied embeddings a normalised hidden state can then reach logits of
-        # order sqrt(D). The usual 0.02 caps a D=128 model's logits near 2.6, too flat to learn through
-        # when only adapters train (the head stays frozen).
+        # Rows of unit norm, so tied logits can reach order sqrt(D): the usual 0.02 caps a D=128
+        # model's logits near 2.6, too flat to learn through when only adapters train.
         self.embed = nnx.Param(cfg.dim ** -0.5 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
         self.layers = Layers(cfg, rngs)
         self.final_norm = nnx.Param(jnp.zeros((cfg.dim,), dtype) if cfg.norm_plus_one else jnp.ones((cfg.dim,), dtype))
@@ -340,8 +331,8 @@ class Transformer(nnx.Module):
         last: logits of the last `last` positions only, [B, last, V] (a prefill needs one, a
         learner only the completion's; the output head is the largest matmul of a small model).
         layers: the block parameters as separate per-layer arrays (`unstack_layers`), run as an
-        unrolled loop instead of a scan: decoding is ~1.5x faster on CPU that way (XLA runs
-        matmuls inside a while loop slower), at the price of compiling every layer.
+        unrolled loop instead of a scan, at the price of compiling every layer: on CPU decoding
+        is ~1.5x and a GRPO update ~1.7x faster that way (benchmarks/RESULTS.md).
         dropout_key: LoRA dropout on the adapters' inputs (training only; None: no dropout).
         """
         cfg = self.cfg
@@ -375,8 +366,6 @@ class Transformer(nnx.Module):
         eps, plus_one = cfg.norm_eps, cfg.norm_plus_one
         shapes = layer_shapes(cfg)
         lora = getattr(self, "lora", None)
-        lora_scale = lora.scale if lora else 0.0
-        dropout = functools.partial(lora_dropout, rate=lora.dropout if lora else 0.0)
         drop_keys = None if dropout_key is None or not lora or not lora.dropout else \
             jax.random.split(dropout_key, cfg.n_layers)
 
@@ -385,8 +374,9 @@ class Transformer(nnx.Module):
             def proj(name, h):  # the base weight (dequantized if stored quantized) + its adapter, if any
                 y = matmul(f"{LETTERS[name]}", h, weight(p, name, shapes[name], dtype))
                 if f"{name}_lora_a" in p:
-                    h_in = h if drop_key is None else dropout(h, jax.random.fold_in(drop_key, TARGETS.index(name)))
-                    y = y + lora_delta(h_in, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora_scale)
+                    h_in = h if drop_key is None else \
+                        lora_dropout(h, jax.random.fold_in(drop_key, TARGETS.index(name)), lora.dropout)
+                    y = y + lora_delta(h_in, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora.scale)
                 return y
 
             h = rms_norm(x, p["attn_norm"], eps, plus_one)
@@ -423,18 +413,14 @@ class Transformer(nnx.Module):
             for i, p in enumerate(layers):
                 x, kv = block(x, (p, sliding[i], *(c if c is None else c[i] for c in (*cache_kv, drop_keys))))
                 new_kv.append(kv)
-            new_k, new_v = (None, None) if cache is None else (jnp.stack([k for k, _ in new_kv]),
-                                                                jnp.stack([v for _, v in new_kv]))
+            new_k, new_v = (None, None) if cache is None else [jnp.stack(kvs) for kvs in zip(*new_kv)]
 
         if last is not None:
             x = x[:, -last:]
         x = rms_norm(x, self.final_norm[...], eps, plus_one)
         head = self.table("embed" if cfg.tie_embeddings else "lm_head", dtype)  # [V, D]
-        logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dtype), preferred_element_type=jnp.float32)
-        logits = softcap(logits, cfg.final_softcap)
-        if cache is None:
-            return logits
-        return logits, KVCache(new_k, new_v, k_segments, start + T)
+        logits = softcap(jnp.einsum("BTD,VD->BTV", x, head, preferred_element_type=jnp.float32), cfg.final_softcap)
+        return logits if cache is None else (logits, KVCache(new_k, new_v, k_segments, start + T))
 
     def embed_rows(self, tokens) -> jax.Array:
         """Embedding rows of tokens [B, T] → [B, T, D] (only those rows dequantized if quantized)."""
@@ -471,8 +457,7 @@ NF4_LEVELS = jnp.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491
 
 
 class LoRA(nnx.Param):
-    """An adapter factor (A or B). A subclass of Param, so `nnx.split(model, LoRA, ...)` separates
-    the trainable adapters from the frozen base."""
+    """An adapter factor (A or B): a Param, and `nnx.split(model, LoRA, ...)` takes only adapters."""
 
 
 class Quantized(nnx.Variable):
@@ -496,8 +481,7 @@ def add_lora(model: Transformer, rank: int, alpha: float, targets=TARGETS, dropo
              rslora: bool = False, seed: int = 0) -> Transformer:
     """Attach adapters in place: A [L, in..., r] with PEFT's init (uniform, bound 1/sqrt(in)) and
     B [L, r, out...] = 0, so the model computes exactly what it did until B trains."""
-    unknown = set(targets) - set(TARGETS)
-    if rank < 1 or unknown or not targets:
+    if rank < 1 or not targets or set(targets) - set(TARGETS):
         raise ValueError(f"LoRA needs rank >= 1 and targets among {', '.join(TARGETS)} (got {rank}, {targets})")
     cfg, key = model.cfg, jax.random.key(seed)
     shapes = layer_shapes(cfg)
@@ -524,10 +508,8 @@ def lora_delta(x, a, b, scale: float) -> jax.Array:
 
 
 def lora_dropout(x, key, rate: float) -> jax.Array:
-    if not rate:
-        return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype) if rate else x
 
 
 def quantize(w, fmt: str, block: int = 64) -> tuple[jax.Array, jax.Array]:
@@ -539,8 +521,7 @@ def quantize(w, fmt: str, block: int = 64) -> tuple[jax.Array, jax.Array]:
     if math.prod(w.shape[1:]) % block:
         raise ValueError(f"shape {tuple(w.shape)} does not split into blocks of {block}")
     w = jnp.asarray(w, jnp.float32).reshape(w.shape[0], -1, block)
-    absmax = jnp.max(jnp.abs(w), axis=-1)
-    scales = absmax / 127.0 if fmt == "int8" else absmax
+    scales = jnp.max(jnp.abs(w), axis=-1) / (127.0 if fmt == "int8" else 1.0)  # absmax
     x = w / jnp.where(scales == 0, 1.0, scales)[..., None]
     if fmt == "int8":
         return jnp.round(x).astype(jnp.int8), scales
@@ -550,19 +531,14 @@ def quantize(w, fmt: str, block: int = 64) -> tuple[jax.Array, jax.Array]:
 
 def dequantize(codes, scales, shape: tuple[int, ...], dtype) -> jax.Array:
     """The inverse of `quantize` (the format is in the codes' dtype), reshaped to `shape`."""
-    if codes.dtype == jnp.int8:
-        x = codes.astype(jnp.float32)
-    else:
-        idx = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(*codes.shape[:-1], -1)
-        x = NF4_LEVELS[idx]
+    x = codes.astype(jnp.float32) if codes.dtype == jnp.int8 else \
+        NF4_LEVELS[jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(*codes.shape[:-1], -1)]  # 2 per byte
     return (x * scales[..., None]).astype(dtype).reshape(shape)
 
 
 def weight(p: dict, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
     """A block's weight from its parameter dict: the array itself, or dequantized codes."""
-    if name in p:
-        return p[name]
-    return dequantize(p[f"{name}_codes"], p[f"{name}_scales"], shape, dtype)
+    return p[name] if name in p else dequantize(p[f"{name}_codes"], p[f"{name}_scales"], shape, dtype)
 
 
 def quantize_model(model: Transformer, fmt: str, block: int = 64, tables: bool = True) -> Transformer:
@@ -585,12 +561,10 @@ def merge_lora(model: Transformer) -> Transformer:
     cfg = model.cfg
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
     flat = dict(nnx.to_flat_state(state))
-    stacked = model.layers.arrays()
-    shapes = layer_shapes(cfg)
-    lora = getattr(model, "lora", None)
+    stacked, shapes, lora = model.layers.arrays(), layer_shapes(cfg), getattr(model, "lora", None)
     for path, var in flat.items():
         if path[0] == "layers":
-            name = path[1]
+            name = path[1]  # "q", "attn_norm", ...
             value = weight(stacked, name, (cfg.n_layers, *shapes[name]), jnp.float32).astype(jnp.float32)
             if f"{name}_lora_a" in stacked:
                 a, b = stacked[f"{name}_lora_a"], stacked[f"{name}_lora_b"]
