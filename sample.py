@@ -44,14 +44,22 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     return logits
 
 
+def first_argmax(x):
+    """jnp.argmax over the last axis (ties: the lowest index) as a max and a min: two plain
+    reductions run ~4x faster on CPU than argmax's (value, index) one on a [8, 262144] row block."""
+    best = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x == best, jnp.arange(x.shape[-1]), x.shape[-1]), axis=-1)
+
+
 def next_token(logits, key, temperature: float, top_k: int, top_p: float):
     """Sample (or argmax at temperature 0) from logits [B, V]; returns ids [B] and their
     log-probabilities under the temperature-scaled distribution before top-k/top-p."""
     if temperature == 0.0:
-        ids = jnp.argmax(logits, axis=-1)
+        ids = first_argmax(logits)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
-    else:
-        ids = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1)
+    else:  # the Gumbel-max trick, as jax.random.categorical draws
+        filtered = filter_logits(logits, temperature, top_k, top_p)
+        ids = first_argmax(filtered + jax.random.gumbel(key, filtered.shape, filtered.dtype))
         logprobs = jax.nn.log_softmax(logits / temperature, axis=-1)
     return ids.astype(jnp.int32), jnp.take_along_axis(logprobs, ids[:, None], axis=-1)[:, 0]
 
