@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 import ckpt
 import data
-import model as model_lib
 import sample
 import shard
 
@@ -91,9 +90,8 @@ class Config:
 def token_nll(model, batch):
     """Summed NLL of the target tokens and their count. batch: tokens, loss_mask,
     segment_ids, positions [B, T]; position t is predicted from tokens[:t]."""
-    # Layers unrolled (per-layer weight arrays), not scanned: the default run's steps are ~1.2x faster on CPU.
     logits = model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                   segment_ids=batch["segment_ids"][:, :-1], layers=model_lib.unstack_layers(model))  # [B, T-1, V]
+                   segment_ids=batch["segment_ids"][:, :-1])  # [B, T-1, V] float32
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
     mask = batch["loss_mask"][:, 1:]
