@@ -232,16 +232,19 @@ def loss_weights(mask: np.ndarray, loss_type: str, max_completion_len: int) -> n
     return w.astype(np.float32)
 
 
+def unrolled_if_small(model):
+    """Per-layer weights (an unrolled forward) below 64 MiB of weights, else None (the scan): on CPU a
+    tiny model's update runs 1.7x faster unrolled, while at 270M parameters the scan is ~5% faster."""
+    return model_lib.unstack_layers(model) if model_lib.param_bytes(model) < 2**26 else None
+
+
 def token_logps(model, batch, temperature: float):
     """Log-probabilities [b, C] of the completion tokens under softmax(logits / temperature) and
     the policy's entropy there. tokens, segment_ids, positions [b, P + C]: the prompt left-padded
     to P, the completion right after it, right-padded to C (padding: segment 0)."""
     C = batch["mask"].shape[-1]
-    # Unrolled layers, as sample.py decodes: a scan's backward fills stacked [L, b, T, ...] residual
-    # buffers, and an update ran 1.7x slower that way on CPU (benchmarks/RESULTS.md).
-    logits = model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                   segment_ids=batch["segment_ids"][:, :-1],
-                   layers=model_lib.unstack_layers(model), last=C)  # [b, C, V]: those predicting completions
+    logits = model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],  # [b, C, V]: completions'
+                   segment_ids=batch["segment_ids"][:, :-1], layers=unrolled_if_small(model), last=C)
     logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
     logp = jnp.take_along_axis(logp_all, batch["tokens"][:, -C:, None], axis=-1)[..., 0]
     return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
@@ -381,7 +384,7 @@ def warmup_sft(model, cfg: Config, rows, ids, tok, funcs, eos_ids, pad_id: int, 
         def nll(p):
             model = nnx.merge(graphdef, p)
             logits = model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                           segment_ids=batch["segment_ids"][:, :-1], layers=model_lib.unstack_layers(model))
+                           segment_ids=batch["segment_ids"][:, :-1], layers=unrolled_if_small(model))
             logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch["tokens"][:, 1:, None], -1)[..., 0]
             return -jnp.sum(logp * batch["loss_mask"][:, 1:]) / jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1)
         grads = jax.grad(nll)(params)
@@ -400,9 +403,8 @@ def warmup_sft(model, cfg: Config, rows, ids, tok, funcs, eos_ids, pad_id: int, 
         batch = {k: shard.global_batch(v[rows_here], mesh) for k, v in next(batches).items()}
         params, opt_state = step(params, opt_state, batch)
         if i % 10 == 0:
-            model = nnx.merge(graphdef, params)
             n = cfg.eval_examples  # as many as eval/reward uses: the same compiled decode
-            accuracy = evaluate(model, rows[:n], ids[:n], tok, funcs, eos_ids, cfg)["eval/reward"]
+            accuracy = evaluate(nnx.merge(graphdef, params), rows[:n], ids[:n], tok, funcs, eos_ids, cfg)["eval/reward"]
             bar.set_postfix(train_accuracy=accuracy)
             if accuracy >= cfg.warmup_sft_target:
                 break

@@ -11,7 +11,7 @@ embedding scaling. Everything else is the same pre-norm block:
 
 Parameters of all layers are stacked on a leading `L` axis. The forward pass scans over
 them (jit compiles one block) or, given `layers=unstack_layers(model)`, runs them unrolled:
-faster on CPU, where the decode loop and the training steps of sample.py and grpo.py use it.
+faster on CPU for decoding (sample.py) and for small models' training steps (grpo.py).
 
 Einsum letters (as in Gemma's reference code): B batch, T query time, S key time,
 D model dim, N query heads, K kv heads, G query heads per kv head, H head dim,
