@@ -576,13 +576,14 @@ def save_train_state(manager, step: int, state, meta: dict) -> None:
     manager.wait_until_finished()
 
 
-def restore_train_state(manager, abstract_state):
-    """(step, state, meta) of the newest complete checkpoint, restored straight into the
-    shardings of `abstract_state` (jax.ShapeDtypeStruct leaves); None when there is none."""
+def restore_train_state(manager, like, shardings):
+    """(step, state, meta) of the newest complete checkpoint, restored with the shapes and dtypes
+    of the tree `like`, straight into `shardings` (the same tree structure); None when there is none."""
     import orbax.checkpoint as ocp
     step = manager.latest_step()
     if step is None:
         return None
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

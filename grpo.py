@@ -485,10 +485,9 @@ def main(argv=None):
 
     step, position = 0, 0
     if cfg.resume:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                {"params": params, "opt_state": opt_state}, {"params": param_sh, "opt_state": opt_sh})
         try:
-            restored = ckpt.restore_train_state(manager, abstract)
+            restored = ckpt.restore_train_state(manager, {"params": params, "opt_state": opt_state},
+                                                {"params": param_sh, "opt_state": opt_sh})
         except ckpt.CheckpointError as e:
             sys.exit(f"error: {e}")
         if restored:
