@@ -22,9 +22,10 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
+
+from worker import Worker
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -108,24 +109,6 @@ def nanotune_worker(setting):
     return run
 
 
-class Worker:
-    def __init__(self, name, argv):
-        self.name = name
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-
-    def __call__(self, prompts):
-        self.proc.stdin.write(json.dumps({"prompts": prompts}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.name} worker died")
-        return json.loads(line)
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=["2,4,32,1", "2,4,32,2", "16,8,16,2"],
@@ -158,13 +141,13 @@ def main():
         batches = (task_prompts[(i * B) % len(task_prompts):][:B] for i in range(10**9))
         first = {}
         for w in workers:  # compile, then a few untimed steps
-            first[w.name] = w(next(batches))["seconds"]
+            first[w.name] = w(prompts=next(batches))["seconds"]
             for _ in range(args.warmup):
-                w(next(batches))
+                w(prompts=next(batches))
         replies = {w.name: [] for w in workers}
         for _ in range(args.repeats):  # alternate A B A B
             for w in workers:
-                replies[w.name].append(w(next(batches)))
+                replies[w.name].append(w(prompts=next(batches)))
         for w in workers:
             w.close()
         for name, rs in replies.items():  # medians in ms; lengths and reward spread: equal, real work

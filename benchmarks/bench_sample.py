@@ -15,9 +15,10 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
+
+from worker import Worker
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -77,25 +78,6 @@ def serve(run):
         print(json.dumps({"seconds": seconds, "texts": texts}), flush=True)
 
 
-class Worker:
-    def __init__(self, name, argv):
-        self.name = name
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-
-    def __call__(self, batch, max_new_tokens):
-        req = {"prompt": PROMPT, "batch": batch, "max_new_tokens": max_new_tokens}
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{self.name} worker died")
-        return json.loads(line)
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", default=None, help="HF directory of Gemma 3 270M (default: build the test one)")
@@ -126,14 +108,14 @@ def main():
     results = {}
     for batch in args.batches:
         for w in workers:  # warm-up: compile both shapes
-            w(batch, 1)
-            first = w(batch, N)
+            w(prompt=PROMPT, batch=batch, max_new_tokens=1)
+            first = w(prompt=PROMPT, batch=batch, max_new_tokens=N)
             print(f"{w.name:>12} B={batch}: {first['texts'][0][:60]!r}", file=sys.stderr)
         times = {w.name: {1: [], N: []} for w in workers}
         for _ in range(args.repeats):  # alternate A B C A B C
             for w in workers:
                 for n in (1, N):
-                    times[w.name][n].append(w(batch, n)["seconds"])
+                    times[w.name][n].append(w(prompt=PROMPT, batch=batch, max_new_tokens=n)["seconds"])
         for name, t in times.items():
             t1, tn = statistics.median(t[1]), statistics.median(t[N])
             results[(name, batch)] = (t1, batch * (N - 1) / (tn - t1))
