@@ -160,9 +160,8 @@ CONFIGS.update({
                           sliding_layers=every_nth_global(3, 3)),
 })
 
-# `--model qwen3` means a sensible default size of the family.
 ALIASES = {"llama3": "llama3.2-1b", "qwen2": "qwen2.5-0.5b", "qwen3": "qwen3-0.6b", "gemma": "gemma-2b",
-           "gemma2": "gemma2-2b", "gemma3": "gemma3-270m", "tiny": "tiny-qwen3"}
+           "gemma2": "gemma2-2b", "gemma3": "gemma3-270m", "tiny": "tiny-qwen3"}  # a default size per family
 
 
 def get_config(name: str) -> Config:
@@ -258,8 +257,7 @@ class KVCache(NamedTuple):
     @staticmethod
     def init(cfg: Config, batch: int, length: int, dtype=None) -> KVCache:
         shape, dtype = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim), dtype or cfg.dtype
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                       jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros(shape[1:3], jnp.int32), jnp.int32(0))
 
 
 def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None):
@@ -294,10 +292,8 @@ class Layers(nnx.Module):
         dtype = jnp.dtype(cfg.param_dtype)
         for name, shape in layer_shapes(cfg).items():
             shape = (cfg.n_layers, *shape)
-            if name.endswith("norm"):  # identity at init in both conventions
-                value = jnp.zeros(shape, dtype) if cfg.norm_plus_one else jnp.ones(shape, dtype)
-            elif name.endswith("bias"):
-                value = jnp.zeros(shape, dtype)
+            if name.endswith(("norm", "bias")):  # zero biases; norms are the identity in both conventions
+                value = (jnp.ones if name.endswith("norm") and not cfg.norm_plus_one else jnp.zeros)(shape, dtype)
             else:
                 fan_in = math.prod(shape[1:3] if name == "o" else shape[1:2])  # o: [L, N, H, D]
                 value = fan_in ** -0.5 * jax.random.normal(rngs.params(), shape, dtype)  # LeCun normal
@@ -321,22 +317,23 @@ class Transformer(nnx.Module):
             self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-                 last: int | None = None, layers: list[dict] | None = None, dropout_key: jax.Array | None = None):
+                 last: int | None = None, layers: list[dict] | None = None, dropout_key: jax.Array | None = None,
+                 hidden: bool = False):
         """tokens [B, T] int32 → logits [B, T, V] float32 (and the updated cache if one is given).
 
         positions [B, T]: RoPE positions (default 0..T-1; left-padded rows start at 0 after
         their padding). segment_ids [B, T]: attention stays within equal ids and never sees
         id 0 (padding), which makes left-padded and packed batches exact (default all 1).
         cache: the tokens are written at slots index..index+T-1 and attend to all earlier slots.
-        last: logits of the last `last` positions only, [B, last, V] (a prefill needs one, a
-        learner only the completion's; the output head is the largest matmul of a small model).
-        layers: the block parameters as separate per-layer arrays (`unstack_layers`), run as an
-        unrolled loop instead of a scan, at the price of compiling every layer: on CPU decoding
-        is ~1.5x and a GRPO update ~1.7x faster that way (benchmarks/RESULTS.md).
+        last: logits of the last `last` positions only, [B, last, V] (a prefill needs one, a learner
+        only the completion's; the output head is the largest matmul of a small model). hidden: the
+        final-normed hidden states [B, T, D] instead of logits (`self.logits` maps them).
+        layers: the block parameters as separate per-layer arrays (`unstack_layers`), run unrolled
+        instead of scanned, at the price of compiling every layer: on CPU decoding is ~1.5x and a
+        GRPO update ~1.7x faster that way (benchmarks/RESULTS.md).
         dropout_key: LoRA dropout on the adapters' inputs (training only; None: no dropout).
         """
-        cfg = self.cfg
-        B, T = tokens.shape
+        cfg, (B, T) = self.cfg, tokens.shape
         dtype = jnp.dtype(cfg.dtype)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None else positions
         segment_ids = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
@@ -347,8 +344,7 @@ class Transformer(nnx.Module):
 
         # Key slots: the cache's, or just this call's tokens.
         if cache is None:
-            start, k_segments = 0, segment_ids
-            k_slots = jnp.arange(T)
+            start, k_segments, k_slots = 0, segment_ids, jnp.arange(T)
         else:
             start = cache.index
             k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, start))
@@ -415,13 +411,18 @@ class Transformer(nnx.Module):
         if last is not None:
             x = x[:, -last:]
         x = rms_norm(x, self.final_norm[...], eps, plus_one)
-        head = self.table("embed" if cfg.tie_embeddings else "lm_head", dtype)  # [V, D]
-        if B * x.shape[1] <= 16:  # decoding: on CPU the head streams ~1.2x faster as [V, D] @ [D, B·T]
-            logits = jnp.einsum("VD,BTD->VBT", head, x, preferred_element_type=jnp.float32).transpose(1, 2, 0)
-        else:
-            logits = jnp.einsum("BTD,VD->BTV", x, head, preferred_element_type=jnp.float32)
-        logits = softcap(logits, cfg.final_softcap)
-        return logits if cache is None else (logits, KVCache(new_k, new_v, k_segments, start + T))
+        out = x if hidden else self.logits(x)
+        return out if cache is None else (out, KVCache(new_k, new_v, k_segments, start + T))
+
+    def head(self) -> jax.Array:  # the output head [V, D] in the compute dtype (the embedding when tied)
+        return self.table("embed" if self.cfg.tie_embeddings else "lm_head", jnp.dtype(self.cfg.dtype))
+
+    def logits(self, x) -> jax.Array:
+        """Final-normed hidden states x [B, T, D] → logits [B, T, V] float32."""
+        small = x.shape[0] * x.shape[1] <= 16  # decoding: on CPU the head streams ~1.2x faster as [V, D] @ [D, B·T]
+        logits = jnp.einsum("VD,BTD->VBT", self.head(), x, preferred_element_type=jnp.float32).transpose(1, 2, 0) \
+            if small else jnp.einsum("BTD,VD->BTV", x, self.head(), preferred_element_type=jnp.float32)
+        return softcap(logits, self.cfg.final_softcap)
 
     def embed_rows(self, tokens) -> jax.Array:
         """Embedding rows of tokens [B, T] → [B, T, D] (only those rows dequantized if quantized)."""

@@ -17,13 +17,15 @@ import argparse
 import functools
 import os
 import sys
+import weakref
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import KVCache, Transformer, unstack_layers
+from model import KVCache, Transformer, softcap, unstack_layers
 
 MIN_PROMPT_BUCKET = 8  # prompt lengths round up to a power of two >= this: few shapes, few compiles
 
@@ -64,18 +66,137 @@ def next_token(logits, key, temperature: float, top_k: int, top_p: float):
     return ids.astype(jnp.int32), jnp.take_along_axis(logprobs, ids[:, None], axis=-1)[:, 0]
 
 
+# ----------------------------------------------------------------------------- the int8 output head
+#
+# At batch 1 a decode step reads every weight once, and Gemma 3 270M's 262k x 640 output head is
+# 63% of them. Greedy and Gumbel-max ids need only the largest logit, so we read the head as int8
+# rows (a quarter of the bytes) and prove which tokens can still win: with x~ the quantized input
+# and E~_v the int8 row, |x.E_v - x~.E~_v| <= |x - x~| |E_v| + |x~| |E_v - E~_v| (Cauchy-Schwarz,
+# per row). Only the tokens whose upper bound reaches the best lower bound are scored exactly, on
+# their float rows; when they fill more than CANDIDATE_BLOCKS blocks, the step falls back to the full head.
+# The ids are those of the full-precision logits.
+
+BLOCK, CANDIDATE_BLOCKS = 64, 16  # ids scored exactly: 16 blocks of 64 per row; more possible winners: full head
+INT8_HEAD_MIN_SIZE = 1 << 24  # V x D from which the int8 head pays (Gemma 3 270M: 168M)
+INT8_HEAD_MAX_ROWS = 4  # beyond this batch the float head's matmul is as fast (benchmarks/RESULTS.md)
+
+
+class Int8Head(NamedTuple):
+    rotation: jax.Array  # [D, D] float32, a random orthogonal R: x.E_v = (x R).(E_v R)
+    codes: jax.Array  # [V, D] int8, round(E R / scale)
+    scale: jax.Array  # [V] float32, a rotated row's absmax / 127
+    norm: jax.Array  # [V] float32, |E_v R|
+    err: jax.Array  # [V] float32, |E_v R - scale_v codes_v|
+
+
+def int8_head(table) -> Int8Head:
+    """An output head [V, D] as int8 rows with one scale each, and the norms that bound its error.
+    The rows are rotated first: a random rotation spreads a row's few large entries over all D,
+    which halves Gemma 3's int8 rounding error (the error scales with a row's absmax)."""
+    D = table.shape[1]
+    rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((D, D)))[0].astype(np.float32)
+    return _int8_rows(table, jnp.asarray(rotation))
+
+
+@jax.jit
+def _int8_rows(table, rotation) -> Int8Head:
+    table = jnp.dot(table.astype(jnp.float32), rotation, precision="highest")
+    scale = jnp.max(jnp.abs(table), axis=1) / 127
+    codes = jnp.round(table / jnp.where(scale == 0, 1, scale)[:, None]).astype(jnp.int8)
+    err = jnp.linalg.norm(table - codes * scale[:, None], axis=1)
+    return Int8Head(rotation, codes, scale, jnp.linalg.norm(table, axis=1), err)
+
+
+def _quantize_rows(x):
+    """x [B, D] → int8 codes and scales [B, 1] with codes * scales ~ x (a zero row: scale 1)."""
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return jnp.round(x / scale).astype(jnp.int8), scale
+
+
+def int8_candidates(model: Transformer, x, head8: Int8Head, noise, temperature: float):
+    """For x [B, D] (final-normed) and noise [B, V] (Gumbel, or zeros when greedy): ids cand [B, K]
+    that hold every token whose score softcap(x.E_v) / temperature + noise_v can be the highest,
+    provided `fits` is true (else more blocks than CANDIDATE_BLOCKS could win)."""
+    V = head8.codes.shape[0]
+    x_rot = jnp.dot(x.astype(jnp.float32), head8.rotation, precision="highest")
+    q1, s1 = _quantize_rows(x_rot)
+    q2, s2 = _quantize_rows(x_rot - q1 * s1)  # x's own rounding error: a second int8 pass
+    dots = jnp.einsum("VD,RD->RV", head8.codes, jnp.concatenate([q1, q2]), preferred_element_type=jnp.int32)
+    x_q = q1 * s1 + q2 * s2  # what the int8 pass multiplied
+    B = x.shape[0]
+    approx = (dots[:B] * s1 + dots[B:] * s2) * head8.scale  # [B, V]; the int32 dots are exact
+    x_err, x_norm = jnp.linalg.norm(x_rot - x_q, axis=-1, keepdims=True), jnp.linalg.norm(x_q, axis=-1, keepdims=True)
+    # the Cauchy-Schwarz bound, widened for float32 rounding (of the rotation, and of the float
+    # logits themselves: at most D 2^-24 |x| |E_v|, 4e-5 of it at D = 640)
+    bound = 1.001 * (x_err * head8.norm + x_norm * head8.err) + 1e-4 * x_norm * head8.norm
+    score = lambda logits: softcap(logits, model.cfg.final_softcap) / (temperature or 1.0) + noise
+    upper, lower = score(approx + bound), score(approx - bound)  # softcap is monotone
+    # Blocks of BLOCK consecutive ids that hold a possible winner, listed in order by a running
+    # count (a top-k over the V ids would be a full sort inside XLA's CPU loop).
+    blocks = -(-V // BLOCK)
+    block_upper = jnp.pad(upper, ((0, 0), (0, blocks * BLOCK - V)), constant_values=-jnp.inf)
+    hit = jnp.max(block_upper.reshape(B, blocks, BLOCK), axis=-1) >= jnp.max(lower, axis=-1, keepdims=True)
+    slot = jnp.where(hit, jnp.cumsum(hit, axis=-1) - 1, CANDIDATE_BLOCKS)  # [B, blocks]; misses: a spare slot
+    found = jnp.zeros((B, CANDIDATE_BLOCKS + 1), jnp.int32).at[jnp.arange(B)[:, None], slot].set(
+        jnp.arange(blocks, dtype=jnp.int32), mode="drop")[:, :CANDIDATE_BLOCKS]  # unused slots: block 0
+    fits = jnp.all(jnp.sum(hit, axis=-1) <= CANDIDATE_BLOCKS)
+    return jnp.minimum(found[:, :, None] * BLOCK + jnp.arange(BLOCK), V - 1).reshape(B, -1), fits
+
+
+def int8_next_token(model: Transformer, x, head8: Int8Head, key, temperature: float):
+    """The ids [B] that next_token draws from the logits of x [B, D] (argmax, or Gumbel-max at
+    temperature > 0; top-k/top-p off), from exact scores of int8_candidates' ids (or, when they do
+    not fit, of the full head)."""
+    V = head8.codes.shape[0]
+    noise = jnp.zeros((x.shape[0], V)) if temperature == 0 else jax.random.gumbel(key, (x.shape[0], V))
+    cand, fits = int8_candidates(model, x, head8, noise, temperature)
+
+    def exact(_):
+        logits = jnp.einsum("BKD,BD->BK", model.head()[cand], x, preferred_element_type=jnp.float32)
+        s = softcap(logits, model.cfg.final_softcap) / (temperature or 1.0) + jnp.take_along_axis(noise, cand, -1)
+        return jnp.min(jnp.where(s == jnp.max(s, axis=-1, keepdims=True), cand, V), axis=-1)  # ties: lowest id
+
+    def full(_):  # what next_token computes
+        return first_argmax(model.logits(x[:, None])[:, 0] / (temperature or 1.0) + noise)
+    return jax.lax.cond(fits, exact, full, None).astype(jnp.int32)
+
+
+_int8_cache: dict = {}  # the int8 head of the last model decoded, while its head array lives
+
+
+def cached_int8_head(model: Transformer) -> Int8Head:
+    """int8_head of the model's output head, built once per head array (quantizing reads all of it)."""
+    name = "embed" if model.cfg.tie_embeddings else "lm_head"
+    array = getattr(model, name)[...] if isinstance(getattr(model, name, None), nnx.Param) else None
+    hit = _int8_cache.get("head")
+    if array is not None and hit is not None and hit[0]() is array:
+        return hit[1]
+    head8 = int8_head(model.head())
+    _int8_cache.clear()
+    if array is not None:  # a quantized head is dequantized afresh each call: nothing to key on
+        _int8_cache["head"] = (weakref.ref(array, lambda _: _int8_cache.clear()), head8)
+    return head8
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, layers, tokens, segment_ids, positions, eos_ids, key, *,
+def _generate(graphdef, state, layers, head8, tokens, segment_ids, positions, eos_ids, key, *,
               max_new_tokens: int, temperature: float, top_k: int, top_p: float):
     """tokens/segment_ids/positions [B, P] left-padded → new ids [B, max_new_tokens], their
-    log-probs. Rows that finished keep emitting pad (-1)."""
+    log-probs (zeros with head8, the int8 head). Rows that finished keep emitting pad (-1)."""
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
+
+    def decide(x, key):  # final-normed hidden states [B, D] (int8 head) or logits [B, V] → ids, log-probs
+        if head8 is None:
+            return next_token(x, key, temperature, top_k, top_p)
+        return int8_next_token(model, x, head8, key, temperature), jnp.zeros(B)
+
     cache = KVCache.init(model.cfg, B, P + max_new_tokens)
-    logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, last=1,
-                          layers=layers)
+    h, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, last=1,
+                     layers=layers, hidden=head8 is not None)
     key, sub = jax.random.split(key)
-    first, first_lp = next_token(logits[:, -1], sub, temperature, top_k, top_p)
+    first, first_lp = decide(h[:, -1], sub)
     out = jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
     out_lp = jnp.zeros((B, max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
     done = jnp.isin(first, eos_ids)
@@ -88,9 +209,10 @@ def _generate(graphdef, state, layers, tokens, segment_ids, positions, eos_ids, 
     def body(carry):
         step, out, out_lp, cache, done, pos, key = carry
         last = out[:, step - 1][:, None]  # [B, 1]
-        logits, cache = model(jnp.maximum(last, 0), positions=pos, segment_ids=ones, cache=cache, layers=layers)
+        h, cache = model(jnp.maximum(last, 0), positions=pos, segment_ids=ones, cache=cache, layers=layers,
+                         hidden=head8 is not None)
         key, sub = jax.random.split(key)
-        ids, lp = next_token(logits[:, 0], sub, temperature, top_k, top_p)
+        ids, lp = decide(h[:, 0], sub)
         ids = jnp.where(done, -1, ids)
         out = out.at[:, step].set(ids)
         out_lp = out_lp.at[:, step].set(jnp.where(done, 0.0, lp))
@@ -182,16 +304,21 @@ def left_pad(prompts: list[list[int]], bucket: int = MIN_PROMPT_BUCKET):
 
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids=None, return_logprobs: bool = False,
-             num_beams: int = 1, length_penalty: float = 1.0, prompt_bucket: int = MIN_PROMPT_BUCKET):
+             num_beams: int = 1, length_penalty: float = 1.0, prompt_bucket: int = MIN_PROMPT_BUCKET,
+             int8: bool | None = None):
     """New token ids for each prompt (ragged lists of ids), up to and including the first
     end-of-sequence token. With return_logprobs, also each sampled token's log-probability
     under softmax(logits / temperature) (plain log-softmax when greedy). num_beams > 1 runs
-    beam search (deterministic; the best beam per prompt)."""
+    beam search (deterministic; the best beam per prompt). int8: pick tokens with the int8 output
+    head (the same ids, fewer bytes read; default: when it pays, see INT8_HEAD_*; not with log-probs,
+    top-k or top-p)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 "
                          f"(got {temperature}, {top_k}, {top_p})")
+    if int8 and (return_logprobs or top_k or top_p < 1.0):
+        raise ValueError("the int8 head picks ids only: no log-probs, top-k or top-p with int8=True")
     if num_beams < 1 or (num_beams > 1 and (temperature > 0 or return_logprobs)):
         raise ValueError(f"num_beams must be >= 1, and beam search is greedy (got num_beams={num_beams}, "
                          f"temperature={temperature})")
@@ -205,7 +332,11 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         seqs, lengths = np.asarray(seqs), np.asarray(lengths)
         return [seqs[row, :lengths[row]].tolist() for row in range(len(prompts))]
     layers = unstack_layers(model)  # separate per-layer arrays: an unrolled decode step is faster on CPU
-    out, out_lp = _generate(graphdef, state, layers, tokens, segment_ids, positions,
+    if int8 is None:
+        int8 = (not return_logprobs and top_k == 0 and top_p == 1.0 and len(prompts) <= INT8_HEAD_MAX_ROWS
+                and model.cfg.vocab_size * model.cfg.dim >= INT8_HEAD_MIN_SIZE)
+    head8 = cached_int8_head(model) if int8 else None
+    out, out_lp = _generate(graphdef, state, layers, head8, tokens, segment_ids, positions,
                                jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),
                                max_new_tokens=max_new_tokens, temperature=float(temperature),
                                top_k=int(top_k), top_p=float(top_p))

@@ -63,9 +63,84 @@ def test_real_gemma3_greedy_matches_transformers(gemma3_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32)
     expected = hf_greedy(hf, prompts, 24, pad_id=tok.pad_id, eos_id=1)
     del hf
-    ours = sample.generate(ckpt.load_hf(gemma3_dir), prompts, max_new_tokens=24)
-    assert ours == expected
+    model = ckpt.load_hf(gemma3_dir)
+    for int8 in (True, False):  # the int8 head's ids are the float head's
+        ours = sample.generate(model, prompts, max_new_tokens=24, int8=int8)
+        assert ours == expected
     assert tok.decode(ours[0]).startswith(" the capital of the country of France. It is")
+    kw = dict(max_new_tokens=24, temperature=0.8, seed=2)
+    assert sample.generate(model, prompts, int8=True, **kw) == sample.generate(model, prompts, int8=False, **kw)
+
+
+def test_real_gemma3_int8_candidates_fit_and_hold_the_winner(gemma3_dir):
+    """On real hidden states the bound is tight enough that the int8 path (not the fallback) runs,
+    and the exact winner is always among its candidates."""
+    tok, model = data.load_tokenizer(gemma3_dir), ckpt.load_hf(gemma3_dir)
+    texts = ["The capital of France is Paris, and the capital of Germany is Berlin. Many people visit",
+             "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)",
+             "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+             "12 + 35 = 47. 128 * 4 = 512. The square root of 144 is 12, and"]
+    head8 = sample.cached_int8_head(model)
+    fits_seen = []
+    for i, text in enumerate(texts):
+        hidden = model(jnp.asarray([tok.encode(text)]), hidden=True)[0]  # [T, D]
+        for temperature in (0.0, 1.0):
+            V = model.cfg.vocab_size
+            noise = jnp.zeros((len(hidden), V)) if temperature == 0 else \
+                jax.random.gumbel(jax.random.key(i), (len(hidden), V))
+            for row in range(0, len(hidden), 4):  # the int8 path runs at <= 4 rows
+                x, g = hidden[row:row + 4], noise[row:row + 4]
+                cand, fits = sample.int8_candidates(model, x, head8, g, temperature)
+                fits_seen.append(bool(fits))
+                if fits:
+                    for r, w in enumerate(exact_winners(model, x, g, temperature)):
+                        assert w in np.asarray(cand[r])
+    assert np.mean(fits_seen) >= 0.9, np.mean(fits_seen)
+
+
+# ----------------------------------------------------------------------------- the int8 output head
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_head_picks_the_float_heads_ids(family, tmp_path):
+    """A vocabulary of 8192 (far more than the 16 x 64 ids scored exactly), so both the int8 bound
+    and its fallback run; Gemma 2's final soft-cap included."""
+    hf = make_hf_model(family, seed=3, vocab_size=8192)
+    ours = ckpt.load_hf(save_hf_model(hf, tmp_path / family))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 8000, n).tolist() for n in (5, 17, 11)]
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=20, eos_ids=(), temperature=temperature, seed=5)
+        assert sample.generate(ours, prompts, int8=True, **kw) == sample.generate(ours, prompts, int8=False, **kw)
+
+
+def exact_winners(model, x, noise, temperature):
+    logits = np.asarray(model.logits(x[:, None])[:, 0], np.float64)
+    return np.argmax(logits / (temperature or 1.0) + np.asarray(noise), axis=-1)
+
+
+def test_int8_candidates_hold_every_winner_on_near_ties():
+    """Rows in pairs that differ by 1e-4 (their int8 codes are equal; their logits differ by far more
+    than float32 rounding): both must stay candidates, and the exact scores pick the right one. A head
+    of identical rows cannot be narrowed down and falls back to the full head (ties: the lowest id)."""
+    model = Transformer(CONFIGS["tiny-qwen3"].replace(vocab_size=8192), nnx.Rngs(0))
+    base = np.asarray(model.embed[...])[::2]
+    model.embed[...] = jnp.asarray(np.repeat(base, 2, 0) + 1e-4 * np.random.default_rng(0).standard_normal((8192, 128)),
+                                   jnp.float32)
+    head8 = sample.int8_head(model.head())
+    x = jax.random.normal(jax.random.key(0), (4, 128)) * 3
+    for temperature in (0.0, 1.0):
+        noise = jnp.zeros((4, 8192)) if temperature == 0 else jax.random.gumbel(jax.random.key(1), (4, 8192))
+        cand, fits = sample.int8_candidates(model, x, head8, noise, temperature)
+        assert bool(fits)
+        winners = exact_winners(model, x, noise, temperature)
+        for row, w in enumerate(winners):
+            assert w in np.asarray(cand[row]) and (w ^ 1) in np.asarray(cand[row])  # and its twin
+        ids = sample.int8_next_token(model, x, head8, jax.random.key(1), temperature)
+        np.testing.assert_array_equal(ids, winners)
+    model.embed[...] = jnp.ones((8192, 128), jnp.float32)
+    cand, fits = sample.int8_candidates(model, x, sample.int8_head(model.head()), jnp.zeros((4, 8192)), 0.0)
+    assert not bool(fits)
+    np.testing.assert_array_equal(sample.int8_next_token(model, x, sample.int8_head(model.head()), None, 0.0), 0)
 
 
 # ----------------------------------------------------------------------------- sampling
