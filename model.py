@@ -176,9 +176,8 @@ def get_config(name: str) -> Config:
 # ----------------------------------------------------------------------------- building blocks
 
 def matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """The einsum `eq` where x's trailing letters contract with w's leading ones ("BTD,DNH->BTNH"),
-    run as one 2D matmul in x's dtype with float32 accumulation. The 2D form is measurably
-    faster than a 3D einsum for decode-sized inputs on CPU; bf16 is fast only with f32 accumulation."""
+    """The einsum `eq` ("BTD,DNH->BTNH": x's trailing letters contract with w's leading ones) as one 2D
+    matmul with float32 accumulation: faster than a 3D einsum on CPU when decoding; bf16 needs f32 accumulation."""
     lhs, rhs = eq.split("->")[0].split(",")
     n_in = len(set(lhs) & set(rhs))
     assert lhs[-n_in:] == rhs[:n_in], eq
@@ -249,8 +248,8 @@ def attention(q, k, v, mask, scale: float, cap: float | None) -> jax.Array:
 class KVCache(NamedTuple):
     """Keys and values of every layer for prefill + decode. Slot s of every row holds the
     token at sequence index s; prompts are left-padded so all rows write at one index."""
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: jax.Array  # [L, B, S, K, H], or L arrays [B, S, K, H] (unrolled layers: each updated in place)
+    v: jax.Array  # [L, B, S, K, H], or L arrays [B, S, K, H]
     segment_ids: jax.Array  # [B, S] int32, 0 for empty or padding slots
     index: jax.Array  # [] int32, the next slot to write
 
@@ -348,7 +347,7 @@ class Transformer(nnx.Module):
         else:
             start = cache.index
             k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, start))
-            k_slots = jnp.arange(cache.k.shape[2])
+            k_slots = jnp.arange(cache.segment_ids.shape[1])
         q_slots = start + jnp.arange(T)
         global_mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, None)
         sliding_mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, cfg.sliding_window)
@@ -406,7 +405,8 @@ class Transformer(nnx.Module):
             for i, p in enumerate(layers):
                 x, kv = block(x, (p, sliding[i], *(c if c is None else c[i] for c in (*cache_kv, drop_keys))))
                 new_kv.append(kv)
-            new_k, new_v = (None, None) if cache is None else [jnp.stack(kvs) for kvs in zip(*new_kv)]
+            new_k, new_v = (None, None) if cache is None else [  # a per-layer cache stays per layer
+                tuple(kvs) if isinstance(cache.k, tuple) else jnp.stack(kvs) for kvs in zip(*new_kv)]
 
         if last is not None:
             x = x[:, -last:]

@@ -193,6 +193,7 @@ def _generate(graphdef, state, layers, head8, tokens, segment_ids, positions, eo
         return int8_next_token(model, x, head8, key, temperature), jnp.zeros(B)
 
     cache = KVCache.init(model.cfg, B, P + max_new_tokens)
+    cache = cache._replace(k=tuple(cache.k), v=tuple(cache.v))  # per layer: no [L, ...] copy per step
     h, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, last=1,
                      layers=layers, hidden=head8 is not None)
     key, sub = jax.random.split(key)
