@@ -235,7 +235,7 @@ def loss_weights(mask: np.ndarray, loss_type: str, max_completion_len: int) -> n
 def unrolled_if_small(model):
     """Per-layer weights (an unrolled forward) below 64 MiB of weights, else None (the scan): on CPU a
     tiny model's update runs 1.7x faster unrolled, while at 270M parameters the scan is ~5% faster."""
-    return model_lib.unstack_layers(model) if model_lib.param_bytes(model) < 2**26 else None
+    return sample.unstack_layers(model) if model_lib.param_bytes(model) < 2**26 else None
 
 
 def token_logps(model, batch, temperature: float):

@@ -10,7 +10,7 @@ embedding scaling. Everything else is the same pre-norm block:
     x = x + post_ffw_norm(MLP(ffw_norm(x)))
 
 Parameters of all layers are stacked on a leading `L` axis. The forward pass scans over
-them (jit compiles one block) or, given `layers=unstack_layers(model)`, runs them unrolled:
+them (jit compiles one block) or, given `layers=sample.unstack_layers(model)`, runs them unrolled:
 faster on CPU for decoding (sample.py) and for small models' training steps (grpo.py).
 
 Einsum letters (as in Gemma's reference code): B batch, T query time, S key time,
@@ -327,7 +327,7 @@ class Transformer(nnx.Module):
         last: logits of the last `last` positions only, [B, last, V] (a prefill needs one, a learner
         only the completion's; the output head is the largest matmul of a small model). hidden: the
         final-normed hidden states [B, T, D] instead of logits (`self.logits` maps them).
-        layers: the block parameters as separate per-layer arrays (`unstack_layers`), run unrolled
+        layers: the block parameters as separate per-layer arrays (`sample.unstack_layers`), run unrolled
         instead of scanned, at the price of compiling every layer: on CPU decoding is ~1.5x and a
         GRPO update ~1.7x faster that way (benchmarks/RESULTS.md).
         dropout_key: LoRA dropout on the adapters' inputs (training only; None: no dropout).
@@ -372,8 +372,16 @@ class Transformer(nnx.Module):
                     y = y + lora_delta(h_in, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora.scale)
                 return y
 
+            def projs(names, h):  # projections of one input h: one matmul when their weights are fused
+                if "+".join(names) not in p:  # (sample.unstack_layers(fuse=True): "q+k+v", "gate+up")
+                    return [proj(name, h) for name in names]
+                sizes = [math.prod(shapes[name][1:]) for name in names]
+                parts = jnp.split(matmul("BTD,DE->BTE", h, p["+".join(names)]),
+                                  [sum(sizes[:i + 1]) for i in range(len(names) - 1)], axis=-1)
+                return [part.reshape(*h.shape[:-1], *shapes[name][1:]) for part, name in zip(parts, names)]
+
             h = rms_norm(x, p["attn_norm"], eps, plus_one)
-            q, k, v = proj("q", h), proj("k", h), proj("v", h)
+            q, k, v = projs(("q", "k", "v"), h)
             if cfg.qkv_bias:
                 q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
             if cfg.qk_norm:
@@ -391,7 +399,8 @@ class Transformer(nnx.Module):
             x = x + out
 
             h = rms_norm(x, p["ffw_norm"], eps, plus_one)
-            out = proj("down", ACTIVATIONS[cfg.act](proj("gate", h)) * proj("up", h))
+            gate, up = projs(("gate", "up"), h)
+            out = proj("down", ACTIVATIONS[cfg.act](gate) * up)
             if cfg.post_norms:
                 out = rms_norm(out, p["post_ffw_norm"], eps, plus_one)
             return x + out, (layer_k, layer_v)
@@ -584,16 +593,6 @@ def merge_lora(model: Transformer) -> Transformer:
 def param_bytes(model: nnx.Module) -> int:
     """Bytes of every stored parameter, trainable or frozen, quantized or not."""
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
-
-
-def unstack_layers(model: Transformer) -> list[dict[str, jax.Array]]:
-    """The stacked [L, ...] block parameters as L dicts of separate arrays (one jitted copy)."""
-    return _unstack(model.layers.arrays(), model.cfg.n_layers)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack(stacked: dict[str, jax.Array], n_layers: int) -> list[dict[str, jax.Array]]:
-    return [{name: x[i] for name, x in stacked.items()} for i in range(n_layers)]
 
 
 def count_params(model: nnx.Module) -> int:

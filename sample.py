@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import KVCache, Transformer, softcap, unstack_layers
+from model import KVCache, Transformer, softcap
 
 MIN_PROMPT_BUCKET = 8  # prompt lengths round up to a power of two >= this: few shapes, few compiles
 
@@ -160,6 +160,26 @@ def int8_next_token(model: Transformer, x, head8: Int8Head, key, temperature: fl
     def full(_):  # what next_token computes
         return first_argmax(model.logits(x[:, None])[:, 0] / (temperature or 1.0) + noise)
     return jax.lax.cond(fits, exact, full, None).astype(jnp.int32)
+
+
+def unstack_layers(model: Transformer, fuse: bool = False) -> list[dict[str, jax.Array]]:
+    """The stacked [L, ...] block parameters as L dicts of separate arrays (one jitted copy): the model's
+    `layers=` argument, an unrolled forward (on CPU faster for decoding and for small models' training).
+    fuse: q/k/v and gate/up as one weight each, "q+k+v" [D, (N + 2K) H] and "gate+up" [D, 2F]: fewer,
+    larger matmuls, ~5% faster per decode step on Gemma 3 270M (not with adapters or quantized weights)."""
+    stacked = model.layers.arrays()
+    fuse = fuse and not any(name.endswith(("_lora_a", "_codes")) for name in stacked)
+    return _unstack(stacked, model.cfg.n_layers, fuse)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _unstack(stacked: dict[str, jax.Array], n_layers: int, fuse: bool) -> list[dict[str, jax.Array]]:
+    layers = [{name: x[i] for name, x in stacked.items()} for i in range(n_layers)]
+    for p in layers if fuse else ():
+        D = p["up"].shape[0]  # joined on a middle axis: on CPU a concatenate along the last one is 3x slower
+        p["q+k+v"] = jnp.concatenate([p.pop("q"), p.pop("k"), p.pop("v")], axis=1).reshape(D, -1)  # [D, N+2K, H]
+        p["gate+up"] = jnp.stack([p.pop("gate"), p.pop("up")], axis=1).reshape(D, -1)  # [D, 2, F]
+    return layers
 
 
 _int8_cache: dict = {}  # the int8 head of the last model decoded, while its head array lives
@@ -332,7 +352,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
                                      num_beams=num_beams, length_penalty=float(length_penalty))
         seqs, lengths = np.asarray(seqs), np.asarray(lengths)
         return [seqs[row, :lengths[row]].tolist() for row in range(len(prompts))]
-    layers = unstack_layers(model)  # separate per-layer arrays: an unrolled decode step is faster on CPU
+    layers = unstack_layers(model, fuse=True)  # an unrolled decode step of fewer, larger matmuls is faster on CPU
     if int8 is None:
         int8 = (not return_logprobs and top_k == 0 and top_p == 1.0 and len(prompts) <= INT8_HEAD_MAX_ROWS
                 and model.cfg.vocab_size * model.cfg.dim >= INT8_HEAD_MIN_SIZE)
