@@ -305,9 +305,10 @@ class Arithmetic:
 
 # ----------------------------------------------------------------------------- JSONL datasets
 
-def read_jsonl(path) -> list[dict]:
+def read_jsonl(path, check=None) -> list[dict]:
     """Rows of a JSONL file in one of TRL's formats: {"prompt", "completion"}, {"messages"}
-    or {"text"}. Every problem is reported with the file and line number."""
+    or {"text"}, or those that check(row, "file:line") accepts (it returns the row or raises
+    DataError). Every problem is reported with the file and line number."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -324,7 +325,7 @@ def read_jsonl(path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{number}: bad JSON ({e.msg} at column {e.colno})") from None
-            rows.append(_check_row(row, f"{path}:{number}"))
+            rows.append((check or _check_row)(row, f"{path}:{number}"))
     if not rows:
         raise DataError(f"{path}: empty file (no JSON lines)")
     return rows

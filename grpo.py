@@ -238,13 +238,14 @@ def unrolled_if_small(model):
     return sample.unstack_layers(model) if model_lib.param_bytes(model) < 2**26 else None
 
 
-def token_logps(model, batch, temperature: float):
+def token_logps(model, batch, temperature: float, group: int = 1):
     """Log-probabilities [b, C] of the completion tokens under softmax(logits / temperature) and
     the policy's entropy there. tokens, segment_ids, positions [b, P + C]: the prompt left-padded
-    to P, the completion right after it, right-padded to C (padding: segment 0)."""
+    to P, the completion right after it, right-padded to C (padding: segment 0). group: rows come
+    in runs of that many with one prompt (a GRPO group), whose forward pass then runs once."""
     C = batch["mask"].shape[-1]
-    logits = model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],  # [b, C, V]: completions'
-                   segment_ids=batch["segment_ids"][:, :-1], layers=unrolled_if_small(model), last=C)
+    logits = sample.completion_logits(model, batch["tokens"], batch["positions"], batch["segment_ids"], C, group,
+                                      layers=unrolled_if_small(model))  # [b, C, V]
     logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
     logp = jnp.take_along_axis(logp_all, batch["tokens"][:, -C:, None], axis=-1)[..., 0]
     return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
@@ -264,9 +265,14 @@ def token_losses(logp, old_logp, ref_logp, advantages, epsilon: float, epsilon_h
 
 # ----------------------------------------------------------------------------- train step
 
-def make_train_step(graphdef, tx, cfg: Config):
+def prompt_group(cfg: Config) -> int:  # token_logps' group: G when each host's micro-batches hold whole groups
+    rows = cfg.prompts_per_step * cfg.num_generations // (jax.process_count() * cfg.grad_accum)
+    return cfg.num_generations if rows % cfg.num_generations == 0 else 1
+
+
+def make_train_step(graphdef, tx, cfg: Config, group: int = 1):
     def loss_fn(params, frozen, mb, fresh):
-        logp, entropy = token_logps(nnx.merge(graphdef, params, frozen), mb, cfg.temperature)
+        logp, entropy = token_logps(nnx.merge(graphdef, params, frozen), mb, cfg.temperature, group)
         # The first update on a rollout batch runs at the sampling parameters: π_old is π_θ itself
         # (ratio exactly 1); later ones use the log-probs that this first pass returned.
         old = jnp.where(fresh, jax.lax.stop_gradient(logp), mb["old_logp"])
@@ -294,29 +300,13 @@ def make_train_step(graphdef, tx, cfg: Config):
 
 # ----------------------------------------------------------------------------- data
 
-def read_rows(path) -> list[dict]:
-    """{"prompt": str | messages, "answer": ...} rows of a JSONL file; errors name file:line."""
-    path, rows = pathlib.Path(path), []
-    if not path.is_file():
-        raise data.DataError(f"{path}: no such file")
-    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(raw.decode("utf-8")) if raw.strip() else None
-        except UnicodeDecodeError:
-            raise data.DataError(f"{where}: not UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise data.DataError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
-        if row is None:
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
-            raise data.DataError(f"{where}: expected an object with a 'prompt' (a string or chat messages)")
-        if "answer" not in row and not isinstance(row.get("completion"), str):
-            raise data.DataError(f"{where}: missing key 'answer' (the reference the reward checks)")
-        rows.append({**row, "answer": row.get("answer", row.get("completion"))})
-    if not rows:
-        raise data.DataError(f"{path}: empty file (no JSON lines)")
-    return rows
+def check_row(row, where: str) -> dict:
+    """A row of --data / --eval-data: {"prompt": str | messages, "answer": ...} ("completion" serves too)."""
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
+        raise data.DataError(f"{where}: expected an object with a 'prompt' (a string or chat messages)")
+    if "answer" not in row and not isinstance(row.get("completion"), str):
+        raise data.DataError(f"{where}: missing key 'answer' (the reference the reward checks)")
+    return {**row, "answer": row.get("answer", row.get("completion"))}
 
 
 def encode_prompt(prompt, tok, family, max_len: int) -> list[int]:
@@ -330,7 +320,7 @@ def encode_prompt(prompt, tok, family, max_len: int) -> list[int]:
 def load_datasets(cfg: Config, tok, family):
     """Training and eval rows ({"prompt", "answer", ...}), their prompt ids, and the reward functions."""
     if cfg.data:
-        train, funcs = read_rows(cfg.data), [accuracy_reward, format_reward]
+        train, funcs = data.read_jsonl(cfg.data, check_row), [accuracy_reward, format_reward]
     else:
         op, a, b = cfg.task.split(",")
         task = data.Arithmetic(op, int(a), int(b))
@@ -338,7 +328,7 @@ def load_datasets(cfg: Config, tok, family):
                  for r in task.examples("train", cfg.train_examples, cfg.seed)]
         funcs = task_rewards(task)
     if cfg.eval_data:
-        evals = read_rows(cfg.eval_data)[:cfg.eval_examples]
+        evals = data.read_jsonl(cfg.eval_data, check_row)[:cfg.eval_examples]
     elif cfg.data:
         evals = []
     else:
@@ -478,10 +468,11 @@ def main(argv=None):
     # The reference policy (beta > 0): the starting parameters, or with LoRA the base (adapters zeroed).
     ref = None if not cfg.beta else jax.jit(lambda p: jax.tree.map(jnp.zeros_like if cfg.lora else jnp.copy, p),
                                             out_shardings=param_sh)(params)
-    train_step = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1),
+    group = prompt_group(cfg)  # a group's prompt runs once per forward pass
+    train_step = jax.jit(make_train_step(graphdef, tx, cfg, group), donate_argnums=(0, 1),
                          out_shardings=(param_sh, opt_sh, None, shard.batch_sharding(mesh, 3, axis=1)))
     ref_logps = jax.jit(lambda r, f, b: jax.lax.map(
-        lambda mb: token_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature)[0], b))
+        lambda mb: token_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature, group)[0], b))
 
     step, position = 0, 0
     if cfg.resume:

@@ -48,9 +48,12 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
 
 def first_argmax(x):
     """jnp.argmax over the last axis (ties: the lowest index) as a max and a min: two plain
-    reductions run ~4x faster on CPU than argmax's (value, index) one on a [8, 262144] row block."""
+    reductions run ~4x faster on CPU than argmax's (value, index) one on a [8, 262144] row block.
+    XLA may compute x once for each of them, rounded differently in the last bit (seen with a
+    division after a repeat), so that no entry equals the max: then jnp.argmax decides."""
     best = jnp.max(x, axis=-1, keepdims=True)
-    return jnp.min(jnp.where(x == best, jnp.arange(x.shape[-1]), x.shape[-1]), axis=-1)
+    ids = jnp.min(jnp.where(x == best, jnp.arange(x.shape[-1]), x.shape[-1]), axis=-1)
+    return jax.lax.cond(jnp.any(ids == x.shape[-1]), lambda: jnp.argmax(x, axis=-1).astype(ids.dtype), lambda: ids)
 
 
 def next_token(logits, key, temperature: float, top_k: int, top_p: float):
@@ -155,7 +158,7 @@ def int8_next_token(model: Transformer, x, head8: Int8Head, key, temperature: fl
     def exact(_):
         logits = jnp.einsum("BKD,BD->BK", model.head()[cand], x, preferred_element_type=jnp.float32)
         s = softcap(logits, model.cfg.final_softcap) / (temperature or 1.0) + jnp.take_along_axis(noise, cand, -1)
-        return jnp.min(jnp.where(s == jnp.max(s, axis=-1, keepdims=True), cand, V), axis=-1)  # ties: lowest id
+        return jnp.take_along_axis(cand, first_argmax(s)[:, None], axis=-1)[:, 0]  # ids ascend in cand: ties, lowest
 
     def full(_):  # what next_token computes
         return first_argmax(model.logits(x[:, None])[:, 0] / (temperature or 1.0) + noise)
@@ -199,11 +202,12 @@ def cached_int8_head(model: Transformer) -> Int8Head:
     return head8
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "group"))
 def _generate(graphdef, state, layers, head8, tokens, segment_ids, positions, eos_ids, key, *,
-              max_new_tokens: int, temperature: float, top_k: int, top_p: float):
+              max_new_tokens: int, temperature: float, top_k: int, top_p: float, group: int):
     """tokens/segment_ids/positions [B, P] left-padded → new ids [B, max_new_tokens], their
-    log-probs (zeros with head8, the int8 head). Rows that finished keep emitting pad (-1)."""
+    log-probs (zeros with head8, the int8 head). Rows that finished keep emitting pad (-1).
+    The prompts come in runs of `group` equal ones (prompt_runs): each run is prefilled once."""
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
 
@@ -212,10 +216,11 @@ def _generate(graphdef, state, layers, head8, tokens, segment_ids, positions, eo
             return next_token(x, key, temperature, top_k, top_p)
         return int8_next_token(model, x, head8, key, temperature), jnp.zeros(B)
 
-    cache = KVCache.init(model.cfg, B, P + max_new_tokens)
+    cache = KVCache.init(model.cfg, B // group, P + max_new_tokens)
     cache = cache._replace(k=tuple(cache.k), v=tuple(cache.v))  # per layer: no [L, ...] copy per step
-    h, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache, last=1,
-                     layers=layers, hidden=head8 is not None)
+    h, cache = model(tokens[::group], positions=positions[::group], segment_ids=segment_ids[::group], cache=cache,
+                     last=1, layers=layers, hidden=head8 is not None)
+    h, cache = jnp.repeat(h, group, axis=0), repeat_rows(cache, group)
     key, sub = jax.random.split(key)
     first, first_lp = decide(h[:, -1], sub)
     out = jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
@@ -306,6 +311,40 @@ def _beam_search(graphdef, state, tokens, segment_ids, positions, eos_ids, *, ma
     return fin_seq[:, 0], fin_len[:, 0]
 
 
+def repeat_rows(cache: KVCache, group: int) -> KVCache:
+    """Each row of a cache `group` times: a prompt's keys and values, computed once, for all its rows."""
+    rows = lambda x: jnp.repeat(x, group, axis=x.ndim - 4)  # noqa: E731 ([L, B, S, K, H] or per layer [B, S, K, H])
+    return KVCache(jax.tree.map(rows, cache.k), jax.tree.map(rows, cache.v), jnp.repeat(cache.segment_ids, group, 0),
+                   cache.index)
+
+
+def completion_logits(model: Transformer, tokens, positions, segment_ids, completion_len: int, group: int = 1,
+                      layers=None):
+    """Logits [b, C, V] predicting the last C = completion_len tokens of each row of tokens [b, P + C]:
+    what model(tokens[:, :-1], ..., last=C) returns. group > 1: rows come in runs of `group` that share
+    their first P tokens (a GRPO group's prompt); those run once per run, into a KV cache that the
+    run's rows attend to, so the prompt's work is done once, not `group` times (gradients flow through
+    the cache: the run's contributions add up)."""
+    C = completion_len
+    P = tokens.shape[1] - C
+    if group == 1 or C == 1:
+        return model(tokens[:, :-1], positions=positions[:, :-1], segment_ids=segment_ids[:, :-1], last=C,
+                     layers=layers)
+    cache = KVCache.init(model.cfg, tokens.shape[0] // group, P + C)
+    first, cache = model(tokens[::group, :P], positions=positions[::group, :P], segment_ids=segment_ids[::group, :P],
+                         cache=cache, last=1, layers=layers)  # [b/G, 1, V]: the logits of each first token
+    rest, _ = model(tokens[:, P:-1], positions=positions[:, P:-1], segment_ids=segment_ids[:, P:-1],
+                    cache=repeat_rows(cache, group), layers=layers)  # [b, C - 1, V]
+    return jnp.concatenate([jnp.repeat(first, group, axis=0), rest], axis=1)
+
+
+def prompt_runs(prompts: list[list[int]]) -> int:
+    """g when the prompts come in runs of g equal ones (GRPO's groups: each prompt G times), else 1."""
+    g = next((i for i in range(1, len(prompts)) if prompts[i] != prompts[0]), len(prompts))
+    runs = len(prompts) % g == 0 and all(prompts[i] == prompts[i - i % g] for i in range(len(prompts)))
+    return g if runs else 1
+
+
 def left_pad(prompts: list[list[int]], bucket: int = MIN_PROMPT_BUCKET):
     """Ragged prompts → tokens, segment_ids, positions [B, P], P the next power of two >= bucket."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -360,7 +399,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     out, out_lp = _generate(graphdef, state, layers, head8, tokens, segment_ids, positions,
                                jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),
                                max_new_tokens=max_new_tokens, temperature=float(temperature),
-                               top_k=int(top_k), top_p=float(top_p))
+                               top_k=int(top_k), top_p=float(top_p), group=prompt_runs(prompts))
     out, out_lp = np.asarray(out), np.asarray(out_lp)  # one host transfer at the end
     results, logprobs = [], []
     for row in range(len(prompts)):

@@ -64,10 +64,11 @@ def nanotune_worker(setting):
     opt_sh = shard.tree_shardings(jax.eval_shape(tx.init, params), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     ref = None if not cfg.beta else jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
-    train_step = jax.jit(grpo.make_train_step(graphdef, tx, cfg), donate_argnums=(0, 1),
+    group = grpo.prompt_group(cfg)
+    train_step = jax.jit(grpo.make_train_step(graphdef, tx, cfg, group), donate_argnums=(0, 1),
                          out_shardings=(param_sh, opt_sh, None, shard.batch_sharding(mesh, 3, axis=1)))
     ref_logps = jax.jit(lambda r, f, b: jax.lax.map(
-        lambda mb: grpo.token_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature)[0], b))
+        lambda mb: grpo.token_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature, group)[0], b))
     B, G, A = cfg.prompts_per_step, cfg.num_generations, cfg.grad_accum
     state = {"params": params, "opt_state": opt_state, "step": 0}
 

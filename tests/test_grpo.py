@@ -3,6 +3,7 @@ rewards never raise, the default run learns, it resumes exactly, it shards, and 
 in one clear line."""
 import builtins
 import functools
+from unittest import mock
 import json
 import os
 import pathlib
@@ -185,6 +186,27 @@ def test_sampled_logprobs_are_the_learners(preset, temperature):
     assert np.all(np.asarray(entropy)[m] > 0)
     assert np.isclose(float(grpo.token_logps(model, batch, 1.0)[0][m].sum()), batch["old_logp"][m].sum(),
                       atol=1e-3) == (temperature == 1.0)  # the temperature matters
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-gemma3"])
+def test_a_groups_shared_prompt_gives_the_same_logps_and_gradients(preset):
+    """group=G runs each prompt once into a KV cache for its G completions: same log-probs, entropy
+    and parameter gradients as running every row's prompt (unrolled layers and the scan alike)."""
+    model = Transformer(CONFIGS[preset], nnx.Rngs(1))
+    batch, _ = sampled_batch(model, 1.0, G=3)
+    graphdef, params = nnx.split(model)
+    for big in (False, True):  # pretend the model is large: the scanned forward
+        with mock.patch.object(grpo, "unrolled_if_small", (lambda m: None) if big else grpo.unrolled_if_small):
+            def objective(p, group):
+                logp, entropy = grpo.token_logps(nnx.merge(graphdef, p), batch, 1.0, group)
+                return jnp.sum((logp + entropy) * batch["mask"]), (logp, entropy)
+            (_, (logp1, ent1)), g1 = jax.value_and_grad(objective, has_aux=True)(params, 1)
+            (_, (logp3, ent3)), g3 = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)(params, 3)
+            m = batch["mask"] > 0
+            np.testing.assert_allclose(np.asarray(logp3)[m], np.asarray(logp1)[m], atol=1e-5)
+            np.testing.assert_allclose(np.asarray(ent3)[m], np.asarray(ent1)[m], atol=1e-5)
+            for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g3)):
+                np.testing.assert_allclose(b, a, atol=1e-5 * float(jnp.max(jnp.abs(a))) + 1e-7)
 
 
 def test_mask_truncated_completions_drops_rows_without_eos():

@@ -145,6 +145,24 @@ def test_int8_candidates_hold_every_winner_on_near_ties():
 
 # ----------------------------------------------------------------------------- sampling
 
+def test_first_argmax_is_an_argmax_when_xla_rounds_twice():
+    """A repeated row divided by a temperature: XLA's CPU backend computed x twice with different
+    last bits, so a max + lowest-equal-index found no index for some rows (it returned V)."""
+    l = jax.random.normal(jax.random.key(0), (4, 259)) * 5
+
+    @jax.jit
+    def pick(l, key):
+        x = jnp.repeat(l[:1], 10, axis=0) / 0.7 + jax.random.gumbel(key, (10, 259))
+        return sample.first_argmax(x), x
+    for seed in range(10):
+        ids, x = map(np.asarray, pick(l, jax.random.key(seed)))
+        assert np.all(ids < 259)
+        np.testing.assert_allclose(x[np.arange(10), ids], x.max(-1), rtol=1e-6)
+    x = jnp.asarray([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0]])
+    np.testing.assert_array_equal(jax.jit(sample.first_argmax)(x), [1, 0])  # ties: the lowest index
+
+
+
 @pytest.fixture(scope="module")
 def peaked():
     """A tiny model with varied next-token distributions (a scaled-up separate output head:
