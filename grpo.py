@@ -21,7 +21,7 @@ loss is −mean(A) + β·KL, and advantages are centred in each group (they sum 
 gradient is the policy gradient −Σ A ∇log π_θ, not zero: watch reward and eval/reward instead.
 
 With no arguments it runs the built-in verifiable task ("123*4=" → "0492", reward 1 for the
-exact answer) on the tiny Qwen 3 on a laptop CPU in about 3.5 minutes. A random policy never
+exact answer) on the tiny Qwen 3 on a laptop CPU in under 3 minutes. A random policy never
 earns a reward (and a group whose rewards are equal teaches nothing), so a supervised warm-up
 runs first, printed and saved to <out>/warmup_sft, stopped once it answers 30% of training
 prompts; 800 GRPO steps then raise greedy held-out accuracy (eval/reward) from 0.24 to 0.65:

@@ -9,7 +9,7 @@ function (a digit sum of the text: it differs within a group, so every update is
 one device. Each system runs in its own process and the driver alternates A B A B, one step
 per request; the first step (compilation) is reported separately.
 
-    python benchmarks/bench_grpo.py                           # settings B,G,C,mu: 2,4,32,1 2,4,32,2 16,8,16,2
+    python benchmarks/bench_grpo.py                           # B,G,C,mu: 2,4,32,1 2,4,32,2 16,8,16,2 64,8,8,1
     python benchmarks/bench_grpo.py --settings 16,8,16,2 --repeats 30 --beta 0.02
 
 nanotune's step is grpo.py's main loop body (its functions: sample.generate with
@@ -112,7 +112,7 @@ def nanotune_worker(setting):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--settings", nargs="+", default=["2,4,32,1", "2,4,32,2", "16,8,16,2"],
+    p.add_argument("--settings", nargs="+", default=["2,4,32,1", "2,4,32,2", "16,8,16,2", "64,8,8,1"],
                    help="prompts per step B, group size G, new tokens C, updates per rollout mu")
     p.add_argument("--beta", type=float, default=0.02, help="KL coefficient (> 0: a reference forward per step)")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per system and setting")
