@@ -24,7 +24,6 @@ F feed-forward dim, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import NamedTuple
 

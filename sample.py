@@ -5,7 +5,10 @@ next token at the same cache slot; padding is segment 0 (never attended) and eac
 positions start at 0 after its padding, which makes a padded row compute exactly what it
 would alone. The decode loop is a `lax.while_loop` that stops when every row has emitted
 an end-of-sequence token; shapes are bucketed so a run compiles once per
-(batch, prompt-length bucket, max_new_tokens, sampling settings).
+(batch, prompt-length bucket, max_new_tokens, sampling settings). The loop runs the layers
+unrolled, over per-layer weights and cache; prompts that repeat in runs (GRPO's groups) are
+prefilled once per run; at <= 4 rows the next token comes from an int8 copy of the output head
+with a proof of which tokens can win (the same ids, a quarter of the head's bytes).
 
     python sample.py --model tiny-gemma3 --prompt "12+34=" --max-new-tokens 16
     python sample.py --ckpt path/to/gemma-3-270m --prompt "The capital of France is" --max-new-tokens 20
@@ -76,8 +79,9 @@ def next_token(logits, key, temperature: float, top_k: int, top_p: float):
 # rows (a quarter of the bytes) and prove which tokens can still win: with x~ the quantized input
 # and E~_v the int8 row, |x.E_v - x~.E~_v| <= |x - x~| |E_v| + |x~| |E_v - E~_v| (Cauchy-Schwarz,
 # per row). Only the tokens whose upper bound reaches the best lower bound are scored exactly, on
-# their float rows; when they fill more than CANDIDATE_BLOCKS blocks, the step falls back to the full head.
-# The ids are those of the full-precision logits.
+# their float rows; when they fill more than CANDIDATE_BLOCKS blocks, the step uses the full head.
+# The ids are those of the float head (up to exact ties within float32 rounding, which any two
+# matmul kernels may break differently).
 
 BLOCK, CANDIDATE_BLOCKS = 64, 16  # ids scored exactly: 16 blocks of 64 per row; more possible winners: full head
 INT8_HEAD_MIN_SIZE = 1 << 24  # V x D from which the int8 head pays (Gemma 3 270M: 168M)
@@ -165,33 +169,18 @@ def int8_next_token(model: Transformer, x, head8: Int8Head, key, temperature: fl
     return jax.lax.cond(fits, exact, full, None).astype(jnp.int32)
 
 
-def unstack_layers(model: Transformer, fuse: bool = False) -> list[dict[str, jax.Array]]:
-    """The stacked [L, ...] block parameters as L dicts of separate arrays (one jitted copy): the model's
-    `layers=` argument, an unrolled forward (on CPU faster for decoding and for small models' training).
-    fuse: q/k/v and gate/up as one weight each, "q+k+v" [D, (N + 2K) H] and "gate+up" [D, 2F]: fewer,
-    larger matmuls, ~5% faster per decode step on Gemma 3 270M (not with adapters or quantized weights)."""
-    stacked = model.layers.arrays()
-    fuse = fuse and not any(name.endswith(("_lora_a", "_codes")) for name in stacked)
-    return _unstack(stacked, model.cfg.n_layers, fuse)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _unstack(stacked: dict[str, jax.Array], n_layers: int, fuse: bool) -> list[dict[str, jax.Array]]:
-    layers = [{name: x[i] for name, x in stacked.items()} for i in range(n_layers)]
-    for p in layers if fuse else ():
-        D = p["up"].shape[0]  # joined on a middle axis: on CPU a concatenate along the last one is 3x slower
-        p["q+k+v"] = jnp.concatenate([p.pop("q"), p.pop("k"), p.pop("v")], axis=1).reshape(D, -1)  # [D, N+2K, H]
-        p["gate+up"] = jnp.stack([p.pop("gate"), p.pop("up")], axis=1).reshape(D, -1)  # [D, 2, F]
-    return layers
-
-
 _int8_cache: dict = {}  # the int8 head of the last model decoded, while its head array lives
+
+
+def _head_array(model: Transformer):
+    """The output head's stored array, or None when it is stored quantized (dequantized per call)."""
+    head = getattr(model, "embed" if model.cfg.tie_embeddings else "lm_head", None)
+    return head[...] if isinstance(head, nnx.Param) else None
 
 
 def cached_int8_head(model: Transformer) -> Int8Head:
     """int8_head of the model's output head, built once per head array (quantizing reads all of it)."""
-    name = "embed" if model.cfg.tie_embeddings else "lm_head"
-    array = getattr(model, name)[...] if isinstance(getattr(model, name, None), nnx.Param) else None
+    array = _head_array(model)
     hit = _int8_cache.get("head")
     if array is not None and hit is not None and hit[0]() is array:
         return hit[1]
@@ -201,6 +190,8 @@ def cached_int8_head(model: Transformer) -> Int8Head:
         _int8_cache["head"] = (weakref.ref(array, lambda _: _int8_cache.clear()), head8)
     return head8
 
+
+# ----------------------------------------------------------------------------- the decode loop, beam search
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "group"))
 def _generate(graphdef, state, layers, head8, tokens, segment_ids, positions, eos_ids, key, *,
@@ -311,6 +302,28 @@ def _beam_search(graphdef, state, tokens, segment_ids, positions, eos_ids, *, ma
     return fin_seq[:, 0], fin_len[:, 0]
 
 
+# ----------------------------------------------------------------------------- unrolled layers, shared prompts
+
+def unstack_layers(model: Transformer, fuse: bool = False) -> list[dict[str, jax.Array]]:
+    """The stacked [L, ...] block parameters as L dicts of separate arrays (one jitted copy): the model's
+    `layers=` argument, an unrolled forward (on CPU faster for decoding and for small models' training).
+    fuse: q/k/v and gate/up as one weight each, "q+k+v" [D, (N + 2K) H] and "gate+up" [D, 2F]: fewer,
+    larger matmuls, ~5% faster per decode step on Gemma 3 270M (not with adapters or quantized weights)."""
+    stacked = model.layers.arrays()
+    fuse = fuse and not any(name.endswith(("_lora_a", "_codes")) for name in stacked)
+    return _unstack(stacked, model.cfg.n_layers, fuse)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _unstack(stacked: dict[str, jax.Array], n_layers: int, fuse: bool) -> list[dict[str, jax.Array]]:
+    layers = [{name: x[i] for name, x in stacked.items()} for i in range(n_layers)]
+    for p in layers if fuse else ():
+        D = p["up"].shape[0]  # joined on a middle axis: on CPU a concatenate along the last one is 3x slower
+        p["q+k+v"] = jnp.concatenate([p.pop("q"), p.pop("k"), p.pop("v")], axis=1).reshape(D, -1)  # [D, N+2K, H]
+        p["gate+up"] = jnp.stack([p.pop("gate"), p.pop("up")], axis=1).reshape(D, -1)  # [D, 2, F]
+    return layers
+
+
 def repeat_rows(cache: KVCache, group: int) -> KVCache:
     """Each row of a cache `group` times: a prompt's keys and values, computed once, for all its rows."""
     rows = lambda x: jnp.repeat(x, group, axis=x.ndim - 4)  # noqa: E731 ([L, B, S, K, H] or per layer [B, S, K, H])
@@ -394,7 +407,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
     layers = unstack_layers(model, fuse=True)  # an unrolled decode step of fewer, larger matmuls is faster on CPU
     if int8 is None:
         int8 = (not return_logprobs and top_k == 0 and top_p == 1.0 and len(prompts) <= INT8_HEAD_MAX_ROWS
-                and model.cfg.vocab_size * model.cfg.dim >= INT8_HEAD_MIN_SIZE)
+                and model.cfg.vocab_size * model.cfg.dim >= INT8_HEAD_MIN_SIZE and _head_array(model) is not None)
     head8 = cached_int8_head(model) if int8 else None
     out, out_lp = _generate(graphdef, state, layers, head8, tokens, segment_ids, positions,
                                jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),

@@ -69,7 +69,7 @@ def nanotune_worker(setting):
                          out_shardings=(param_sh, opt_sh, None, shard.batch_sharding(mesh, 3, axis=1)))
     ref_logps = jax.jit(lambda r, f, b: jax.lax.map(
         lambda mb: grpo.token_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature, group)[0], b))
-    B, G, A = cfg.prompts_per_step, cfg.num_generations, cfg.grad_accum
+    G, A = cfg.num_generations, cfg.grad_accum
     state = {"params": params, "opt_state": opt_state, "step": 0}
 
     def run(prompts):

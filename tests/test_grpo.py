@@ -3,7 +3,6 @@ rewards never raise, the default run learns, it resumes exactly, it shards, and 
 in one clear line."""
 import builtins
 import functools
-from unittest import mock
 import json
 import os
 import pathlib
@@ -13,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
