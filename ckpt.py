@@ -20,6 +20,7 @@ import pathlib
 import shutil
 import sys
 import tempfile
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -536,25 +537,32 @@ def hf_cache_dir(repo: str) -> pathlib.Path | None:
     return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
+class LoadedModel(NamedTuple):
+    model: Transformer
+    source: str  # where the weights came from: a directory, or "random <preset>"
+    directory: pathlib.Path | None  # the checkpoint directory (its tokenizer files too); None for random weights
+
+
 def load_model(name: str = "tiny", ckpt=None, dtype: str | None = None, seed: int = 0,
-               param_dtype: str | None = None, **overrides):
+               param_dtype: str | None = None, **overrides) -> LoadedModel:
     """`--ckpt DIR` if given; else the preset's checkpoint from the local HF cache; else the
-    preset with random weights and a warning on stderr. Returns (model, where it came from).
+    preset with random weights and a warning on stderr.
     dtype: compute dtype; param_dtype: storage (default dtype; training keeps float32)."""
     if ckpt:
-        return load_hf(ckpt, dtype=dtype, param_dtype=param_dtype, **overrides), str(ckpt)
+        return LoadedModel(load_hf(ckpt, dtype=dtype, param_dtype=param_dtype, **overrides), str(ckpt),
+                           pathlib.Path(ckpt))
     cfg = get_config(name)
     name = next(k for k, v in CONFIGS.items() if v is cfg)
     repo = HF_REPOS.get(name)
     local = hf_cache_dir(repo) if repo else None
     if local:
-        return load_hf(local, dtype=dtype, param_dtype=param_dtype, **overrides), str(local)
+        return LoadedModel(load_hf(local, dtype=dtype, param_dtype=param_dtype, **overrides), str(local), local)
     if repo:
         print(f"warning: {repo} is not in the local Hugging Face cache; {name} starts from random weights "
               f"(pass --ckpt DIR to load a checkpoint)", file=sys.stderr)
     dtypes = {"dtype": dtype or cfg.dtype, "param_dtype": param_dtype or dtype or cfg.param_dtype}
     cfg = cfg.replace(**dtypes, **overrides)
-    return Transformer(cfg, nnx.Rngs(seed)), f"random {name}"
+    return LoadedModel(Transformer(cfg, nnx.Rngs(seed)), f"random {name}", None)
 
 
 # ----------------------------------------------------------------------------- train state (orbax)

@@ -10,7 +10,7 @@ embedding scaling. Everything else is the same pre-norm block:
     x = x + post_ffw_norm(MLP(ffw_norm(x)))
 
 Parameters of all layers are stacked on a leading `L` axis. The forward pass scans over
-them (jit compiles one block) or, given `layers=sample.unstack_layers(model)`, runs them unrolled:
+them (jit compiles one block) or, given `layers=unstack_layers(model)`, runs them unrolled:
 faster on CPU for decoding (sample.py) and for small models' training steps (grpo.py).
 
 Einsum letters (as in Gemma's reference code): B batch, T query time, S key time,
@@ -24,6 +24,8 @@ F feed-forward dim, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from typing import NamedTuple
 
@@ -267,7 +269,16 @@ def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None)
     return ok
 
 
-# ----------------------------------------------------------------------------- the model
+# ----------------------------------------------------------------------------- a block's weights
+#
+# A block reads its layer's parameters from a dict (its slice of the stacked Layers inside the scan,
+# or one entry of unstack_layers). A projection's weight W is stored there in one of four forms, and
+# `projections` below is the one place that reads them:
+#     plain      p["q"]  [D, N, H]                                        Layers
+#     quantized  p["q_codes"], p["q_scales"]: W as int8 / nf4 blocks       quantize_model (QLoRA)
+#     adapted    p["q_lora_a"], p["q_lora_b"] beside either: W + s·A B      add_lora (LoRA)
+#     fused      p["q+k+v"] [D, (N+2K)H], p["gate+up"] [D, 2F]: the projections of one input as
+#                one matmul (unstack_layers(fuse=True): decoding only, never adapted or quantized)
 
 def layer_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Shapes of one block's parameters (stacked on a leading L axis in the model)."""
@@ -282,6 +293,76 @@ def layer_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
         shapes.update(post_attn_norm=(D,), post_ffw_norm=(D,))
     return shapes
 
+
+class Adapters(NamedTuple):
+    """What a forward pass needs to apply LoRA adapters: their scale, and dropout on their inputs."""
+    scale: float
+    dropout: float
+    key: jax.Array | None  # this layer's dropout key (training with dropout only)
+
+
+def projections(p: dict, names: tuple[str, ...], h, cfg: Config, adapters: Adapters | None) -> list[jax.Array]:
+    """h @ W for each projection in `names` (all of one input h, e.g. q, k, v), whatever W's storage form."""
+    if len(names) > 1 and "+".join(names) in p:  # fused: one matmul, split after
+        sizes = [math.prod(layer_shapes(cfg)[name][1:]) for name in names]
+        parts = jnp.split(matmul("BTD,DE->BTE", h, p["+".join(names)]), list(itertools.accumulate(sizes))[:-1], -1)
+        return [part.reshape(*h.shape[:-1], *layer_shapes(cfg)[name][1:]) for part, name in zip(parts, names)]
+    out = []
+    for name in names:
+        y = matmul(LETTERS[name], h, weight(p, name, layer_shapes(cfg)[name], h.dtype))
+        if f"{name}_lora_a" in p:
+            h_in = h if adapters.key is None else \
+                lora_dropout(h, jax.random.fold_in(adapters.key, TARGETS.index(name)), adapters.dropout)
+            y = y + lora_delta(h_in, p[f"{name}_lora_a"], p[f"{name}_lora_b"], adapters.scale)
+        out.append(y)
+    return out
+
+
+# ----------------------------------------------------------------------------- the block
+
+class Rope(NamedTuple):
+    cos: jax.Array  # [B, T, H/2] float32
+    sin: jax.Array  # [B, T, H/2]
+
+
+def self_attention(p: dict, h, cfg: Config, rope: Rope, mask, kv, start, adapters) -> tuple[jax.Array, tuple]:
+    """Grouped-query self-attention of h [B, T, D] → [B, T, D]. kv: this layer's cached keys and values
+    [B, S, K, H] (None without a cache): this call's are written at slot `start`, then all are attended."""
+    eps = (cfg.norm_eps, cfg.norm_plus_one)
+    q, k, v = projections(p, ("q", "k", "v"), h, cfg, adapters)  # [B, T, N, H], [B, T, K, H] x 2
+    if cfg.qkv_bias:
+        q, k, v = (x + p[f"{name}_bias"].astype(h.dtype) for x, name in zip((q, k, v), "qkv"))
+    if cfg.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], *eps), rms_norm(k, p["k_norm"], *eps)
+    q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
+    cache_k, cache_v = kv
+    if cache_k is not None:
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+        k, v = cache_k.astype(h.dtype), cache_v.astype(h.dtype)
+    scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
+    out, = projections(p, ("o",), attention(q, k, v, mask, scale, cfg.attn_softcap), cfg, adapters)
+    return out, (cache_k, cache_v)
+
+
+def mlp(p: dict, h, cfg: Config, adapters) -> jax.Array:
+    """act(h W_gate) * (h W_up) W_down: h [B, T, D] → [B, T, F] → [B, T, D]."""
+    gate, up = projections(p, ("gate", "up"), h, cfg, adapters)
+    down, = projections(p, ("down",), ACTIVATIONS[cfg.act](gate) * up, cfg, adapters)
+    return down
+
+
+def block(x, p: dict, cfg: Config, rope: Rope, mask, kv, start, adapters):
+    """One pre-norm block on the residual stream x [B, T, D] (post norms: Gemma 2/3 only)."""
+    norm = lambda y, name: rms_norm(y, p[name], cfg.norm_eps, cfg.norm_plus_one)  # noqa: E731
+    post = lambda y, name: norm(y, name) if cfg.post_norms else y  # noqa: E731
+    out, kv = self_attention(p, norm(x, "attn_norm"), cfg, rope, mask, kv, start, adapters)
+    x = x + post(out, "post_attn_norm")
+    x = x + post(mlp(p, norm(x, "ffw_norm"), cfg, adapters), "post_ffw_norm")
+    return x, kv
+
+
+# ----------------------------------------------------------------------------- the model
 
 class Layers(nnx.Module):
     """All blocks' parameters, each stacked as [L, ...] so the forward pass can scan."""
@@ -326,7 +407,7 @@ class Transformer(nnx.Module):
         last: logits of the last `last` positions only, [B, last, V] (a prefill needs one, a learner
         only the completion's; the output head is the largest matmul of a small model). hidden: the
         final-normed hidden states [B, T, D] instead of logits (`self.logits` maps them).
-        layers: the block parameters as separate per-layer arrays (`sample.unstack_layers`), run unrolled
+        layers: the block parameters as separate per-layer arrays (`unstack_layers`), run unrolled
         instead of scanned, at the price of compiling every layer: on CPU decoding is ~1.5x and a
         GRPO update ~1.7x faster that way (benchmarks/RESULTS.md).
         dropout_key: LoRA dropout on the adapters' inputs (training only; None: no dropout).
@@ -350,75 +431,36 @@ class Transformer(nnx.Module):
         q_slots = start + jnp.arange(T)
         global_mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, None)
         sliding_mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, cfg.sliding_window)
-        global_rope = rope_table(positions, rope_inv_freq(cfg, cfg.rope_theta, scaled=True))
+        global_rope = Rope(*rope_table(positions, rope_inv_freq(cfg, cfg.rope_theta, scaled=True)))
         local_rope = global_rope if cfg.rope_local_theta is None else \
-            rope_table(positions, rope_inv_freq(cfg, cfg.rope_local_theta, scaled=False))
+            Rope(*rope_table(positions, rope_inv_freq(cfg, cfg.rope_local_theta, scaled=False)))
         sliding = jnp.asarray(cfg.sliding_layers or (False,) * cfg.n_layers)  # [L]
-        scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
-        eps, plus_one = cfg.norm_eps, cfg.norm_plus_one
-        shapes = layer_shapes(cfg)
         lora = getattr(self, "lora", None)
         drop_keys = None if dropout_key is None or not lora or not lora.dropout else \
             jax.random.split(dropout_key, cfg.n_layers)
 
-        def block(x, layer):
+        def layer_step(x, layer):  # one block, choosing this layer's attention pattern
             p, is_sliding, layer_k, layer_v, drop_key = layer
-            def proj(name, h):  # the base weight (dequantized if stored quantized) + its adapter, if any
-                y = matmul(f"{LETTERS[name]}", h, weight(p, name, shapes[name], dtype))
-                if f"{name}_lora_a" in p:
-                    h_in = h if drop_key is None else \
-                        lora_dropout(h, jax.random.fold_in(drop_key, TARGETS.index(name)), lora.dropout)
-                    y = y + lora_delta(h_in, p[f"{name}_lora_a"], p[f"{name}_lora_b"], lora.scale)
-                return y
-
-            def projs(names, h):  # projections of one input h: one matmul when their weights are fused
-                if "+".join(names) not in p:  # (sample.unstack_layers(fuse=True): "q+k+v", "gate+up")
-                    return [proj(name, h) for name in names]
-                sizes = [math.prod(shapes[name][1:]) for name in names]
-                parts = jnp.split(matmul("BTD,DE->BTE", h, p["+".join(names)]),
-                                  [sum(sizes[:i + 1]) for i in range(len(names) - 1)], axis=-1)
-                return [part.reshape(*h.shape[:-1], *shapes[name][1:]) for part, name in zip(parts, names)]
-
-            h = rms_norm(x, p["attn_norm"], eps, plus_one)
-            q, k, v = projs(("q", "k", "v"), h)
-            if cfg.qkv_bias:
-                q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
-            if cfg.qk_norm:
-                q, k = rms_norm(q, p["q_norm"], eps, plus_one), rms_norm(k, p["k_norm"], eps, plus_one)
-            cos, sin = (jnp.where(is_sliding, a, b) for a, b in zip(local_rope, global_rope))
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if cache is not None:  # write this call's keys/values, attend over the whole cache
-                layer_k = jax.lax.dynamic_update_slice(layer_k, k.astype(layer_k.dtype), (0, start, 0, 0))
-                layer_v = jax.lax.dynamic_update_slice(layer_v, v.astype(layer_v.dtype), (0, start, 0, 0))
-                k, v = layer_k.astype(dtype), layer_v.astype(dtype)
+            rope = Rope(*(jnp.where(is_sliding, a, b) for a, b in zip(local_rope, global_rope)))
             mask = jnp.where(is_sliding, sliding_mask, global_mask)
-            out = proj("o", attention(q, k, v, mask, scale, cfg.attn_softcap))
-            if cfg.post_norms:
-                out = rms_norm(out, p["post_attn_norm"], eps, plus_one)
-            x = x + out
+            adapters = Adapters(lora.scale, lora.dropout, drop_key) if lora else None
+            return block(x, p, cfg, rope, mask, (layer_k, layer_v), start, adapters)
 
-            h = rms_norm(x, p["ffw_norm"], eps, plus_one)
-            gate, up = projs(("gate", "up"), h)
-            out = proj("down", ACTIVATIONS[cfg.act](gate) * up)
-            if cfg.post_norms:
-                out = rms_norm(out, p["post_ffw_norm"], eps, plus_one)
-            return x + out, (layer_k, layer_v)
-
-        block = jax.checkpoint(block) if cfg.remat else block
+        layer_step = jax.checkpoint(layer_step) if cfg.remat else layer_step
         cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
         if layers is None:
-            x, (new_k, new_v) = jax.lax.scan(block, x, (self.layers.arrays(), sliding, *cache_kv, drop_keys))
+            x, (new_k, new_v) = jax.lax.scan(layer_step, x, (self.layers.arrays(), sliding, *cache_kv, drop_keys))
         else:
             new_kv = []
             for i, p in enumerate(layers):
-                x, kv = block(x, (p, sliding[i], *(c if c is None else c[i] for c in (*cache_kv, drop_keys))))
+                x, kv = layer_step(x, (p, sliding[i], *(c if c is None else c[i] for c in (*cache_kv, drop_keys))))
                 new_kv.append(kv)
             new_k, new_v = (None, None) if cache is None else [  # a per-layer cache stays per layer
                 tuple(kvs) if isinstance(cache.k, tuple) else jnp.stack(kvs) for kvs in zip(*new_kv)]
 
         if last is not None:
             x = x[:, -last:]
-        x = rms_norm(x, self.final_norm[...], eps, plus_one)
+        x = rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_plus_one)
         out = x if hidden else self.logits(x)
         return out if cache is None else (out, KVCache(new_k, new_v, k_segments, start + T))
 
@@ -445,6 +487,68 @@ class Transformer(nnx.Module):
             return getattr(self, name)[...].astype(dtype)
         codes, scales = getattr(self, f"{name}_codes")[...], getattr(self, f"{name}_scales")[...]
         return dequantize(codes, scales, (self.cfg.vocab_size, self.cfg.dim), dtype)
+
+
+# ----------------------------------------------------------------------------- what learners call
+
+def unstack_layers(model: Transformer, fuse: bool = False) -> list[dict[str, jax.Array]]:
+    """The stacked [L, ...] block parameters as L dicts of separate arrays (one jitted copy): the model's
+    `layers=` argument, an unrolled forward (on CPU faster for decoding and for small models' training).
+    fuse: q/k/v and gate/up as one weight each (the "fused" form above): fewer, larger matmuls, ~5% faster
+    per decode step on Gemma 3 270M (not with adapters or quantized weights)."""
+    stacked = model.layers.arrays()
+    fuse = fuse and not any(name.endswith(("_lora_a", "_codes")) for name in stacked)
+    return _unstack(stacked, model.cfg.n_layers, fuse)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _unstack(stacked: dict[str, jax.Array], n_layers: int, fuse: bool) -> list[dict[str, jax.Array]]:
+    layers = [{name: x[i] for name, x in stacked.items()} for i in range(n_layers)]
+    for p in layers if fuse else ():
+        D = p["up"].shape[0]  # joined on a middle axis: on CPU a concatenate along the last one is 3x slower
+        p["q+k+v"] = jnp.concatenate([p.pop("q"), p.pop("k"), p.pop("v")], axis=1).reshape(D, -1)  # [D, N+2K, H]
+        p["gate+up"] = jnp.stack([p.pop("gate"), p.pop("up")], axis=1).reshape(D, -1)  # [D, 2, F]
+    return layers
+
+
+def repeat_rows(cache: KVCache, group: int) -> KVCache:
+    """Each row of a cache `group` times: a prompt's keys and values, computed once, for all its rows."""
+    rows = lambda x: jnp.repeat(x, group, axis=x.ndim - 4)  # noqa: E731 ([L, B, S, K, H] or per layer [B, S, K, H])
+    return KVCache(jax.tree.map(rows, cache.k), jax.tree.map(rows, cache.v), jnp.repeat(cache.segment_ids, group, 0),
+                   cache.index)
+
+
+def next_token_logits(model: Transformer, tokens, positions, segment_ids, last: int, group: int = 1, layers=None,
+                      dropout_key=None):
+    """Logits [B, C, V] predicting the last C = `last` tokens of each row of tokens [B, T]: those of
+    model(tokens[:, :-1], ..., last=C). group > 1: rows come in runs of `group` that share their first
+    T - C tokens (a GRPO group's prompt); those run once per run, into a KV cache that the run's rows
+    attend to, so the prompt's work is done once, not `group` times (gradients flow through the cache:
+    the run's contributions add up)."""
+    C, P = last, tokens.shape[1] - last
+    if group == 1 or C == 1:
+        return model(tokens[:, :-1], positions=positions[:, :-1], segment_ids=segment_ids[:, :-1], last=C,
+                     layers=layers, dropout_key=dropout_key)
+    cache = KVCache.init(model.cfg, tokens.shape[0] // group, P + C)
+    first, cache = model(tokens[::group, :P], positions=positions[::group, :P], segment_ids=segment_ids[::group, :P],
+                         cache=cache, last=1, layers=layers, dropout_key=dropout_key)  # [B/G, 1, V]
+    rest, _ = model(tokens[:, P:-1], positions=positions[:, P:-1], segment_ids=segment_ids[:, P:-1],
+                    cache=repeat_rows(cache, group), layers=layers, dropout_key=dropout_key)  # [B, C - 1, V]
+    return jnp.concatenate([jnp.repeat(first, group, axis=0), rest], axis=1)
+
+
+def token_logps(model: Transformer, batch: dict, last: int | None = None, group: int = 1, temperature: float = 1.0,
+                entropy: bool = False, layers=None, dropout_key=None):
+    """log π(x_t | x_<t) [B, C] of the last C = `last` tokens of each row (default: every token after the
+    first), π = softmax(logits / temperature); with `entropy`, also π's entropy there [B, C].
+    batch: tokens, positions, segment_ids [B, T]; group as in next_token_logits."""
+    tokens = batch["tokens"]
+    C = tokens.shape[1] - 1 if last is None else last
+    logits = next_token_logits(model, tokens, batch["positions"], batch["segment_ids"], C, group, layers,
+                               dropout_key)  # [B, C, V] float32
+    logp_all = jax.nn.log_softmax(logits if temperature == 1.0 else logits / temperature, axis=-1)
+    logp = jnp.take_along_axis(logp_all, tokens[:, -C:, None], axis=-1)[..., 0]
+    return (logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)) if entropy else logp
 
 
 # ----------------------------------------------------------------------------- LoRA and quantized weights

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import sys
 import weakref
 from typing import NamedTuple
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model import KVCache, Transformer, softcap
+from model import KVCache, Transformer, quantize, repeat_rows, softcap, unstack_layers
 
 MIN_PROMPT_BUCKET = 8  # prompt lengths round up to a power of two >= this: few shapes, few compiles
 
@@ -102,23 +101,21 @@ def int8_head(table) -> Int8Head:
     which halves Gemma 3's int8 rounding error (the error scales with a row's absmax)."""
     D = table.shape[1]
     rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((D, D)))[0].astype(np.float32)
-    return _int8_rows(table, jnp.asarray(rotation))
+    return _int8_table(table, jnp.asarray(rotation))
+
+
+def _int8_rows(x):
+    """x [N, D] → int8 codes [N, D] and scales [N, 1], one per row: model.quantize with a block of D."""
+    codes, scales = quantize(x, "int8", block=x.shape[-1])
+    return codes[:, 0], scales
 
 
 @jax.jit
-def _int8_rows(table, rotation) -> Int8Head:
+def _int8_table(table, rotation) -> Int8Head:
     table = jnp.dot(table.astype(jnp.float32), rotation, precision="highest")
-    scale = jnp.max(jnp.abs(table), axis=1) / 127
-    codes = jnp.round(table / jnp.where(scale == 0, 1, scale)[:, None]).astype(jnp.int8)
-    err = jnp.linalg.norm(table - codes * scale[:, None], axis=1)
-    return Int8Head(rotation, codes, scale, jnp.linalg.norm(table, axis=1), err)
-
-
-def _quantize_rows(x):
-    """x [B, D] → int8 codes and scales [B, 1] with codes * scales ~ x (a zero row: scale 1)."""
-    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127
-    scale = jnp.where(scale == 0, 1.0, scale)
-    return jnp.round(x / scale).astype(jnp.int8), scale
+    codes, scale = _int8_rows(table)
+    err = jnp.linalg.norm(table - codes * scale, axis=1)
+    return Int8Head(rotation, codes, scale[:, 0], jnp.linalg.norm(table, axis=1), err)
 
 
 def int8_candidates(model: Transformer, x, head8: Int8Head, noise, temperature: float):
@@ -127,8 +124,8 @@ def int8_candidates(model: Transformer, x, head8: Int8Head, noise, temperature: 
     provided `fits` is true (else more blocks than CANDIDATE_BLOCKS could win)."""
     V = head8.codes.shape[0]
     x_rot = jnp.dot(x.astype(jnp.float32), head8.rotation, precision="highest")
-    q1, s1 = _quantize_rows(x_rot)
-    q2, s2 = _quantize_rows(x_rot - q1 * s1)  # x's own rounding error: a second int8 pass
+    q1, s1 = _int8_rows(x_rot)
+    q2, s2 = _int8_rows(x_rot - q1 * s1)  # x's own rounding error: a second int8 pass
     dots = jnp.einsum("VD,RD->RV", head8.codes, jnp.concatenate([q1, q2]), preferred_element_type=jnp.int32)
     x_q = q1 * s1 + q2 * s2  # what the int8 pass multiplied
     B = x.shape[0]
@@ -302,54 +299,7 @@ def _beam_search(graphdef, state, tokens, segment_ids, positions, eos_ids, *, ma
     return fin_seq[:, 0], fin_len[:, 0]
 
 
-# ----------------------------------------------------------------------------- unrolled layers, shared prompts
-
-def unstack_layers(model: Transformer, fuse: bool = False) -> list[dict[str, jax.Array]]:
-    """The stacked [L, ...] block parameters as L dicts of separate arrays (one jitted copy): the model's
-    `layers=` argument, an unrolled forward (on CPU faster for decoding and for small models' training).
-    fuse: q/k/v and gate/up as one weight each, "q+k+v" [D, (N + 2K) H] and "gate+up" [D, 2F]: fewer,
-    larger matmuls, ~5% faster per decode step on Gemma 3 270M (not with adapters or quantized weights)."""
-    stacked = model.layers.arrays()
-    fuse = fuse and not any(name.endswith(("_lora_a", "_codes")) for name in stacked)
-    return _unstack(stacked, model.cfg.n_layers, fuse)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _unstack(stacked: dict[str, jax.Array], n_layers: int, fuse: bool) -> list[dict[str, jax.Array]]:
-    layers = [{name: x[i] for name, x in stacked.items()} for i in range(n_layers)]
-    for p in layers if fuse else ():
-        D = p["up"].shape[0]  # joined on a middle axis: on CPU a concatenate along the last one is 3x slower
-        p["q+k+v"] = jnp.concatenate([p.pop("q"), p.pop("k"), p.pop("v")], axis=1).reshape(D, -1)  # [D, N+2K, H]
-        p["gate+up"] = jnp.stack([p.pop("gate"), p.pop("up")], axis=1).reshape(D, -1)  # [D, 2, F]
-    return layers
-
-
-def repeat_rows(cache: KVCache, group: int) -> KVCache:
-    """Each row of a cache `group` times: a prompt's keys and values, computed once, for all its rows."""
-    rows = lambda x: jnp.repeat(x, group, axis=x.ndim - 4)  # noqa: E731 ([L, B, S, K, H] or per layer [B, S, K, H])
-    return KVCache(jax.tree.map(rows, cache.k), jax.tree.map(rows, cache.v), jnp.repeat(cache.segment_ids, group, 0),
-                   cache.index)
-
-
-def completion_logits(model: Transformer, tokens, positions, segment_ids, completion_len: int, group: int = 1,
-                      layers=None):
-    """Logits [b, C, V] predicting the last C = completion_len tokens of each row of tokens [b, P + C]:
-    what model(tokens[:, :-1], ..., last=C) returns. group > 1: rows come in runs of `group` that share
-    their first P tokens (a GRPO group's prompt); those run once per run, into a KV cache that the
-    run's rows attend to, so the prompt's work is done once, not `group` times (gradients flow through
-    the cache: the run's contributions add up)."""
-    C = completion_len
-    P = tokens.shape[1] - C
-    if group == 1 or C == 1:
-        return model(tokens[:, :-1], positions=positions[:, :-1], segment_ids=segment_ids[:, :-1], last=C,
-                     layers=layers)
-    cache = KVCache.init(model.cfg, tokens.shape[0] // group, P + C)
-    first, cache = model(tokens[::group, :P], positions=positions[::group, :P], segment_ids=segment_ids[::group, :P],
-                         cache=cache, last=1, layers=layers)  # [b/G, 1, V]: the logits of each first token
-    rest, _ = model(tokens[:, P:-1], positions=positions[:, P:-1], segment_ids=segment_ids[:, P:-1],
-                    cache=repeat_rows(cache, group), layers=layers)  # [b, C - 1, V]
-    return jnp.concatenate([jnp.repeat(first, group, axis=0), rest], axis=1)
-
+# ----------------------------------------------------------------------------- prompts in, ids out
 
 def prompt_runs(prompts: list[list[int]]) -> int:
     """g when the prompts come in runs of g equal ones (GRPO's groups: each prompt G times), else 1."""
@@ -447,9 +397,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
     try:
-        model, source = ckpt.load_model(args.model, ckpt=args.ckpt, dtype=args.dtype)
-        local = args.ckpt or (source if os.path.isdir(source) else None)  # --ckpt or the HF cache
-        tok = data.load_tokenizer(local)  # no directory: the byte-level tokenizer of the tiny presets
+        model, source, directory = ckpt.load_model(args.model, ckpt=args.ckpt, dtype=args.dtype)
+        tok = data.load_tokenizer(directory)  # no directory: the byte-level tokenizer of the tiny presets
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
         if args.chat:

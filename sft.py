@@ -17,32 +17,31 @@ With no arguments it trains the tiny Qwen 3 preset on the built-in task (fixed-w
 Data (--data, --eval-data): JSONL in TRL's formats, {"prompt", "completion"},
 {"messages": [...]} (chat template; loss on assistant turns) or {"text"}.
 Outputs in --out: metrics.jsonl, checkpoints/ (resume with --resume), hf/ (transformers loads it).
+lora.py trains with this file's loss and loop, on adapters instead of all parameters.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import pathlib
-import shutil
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
-import ckpt
 import data
+import model as model_lib
+import run
 import sample
 import shard
 
 
 @dataclasses.dataclass
 class Config:
+    # model and data
     model: str = "tiny-qwen3"  # preset or family alias (ignored when --ckpt is given)
     ckpt: str | None = None  # Hugging Face checkpoint directory to fine-tune
     data: str | None = None  # training JSONL; default: the built-in arithmetic task
@@ -50,17 +49,19 @@ class Config:
     task: str = "*,3,1"  # built-in task: operator, digits of a, digits of b
     train_examples: int = 50_000  # built-in task: size of the training set
     eval_examples: int = 256  # held-out problems for eval/loss and eval/accuracy
+    max_len: int = 512  # longest sequence; longer examples are truncated
+    pack: bool = False  # pack several examples per row (segment ids keep them apart)
+    # optimisation
     steps: int = 1200  # optimizer steps
     batch_size: int = 128  # sequences per optimizer step (all micro-batches together)
     grad_accum: int = 1  # micro-batches per step; gradients normalised by the step's token count
-    max_len: int = 512  # longest sequence; longer examples are truncated
-    pack: bool = False  # pack several examples per row (segment ids keep them apart)
     lr: float = 3e-3  # peak learning rate
     warmup: float = 0.03  # fraction of steps of linear warmup, then cosine decay to 0
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     clip: float = 1.0  # global gradient-norm clip
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     remat: bool = False  # recompute activations in the backward pass (less memory)
+    # logging and checkpoints
     eval_every: int = 200  # steps between evaluations (and at the start and end)
     save_every: int = 400  # steps between train-state checkpoints
     keep: int = 2  # checkpoints kept
@@ -68,6 +69,7 @@ class Config:
     out: str = "runs/sft"  # output directory
     resume: bool = False  # continue from the newest checkpoint in --out
     seed: int = 0  # data order and initialisation
+    # devices
     mesh: str = ""  # device mesh, e.g. data=1,fsdp=-1,tp=1 (default: all devices on fsdp)
     tpu: bool = False  # multi-host TPU start-up (jax.distributed)
 
@@ -87,39 +89,27 @@ class Config:
 
 # ----------------------------------------------------------------------------- loss
 
-def token_nll(model, batch):
-    """Summed NLL of the target tokens and their count. batch: tokens, loss_mask,
-    segment_ids, positions [B, T]; position t is predicted from tokens[:t]."""
-    logits = model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                   segment_ids=batch["segment_ids"][:, :-1])  # [B, T-1, V] float32
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+def token_nll(model, batch, dropout_key=None):
+    """Summed NLL of the target tokens and their count. batch: tokens, loss_mask, segment_ids,
+    positions [B, T]; position t is predicted from tokens[:t]. dropout_key: LoRA dropout."""
+    logp = model_lib.token_logps(model, batch, dropout_key=dropout_key)  # [B, T-1]
     mask = batch["loss_mask"][:, 1:]
-    return jnp.sum(nll * mask), jnp.sum(mask)
+    return -jnp.sum(logp * mask), jnp.sum(mask)
 
 
 # ----------------------------------------------------------------------------- train step
 
 def make_train_step(graphdef, tx):
-    def train_step(params, opt_state, batch):
-        """One optimizer step over a batch of shape [grad_accum, B/grad_accum, T]."""
-        def micro(carry, mb):
-            grads, nll, count = carry
-            (mb_nll, mb_count), g = jax.value_and_grad(
-                lambda p: token_nll(nnx.merge(graphdef, p), mb), has_aux=True)(params)
-            return (jax.tree.map(jnp.add, grads, g), nll + mb_nll, count + mb_count), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, nll, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)  # normalised by the whole step's tokens
-        updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = {"loss": nll / count, "grad_norm": optax.global_norm(grads), "tokens": count}
-        return optax.apply_updates(params, updates), opt_state, metrics
-    return train_step
+    """step(params, opt_state, frozen, batch [grad_accum, B/grad_accum, T], key) → params, opt_state,
+    metrics: the trained params (all of them, or LoRA's adapters) move; frozen is the rest of the model."""
+    def loss_fn(params, frozen, micro_batch, key):
+        nll, count = token_nll(nnx.merge(graphdef, params, frozen), micro_batch, key)
+        return nll, {"tokens": count}
+    update = run.make_update(loss_fn, tx)  # gradients summed over micro-batches, / the step's token count
+    return lambda params, opt_state, frozen, batch, key: update(params, opt_state, frozen, batch, key)[:3]
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- data and eval
 
 def load_datasets(cfg: Config, tok, family):
     """Tokenized training examples and eval rows ({"prompt", "completion"})."""
@@ -140,17 +130,16 @@ def load_datasets(cfg: Config, tok, family):
     return train, evals
 
 
-def evaluate(graphdef, params, evals, tok, eval_loss_fn):
+def evaluate(model, evals, tok, eval_nll) -> dict:
     """eval/loss over the rows and eval/accuracy: greedy completion == reference (stripped)."""
     if not evals:
         return {}
-    model = nnx.merge(graphdef, params)
     examples = [data.tokenize(row, tok) for row in evals]
     nll = count = 0.0
     for i in range(0, len(examples), 64):
         chunk = [[ex] for ex in examples[i:i + 64]]
-        batch = data.collate(chunk, data.bucket_length(max(len(ex[0][0]) for ex in chunk), 1 << 20), tok.pad_id)
-        b_nll, b_count = eval_loss_fn(params, batch)
+        b_nll, b_count = eval_nll(data.collate(chunk, data.bucket_length(max(len(ex[0][0]) for ex in chunk), 1 << 20),
+                                               tok.pad_id))
         nll, count = nll + float(b_nll), count + float(b_count)
     max_new = max(len(tok.encode(row["completion"], add_bos=False)) for row in evals) + 1
     outs = sample.generate(model, [tok.encode(row["prompt"]) for row in evals], max_new_tokens=max_new,
@@ -159,102 +148,73 @@ def evaluate(graphdef, params, evals, tok, eval_loss_fn):
     return {"eval/loss": nll / max(count, 1.0), "eval/accuracy": float(np.mean(correct))}
 
 
-def main(argv=None):
-    cfg = shard.startup(Config, argv)
-    out = pathlib.Path(cfg.out)
-    try:
-        model, source = ckpt.load_model(cfg.model, ckpt=cfg.ckpt, dtype=cfg.dtype, param_dtype="float32",
-                                        seed=cfg.seed, remat=cfg.remat)
-        local = cfg.ckpt or (source if os.path.isdir(source) else None)  # --ckpt or the HF cache
-        tok = data.load_tokenizer(local)  # no directory: the byte-level tokenizer of the tiny presets
-        train, evals = load_datasets(cfg, tok, model.cfg.family if local else None)
-        manager = ckpt.checkpoint_manager(out / "checkpoints", keep=cfg.keep)
-        if manager.latest_step() is not None and not cfg.resume:
-            raise ValueError(f"{out}/checkpoints already holds a run: pass --resume or choose another --out")
-        mesh = shard.make_mesh(cfg.mesh)
-    except (ValueError, OSError) as e:  # CheckpointError, DataError, TokenizerError, MeshError
-        sys.exit(f"error: {e}")
+# ----------------------------------------------------------------------------- main
 
-    model = shard.shard_model(model, mesh)
-    graphdef, params = nnx.split(model)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, int(cfg.warmup * cfg.steps)), cfg.steps)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
-    param_sh = shard.tree_shardings(params, mesh)
-    opt_sh = shard.tree_shardings(jax.eval_shape(tx.init, params), mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    # [grad_accum, B, T]: each micro-batch's rows split over (data, fsdp)
-    batch_sh = shard.batch_sharding(mesh, 3, axis=1)
-    train_step = jax.jit(make_train_step(graphdef, tx), in_shardings=(param_sh, opt_sh, batch_sh),
+def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_record: dict | None = None):
+    """Fine-tune the `trainable` parameters of `model` (nnx.Param: all; model.LoRA: the adapters) on
+    the data; logs, evaluates, saves and resumes. Returns the trained model."""
+    out, tok = pathlib.Path(cfg.out), loaded.tokenizer
+    with run.user_errors():
+        train_rows, evals = load_datasets(cfg, tok, loaded.family)
+        manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
+    graphdef, params, frozen = nnx.split(shard.shard_model(model, mesh), trainable, ...)  # trained | the rest
+    tx, schedule = run.adamw(cfg, cfg.steps)
+    opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
+    frozen_sh = shard.tree_shardings(frozen, mesh)
+    batch_sh = shard.batch_sharding(mesh, 3, axis=1)  # [grad_accum, B, T]: each micro-batch's rows over (data, fsdp)
+    train_step = jax.jit(make_train_step(graphdef, tx), in_shardings=(param_sh, opt_sh, frozen_sh, batch_sh, None),
                          out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
-    eval_loss_fn = jax.jit(lambda p, b: token_nll(nnx.merge(graphdef, p), b))
-
-    step, position = 0, 0
-    if cfg.resume:
-        try:
-            restored = ckpt.restore_train_state(manager, {"params": params, "opt_state": opt_state},
-                                                {"params": param_sh, "opt_state": opt_sh})
-        except ckpt.CheckpointError as e:
-            sys.exit(f"error: {e}")
-        if restored:
-            step, state, meta = restored
-            params, opt_state, position = state["params"], state["opt_state"], meta["data_position"]
-            print(f"resumed from step {step} (data position {position})", file=sys.stderr)
-    batches = data.Batches(train, cfg.batch_size, cfg.max_len, seed=cfg.seed, pack=cfg.pack, position=position,
+    eval_nll = jax.jit(lambda p, f, b: token_nll(nnx.merge(graphdef, p, f), b))
+    evaluate_now = lambda: evaluate(nnx.merge(graphdef, params, frozen), evals, tok,  # noqa: E731
+                                    lambda b: eval_nll(params, frozen, b))
+    step, state, position = run.resume(cfg, manager, {"params": params, "opt_state": opt_state},
+                                       {"params": param_sh, "opt_state": opt_sh})
+    params, opt_state = state["params"], state["opt_state"]
+    batches = data.Batches(train_rows, cfg.batch_size, cfg.max_len, seed=cfg.seed, pack=cfg.pack, position=position,
                            pad_id=tok.pad_id)
+    if shard.is_main_process():
+        n_train = sum(x.size for x in jax.tree.leaves(params))
+        print(f"model: {loaded.source}, training {n_train / 1e6:.3f}M parameters; {len(train_rows)} training "
+              f"examples; mesh {dict(mesh.shape)}", file=sys.stderr)
 
-    main_process = shard.is_main_process()
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        n_params = sum(x.size for x in jax.tree.leaves(params))
-        print(f"model: {source}, {n_params / 1e6:.2f}M parameters; {len(train)} training examples; "
-              f"mesh {dict(mesh.shape)}", file=sys.stderr)
-    log = open(out / "metrics.jsonl", "a") if main_process else None
+    with run.MetricsLog(out) as log:
+        if step == 0:
+            log.write({"step": 0, **(first_record or {}), **evaluate_now()})
+        bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
+        pending, t0 = [], time.perf_counter()  # metrics stay on device until logged: no per-step sync
+        while step < cfg.steps:
+            rows = shard.host_rows(cfg.batch_size)  # each host feeds its slice of the global batch
+            batch = {k: shard.global_batch(v[rows].reshape(cfg.grad_accum, -1, v.shape[-1]), mesh, axis=1)
+                     for k, v in next(batches).items()}
+            key = jax.random.fold_in(jax.random.key(cfg.seed), step)  # LoRA dropout, when there is any
+            params, opt_state, metrics = train_step(params, opt_state, frozen, batch, key)
+            step += 1
+            pending.append(metrics["tokens"])
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed, tokens_seen = time.perf_counter() - t0, float(sum(pending))
+                record = {"step": step, "loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
+                          "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": tokens_seen / elapsed}
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    record.update(evaluate_now())
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}",
+                                acc=record.get("eval/accuracy", ""))
+                pending, t0 = [], time.perf_counter()
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                run.save(cfg, manager, step, {"params": params, "opt_state": opt_state}, batches.position)
+            bar.update(1)
+        bar.close()
+    return nnx.merge(graphdef, params, frozen)
 
-    def write(metrics):
-        if log:
-            log.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}) + "\n")
-            log.flush()
 
-    if step == 0:
-        write({"step": 0, **evaluate(graphdef, params, evals, tok, eval_loss_fn)})
-    bar = tqdm(total=cfg.steps, initial=step, disable=not main_process, dynamic_ncols=True)
-    pending, t0 = [], time.perf_counter()  # metrics stay on device until logged: no per-step sync
-    while step < cfg.steps:
-        batch = next(batches)
-        rows = shard.host_rows(cfg.batch_size)  # each host feeds its slice of the global batch
-        batch = {k: v[rows].reshape(cfg.grad_accum, -1, v.shape[-1]) for k, v in batch.items()}
-        batch = {k: shard.global_batch(v, mesh, axis=1) for k, v in batch.items()}
-        params, opt_state, metrics = train_step(params, opt_state, batch)
-        step += 1
-        pending.append(metrics["tokens"])
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            loss, elapsed = float(metrics["loss"]), time.perf_counter() - t0
-            tokens_seen = float(sum(pending))
-            record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
-                      "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": tokens_seen / elapsed}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                record.update(evaluate(graphdef, params, evals, tok, eval_loss_fn))
-            write(record)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / elapsed:.0f}",
-                            acc=record.get("eval/accuracy", ""))
-            pending, t0 = [], time.perf_counter()  # metrics stay on device until logged: no per-step sync
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            ckpt.save_train_state(manager, step, {"params": params, "opt_state": opt_state},
-                                  {"data_position": batches.position, "config": dataclasses.asdict(cfg)})
-        bar.update(1)
-    bar.close()
-
-    if main_process:  # the final model as a Hugging Face checkpoint (+ the tokenizer files)
-        final = nnx.merge(graphdef, params)
-        final.cfg = final.cfg.replace(remat=False)
-        ckpt.save_hf(final, out / "hf")
-        if isinstance(tok, data.ByteTokenizer):
-            tok.save(out / "hf")
-        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                     "generation_config.json", data.BYTE_TOKENIZER_FILE):
-            if local and (pathlib.Path(local) / name).is_file():
-                shutil.copy(pathlib.Path(local) / name, out / "hf" / name)
-        print(f"saved {out / 'hf'}; metrics in {out / 'metrics.jsonl'}", file=sys.stderr)
+def main(argv=None):
+    cfg = run.parse_flags(Config, argv)
+    with run.user_errors():
+        loaded = run.load(cfg)
+    trained = train(cfg, loaded, loaded.model)
+    if shard.is_main_process():  # the final model as a Hugging Face checkpoint (+ the tokenizer files)
+        run.export_hf(trained, pathlib.Path(cfg.out) / "hf", loaded)
+        print(f"saved {cfg.out}/hf; metrics in {cfg.out}/metrics.jsonl", file=sys.stderr)
 
 
 if __name__ == "__main__":

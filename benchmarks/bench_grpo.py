@@ -52,7 +52,7 @@ def nanotune_worker(setting):
     cfg = grpo.Config(prompts_per_step=setting["prompts_per_step"], num_generations=setting["num_generations"],
                       max_completion_len=setting["max_completion_len"], num_iterations=setting["num_iterations"],
                       beta=setting["beta"], warmup_sft_steps=0)
-    model, _ = ckpt.load_model("tiny-qwen3", dtype=cfg.dtype, param_dtype="float32", seed=cfg.seed)
+    model = ckpt.load_model("tiny-qwen3", dtype=cfg.dtype, param_dtype="float32", seed=cfg.seed).model
     tok, mesh = data.load_tokenizer(None), shard.make_mesh(cfg.mesh)
     eos_ids, pad_id = (), tok.pad_id  # no EOS: every completion has max_completion_len tokens
     graphdef, params, frozen = nnx.split(shard.shard_model(model, mesh), nnx.Param, ...)

@@ -35,7 +35,7 @@ def worker(args) -> dict:
     import model as M
     import sft
 
-    model, _ = ckpt.load_model(args.model, ckpt=args.ckpt, param_dtype="float32")
+    model = ckpt.load_model(args.model, ckpt=args.ckpt, param_dtype="float32").model
     if args.mode != "sft":
         M.add_lora(model, args.rank, 2.0 * args.rank)
         if args.mode.startswith("qlora"):

@@ -116,17 +116,17 @@ def test_preset_resolves_to_local_hf_cache(tmp_path, monkeypatch, capsys):
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    model, source = ckpt.load_model("qwen3")
-    assert source == str(snapshot) and model.cfg.dim == small.cfg.dim
+    model, source, directory = ckpt.load_model("qwen3")
+    assert source == str(snapshot) and directory == snapshot and model.cfg.dim == small.cfg.dim
     # --ckpt always wins over the cache
     other = tmp_path / "other"
     ckpt.save_hf(randomized("tiny-llama3"), other)
-    model, source = ckpt.load_model("qwen3", ckpt=other)
-    assert model.cfg.family == "llama3"
+    loaded = ckpt.load_model("qwen3", ckpt=other)
+    assert loaded.model.cfg.family == "llama3" and loaded.directory == other
     # a preset with no local checkpoint: random init and a warning naming the repo
     monkeypatch.setitem(ckpt.HF_REPOS, "tiny-gemma", "google/not-downloaded")
-    model, source = ckpt.load_model("tiny-gemma")
-    assert source == "random tiny-gemma"
+    loaded = ckpt.load_model("tiny-gemma")
+    assert loaded.source == "random tiny-gemma" and loaded.directory is None
     assert "google/not-downloaded is not in the local Hugging Face cache" in capsys.readouterr().err
 
 

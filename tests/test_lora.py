@@ -17,8 +17,8 @@ from flax import nnx
 
 import ckpt
 import data
-import lora
 import model as M
+import sft
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ["--train-examples", "2000", "--eval-examples", "16", "--batch-size", "32", "--eval-every", "1000"]
@@ -92,7 +92,7 @@ def test_training_moves_only_the_adapters():
     opt_state = tx.init(params)
     assert {p[-1] for p, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0] if hasattr(p[-1], "key")} \
         <= {f"{t}_lora_{f}" for t in M.TARGETS for f in "ab"}
-    step = jax.jit(lora.make_train_step(graphdef, tx))
+    step = jax.jit(sft.make_train_step(graphdef, tx))  # lora.py trains with sft.py's step
     task, tok = data.Arithmetic("*", 3, 1), data.ByteTokenizer()
     batch = data.collate([[data.tokenize(r, tok)] for r in task.examples("train", 16)], 32)
     batch = {k: v[None] for k, v in batch.items()}

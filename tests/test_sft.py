@@ -86,12 +86,12 @@ def test_loss_mask_covers_exactly_the_completion():
 
 def test_grad_accumulation_equals_one_big_batch():
     model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     tx = optax.sgd(1.0)  # params - grads: compares the gradients themselves
     step = jax.jit(sft.make_train_step(graphdef, tx))
     batch = data.collate([[ex] for ex in tiny_examples()], 32)
-    one = step(params, tx.init(params), {k: v[None] for k, v in batch.items()})
-    four = step(params, tx.init(params), {k: v.reshape(4, 2, -1) for k, v in batch.items()})
+    one = step(params, tx.init(params), frozen, {k: v[None] for k, v in batch.items()}, None)
+    four = step(params, tx.init(params), frozen, {k: v.reshape(4, 2, -1) for k, v in batch.items()}, None)
     assert abs(float(one[2]["loss"]) - float(four[2]["loss"])) < 1e-6
     for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(four[0])):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

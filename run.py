@@ -1,0 +1,264 @@
+"""run.py — the run plumbing every algorithm script shares. Nothing in this file is an algorithm.
+
+What is the same in sft.py, lora.py and grpo.py lives here once, so that each script holds its
+algorithm alone (its loss, its step, what it logs):
+
+    flags        parse_flags: the CLI generated from a script's Config dataclass, help from each
+                 field's comment, defaults shown, grouped by the comment lines inside the class
+    loading      load: model + tokenizer for --model / --ckpt (and the chat-template family)
+    optimizer    adamw: AdamW with global-norm clipping, linear warmup then cosine decay
+    train state  checkpoints / resume / save: orbax train states in <out>/checkpoints
+    metrics      MetricsLog: <out>/metrics.jsonl, one JSON object per logged step, closed on exit
+    export       export_hf / export_peft: the final model (or adapters) with its tokenizer files
+    the update   make_update: one jitted optimizer step over (params, frozen) with gradients
+                 accumulated over micro-batches and normalised by the step's token count
+
+Arrows point down: scripts import run; run imports ckpt, data, shard and model, never a script.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import pathlib
+import shutil
+import sys
+import tokenize
+import typing
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import ckpt
+import data
+import shard
+
+
+# ----------------------------------------------------------------------------- flags
+
+def config_comments(config_class) -> tuple[dict[str, str], dict[str, str]]:
+    """Each field's trailing comment (its --help text) and the group it sits in: a comment alone on a
+    line inside the class body starts a group ("# sampling"), for the fields below it. Base classes first."""
+    helps, groups = {}, {}
+    for klass in reversed(config_class.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        group, lines = "options", {}
+        for token in tokenize.generate_tokens(io.StringIO(inspect.getsource(klass)).readline):
+            row = token.start[0]
+            if token.type == tokenize.COMMENT:
+                lines.setdefault(row, []).append(("comment", token.string.lstrip("# ").strip()))
+            elif token.type == tokenize.NAME and token.start[1] == 4 and row not in lines:
+                lines[row] = [("name", token.string)]
+        for row in sorted(lines):
+            (kind, text), *rest = lines[row]
+            if kind == "comment" and text:
+                group = text
+            elif kind == "name":  # a field redefined in a subclass keeps its base's group
+                groups.setdefault(text, group)
+                helps[text] = rest[0][1] if rest else helps.get(text, "")
+    return helps, groups
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit status 2 (not usage + message)
+        fail(f"{message} (see --help)", status=2)
+
+
+def parse_flags(config_class, argv=None):
+    """The script's Config from the command line (`--batch-size 8`; booleans `--pack` / `--no-pack`),
+    then, with --tpu, the multi-host start-up. Bad flags and out-of-range values (the Config's
+    __post_init__ raises ValueError) end in one line on stderr and exit status 2."""
+    module = sys.modules[config_class.__module__]
+    parser = _Parser(description=(module.__doc__ or "").strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps, groups = config_comments(config_class)
+    hints = typing.get_type_hints(config_class)
+    sections = {}
+    for field in dataclasses.fields(config_class):
+        name = groups.get(field.name, "options")
+        section = sections.get(name) or sections.setdefault(name, parser.add_argument_group(name))
+        flag, kind = "--" + field.name.replace("_", "-"), hints[field.name]
+        default = '""' if field.default == "" else field.default
+        text = f"{helps.get(field.name, '')} (default: {default})".replace("%", "%%")
+        if kind is bool:
+            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None → X
+        section.add_argument(flag, type=base, default=field.default, metavar=base.__name__.upper(), help=text)
+    try:
+        cfg = config_class(**vars(parser.parse_args(argv)))  # __post_init__ checks ranges
+    except ValueError as e:
+        fail(str(e), status=2)
+    if getattr(cfg, "tpu", False):
+        shard.init_tpu()
+    return cfg
+
+
+def fail(message: str, status: int = 1):
+    """User error: one line on stderr and a non-zero exit, never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input raised as ValueError or OSError (CheckpointError, DataError, TokenizerError,
+    MeshError are ValueErrors) inside the block ends the run with one line."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+# ----------------------------------------------------------------------------- loading
+
+class Loaded(NamedTuple):
+    model: object  # model.Transformer
+    tokenizer: object  # data.ByteTokenizer | HFTokenizer | SentencePieceTokenizer
+    source: str  # where the weights came from (a directory, or "random <preset>")
+    directory: pathlib.Path | None  # the checkpoint directory; None for random weights
+    family: str | None  # the chat-template family (None: no checkpoint, byte-level tokenizer)
+
+
+def load(cfg, **overrides) -> Loaded:
+    """The model of --ckpt, else of the --model preset (local HF cache, else random weights), in
+    cfg.dtype with float32 parameters, and its tokenizer (the byte-level one when there is no directory)."""
+    model, source, directory = ckpt.load_model(cfg.model, ckpt=cfg.ckpt, dtype=cfg.dtype, param_dtype="float32",
+                                               seed=cfg.seed, remat=cfg.remat, **overrides)
+    return Loaded(model, data.load_tokenizer(directory), source, directory, model.cfg.family if directory else None)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def adamw(cfg, updates: int):
+    """AdamW (cfg.lr, cfg.weight_decay) after clipping the global gradient norm to cfg.clip; the rate
+    ramps up linearly over cfg.warmup of the updates, then decays to 0 by a cosine. → (tx, schedule)"""
+    ramp = max(1, int(cfg.warmup * updates))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, ramp, max(updates, ramp + 1))
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    return tx, schedule
+
+
+def init_optimizer(tx, params, mesh):
+    """The optimizer state, born sharded as the table in shard.py says, and the shardings of both."""
+    param_sh = shard.tree_shardings(params, mesh)
+    opt_sh = shard.tree_shardings(jax.eval_shape(tx.init, params), mesh)
+    return jax.jit(tx.init, out_shardings=opt_sh)(params), param_sh, opt_sh
+
+
+# ----------------------------------------------------------------------------- train state
+
+def checkpoints(cfg):
+    """The orbax manager of <out>/checkpoints; refuses to write over an earlier run unless --resume."""
+    manager = ckpt.checkpoint_manager(pathlib.Path(cfg.out) / "checkpoints", keep=cfg.keep)
+    if manager.latest_step() is not None and not cfg.resume:
+        raise ValueError(f"{cfg.out}/checkpoints already holds a run: pass --resume or choose another --out")
+    return manager
+
+
+def resume(cfg, manager, state: dict, shardings: dict):
+    """With --resume, the newest train state (same tree as `state`, restored into `shardings`):
+    (step, state, data position). Otherwise, or when there is none: (0, state, 0)."""
+    if not cfg.resume:
+        return 0, state, 0
+    with user_errors():
+        restored = ckpt.restore_train_state(manager, state, shardings)
+    if not restored:
+        return 0, state, 0
+    step, state, meta = restored
+    print(f"resumed from step {step} (data position {meta['data_position']})", file=sys.stderr)
+    return step, state, meta["data_position"]
+
+
+def save(cfg, manager, step: int, state: dict, data_position: int) -> None:
+    ckpt.save_train_state(manager, step, state, {"data_position": data_position, "config": dataclasses.asdict(cfg)})
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class MetricsLog:
+    """<out>/metrics.jsonl: one JSON object per write (floats rounded to 6 digits), appended, flushed
+    at once, written by the main process only; a context manager, so it is closed on exit."""
+
+    def __init__(self, out):
+        self.path = pathlib.Path(out) / "metrics.jsonl"
+        self.file = None
+        if shard.is_main_process():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}))
+            self.file.write("\n")
+            self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()
+
+
+# ----------------------------------------------------------------------------- export
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "generation_config.json", data.BYTE_TOKENIZER_FILE)
+
+
+def copy_tokenizer(loaded: Loaded, path) -> None:
+    """The tokenizer files beside a saved model, so that it loads on its own."""
+    if isinstance(loaded.tokenizer, data.ByteTokenizer):
+        loaded.tokenizer.save(path)
+    for name in TOKENIZER_FILES if loaded.directory else ():
+        if (loaded.directory / name).is_file():
+            shutil.copy(loaded.directory / name, pathlib.Path(path) / name)
+
+
+def export_hf(model, path, loaded: Loaded) -> None:
+    """A Hugging Face checkpoint that transformers loads (config.json, safetensors, tokenizer files)."""
+    model.cfg = model.cfg.replace(remat=False)
+    ckpt.save_hf(model, path)
+    copy_tokenizer(loaded, path)
+
+
+def export_peft(model, path, loaded: Loaded) -> None:
+    """The adapters alone, in PEFT's layout (`peft.PeftModel.from_pretrained(hf_model, path)`)."""
+    ckpt.save_peft(model, path, base_model=str(loaded.directory) if loaded.directory else None)
+    copy_tokenizer(loaded, path)
+
+
+# ----------------------------------------------------------------------------- the update
+
+def make_update(loss_fn, tx, normalise: bool = True):
+    """One optimizer step over a batch of micro-batches [A, b, ...] (a scan: one micro-batch's
+    activations live at a time). loss_fn(params, frozen, micro_batch, key) → (loss summed over the
+    micro-batch, aux: a dict of arrays holding "tokens", the count that sum runs over). Only `params`
+    are differentiated and updated; `frozen` (the rest of the model) is read. normalise: divide the
+    summed gradients and loss by the whole step's token count (else the loss is already a mean).
+    key: split into one per micro-batch (LoRA dropout); None passes None.
+
+    Returns update(params, opt_state, frozen, batch, key) → params, opt_state, metrics (loss,
+    grad_norm, tokens), aux stacked over micro-batches [A, ...]."""
+    def update(params, opt_state, frozen, batch, key):
+        A = jax.tree.leaves(batch)[0].shape[0]
+        keys = None if key is None else jax.random.split(key, A)
+
+        def micro(grads, mb_key):
+            (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, *mb_key)
+            return jax.tree.map(jnp.add, grads, g), (loss, aux)
+
+        grads, (losses, aux) = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), (batch, keys))
+        tokens = jnp.sum(aux["tokens"])
+        norm = jnp.maximum(tokens, 1.0) if normalise else 1.0
+        grads = jax.tree.map(lambda g: g / norm, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        metrics = {"loss": jnp.sum(losses) / norm, "grad_norm": optax.global_norm(grads), "tokens": tokens}
+        return optax.apply_updates(params, updates), opt_state, metrics, aux
+    return update
