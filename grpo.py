@@ -16,6 +16,11 @@ penalty to the frozen starting policy π_ref (the k3 estimator, unbiased and ≥
 the averaging, as TRL's GRPOTrainer does: grpo (above), bnpo (over each micro-batch's tokens),
 dr_grpo (Σ / (completions · max_completion_len)), dapo (Σ / all completion tokens of the batch).
 
+Where it departs from TRL's GRPOTrainer: TRL's defaults are loss_type dapo and beta 0 (no
+reference model); ours are the paper's grpo averaging and β = 0.02, which the tiny demo needs to
+stay stable. The KL is TRL's (k3, per token, added to the loss). μ > 1 updates use the learner's own
+log-probs of the first update as π_old, as TRL does, never the sampler's.
+
 The logged loss reads ~0: on the first update of a rollout batch π_old = π_θ, so ρ = 1 and the
 loss is −mean(A) + β·KL, and advantages are centred in each group (they sum to zero). Its
 gradient is the policy gradient −Σ A ∇log π_θ, not zero: watch reward and eval/reward instead.
@@ -46,11 +51,8 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
-import json
-import os
 import pathlib
 import re
-import shutil
 import sys
 import time
 
@@ -64,6 +66,7 @@ from tqdm import tqdm
 import ckpt
 import data
 import model as model_lib
+import run
 import sample
 import shard
 
@@ -72,6 +75,7 @@ LOSS_TYPES, SCALINGS = ("grpo", "bnpo", "dr_grpo", "dapo"), ("group", "batch", "
 
 @dataclasses.dataclass
 class Config:
+    # model and data
     model: str = "tiny-qwen3"  # preset or family alias (ignored when --ckpt is given)
     ckpt: str | None = None  # Hugging Face checkpoint directory to start from (e.g. runs/sft/hf)
     data: str | None = None  # JSONL of {"prompt", "answer"}; default: the built-in arithmetic task
@@ -79,14 +83,15 @@ class Config:
     task: str = "*,3,1"  # built-in task: operator, digits of a, digits of b
     train_examples: int = 50_000  # built-in task: problems that prompts (and warm-up examples) come from
     eval_examples: int = 512  # held-out prompts for eval/reward (greedy decoding)
+    # sampling
     num_generations: int = 8  # G, completions sampled per prompt (one group)
     prompts_per_step: int = 64  # B, prompts per rollout batch (B·G completions)
-    grad_accum: int = 1  # micro-batches per update (less memory, same update)
     max_prompt_len: int = 512  # longer prompts keep their last tokens
     max_completion_len: int = 6  # new tokens per completion; no EOS by then = truncated
     temperature: float = 1.0  # sampling temperature; the learner scores logits / temperature too
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # top-k sampling (0: off)
+    # the GRPO objective
     beta: float = 0.02  # KL coefficient; 0 keeps no reference model at all
     epsilon: float = 0.2  # ratio clipped to [1 - epsilon, 1 + epsilon_high]
     epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None: epsilon
@@ -94,7 +99,9 @@ class Config:
     scale_rewards: str = "group"  # group | batch | none: divide advantages by that reward std
     mask_truncated_completions: bool = False  # completions that never emitted EOS get no loss
     num_iterations: int = 1  # μ, optimizer updates per rollout batch
+    grad_accum: int = 1  # micro-batches per update (less memory, same update)
     reward_weights: str = ""  # comma-separated weight per reward function (default: all 1)
+    # optimisation
     steps: int = 800  # GRPO steps, each one rollout batch and num_iterations updates
     lr: float = 1e-3  # peak learning rate (tiny demo; real models: ~1e-6)
     warmup: float = 0.05  # fraction of updates of linear warmup, then cosine decay to 0
@@ -102,6 +109,7 @@ class Config:
     clip: float = 1.0  # global gradient-norm clip
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     remat: bool = False  # recompute activations in the backward pass (less memory)
+    # logging and checkpoints
     eval_every: int = 50  # steps between evaluations (and at the start and end)
     save_every: int = 100  # steps between train-state checkpoints
     keep: int = 2  # checkpoints kept
@@ -109,12 +117,15 @@ class Config:
     out: str = "runs/grpo"  # output directory
     resume: bool = False  # continue from the newest checkpoint in --out
     seed: int = 0  # data order, sampling and initialisation
+    # devices
     mesh: str = ""  # device mesh, e.g. data=1,fsdp=-1,tp=1 (default: all devices on fsdp)
     tpu: bool = False  # multi-host TPU start-up (jax.distributed)
+    # supervised warm-up (a random policy never earns a reward)
     warmup_sft_steps: int = -1  # most supervised steps before GRPO (-1: 500 on the task from scratch, else 0)
     warmup_sft_target: float = 0.3  # the warm-up stops once greedy accuracy on training prompts reaches this
     warmup_sft_lr: float = 3e-3  # warm-up learning rate (constant after a 10-step ramp)
     warmup_sft_batch_size: int = 128  # warm-up sequences per step
+    # LoRA
     lora: bool = False  # train LoRA adapters only; the reference is the base (adapters off)
     lora_rank: int = 8  # LoRA r
     lora_alpha: float = 16.0  # LoRA scale numerator (alpha / r)
@@ -235,20 +246,16 @@ def loss_weights(mask: np.ndarray, loss_type: str, max_completion_len: int) -> n
 def unrolled_if_small(model):
     """Per-layer weights (an unrolled forward) below 64 MiB of weights, else None (the scan): on CPU a
     tiny model's update runs 1.7x faster unrolled, while at 270M parameters the scan is ~5% faster."""
-    return sample.unstack_layers(model) if model_lib.param_bytes(model) < 2**26 else None
+    return model_lib.unstack_layers(model) if model_lib.param_bytes(model) < 2**26 else None
 
 
-def token_logps(model, batch, temperature: float, group: int = 1):
-    """Log-probabilities [b, C] of the completion tokens under softmax(logits / temperature) and
-    the policy's entropy there. tokens, segment_ids, positions [b, P + C]: the prompt left-padded
-    to P, the completion right after it, right-padded to C (padding: segment 0). group: rows come
-    in runs of that many with one prompt (a GRPO group), whose forward pass then runs once."""
-    C = batch["mask"].shape[-1]
-    logits = sample.completion_logits(model, batch["tokens"], batch["positions"], batch["segment_ids"], C, group,
-                                      layers=unrolled_if_small(model))  # [b, C, V]
-    logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
-    logp = jnp.take_along_axis(logp_all, batch["tokens"][:, -C:, None], axis=-1)[..., 0]
-    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+def policy_logps(model, batch, temperature: float, group: int = 1):
+    """log π(o_t | q, o_<t) [b, C] of the completion tokens under softmax(logits / temperature), and π's
+    entropy there. tokens, segment_ids, positions [b, P + C]: the prompt left-padded to P, the completion
+    right after it, right-padded to C (padding: segment 0). group: rows come in runs of that many with
+    one prompt (a GRPO group), whose forward pass then runs once (model.next_token_logits)."""
+    return model_lib.token_logps(model, batch, last=batch["mask"].shape[-1], group=group, temperature=temperature,
+                                 entropy=True, layers=unrolled_if_small(model))
 
 
 def token_losses(logp, old_logp, ref_logp, advantages, epsilon: float, epsilon_high: float, beta: float):
@@ -265,36 +272,32 @@ def token_losses(logp, old_logp, ref_logp, advantages, epsilon: float, epsilon_h
 
 # ----------------------------------------------------------------------------- train step
 
-def prompt_group(cfg: Config) -> int:  # token_logps' group: G when each host's micro-batches hold whole groups
+def prompt_group(cfg: Config) -> int:  # policy_logps' group: G when each host's micro-batches hold whole groups
     rows = cfg.prompts_per_step * cfg.num_generations // (jax.process_count() * cfg.grad_accum)
     return cfg.num_generations if rows % cfg.num_generations == 0 else 1
 
 
 def make_train_step(graphdef, tx, cfg: Config, group: int = 1):
-    def loss_fn(params, frozen, mb, fresh):
-        logp, entropy = token_logps(nnx.merge(graphdef, params, frozen), mb, cfg.temperature, group)
-        # The first update on a rollout batch runs at the sampling parameters: π_old is π_θ itself
-        # (ratio exactly 1); later ones use the log-probs that this first pass returned.
-        old = jnp.where(fresh, jax.lax.stop_gradient(logp), mb["old_logp"])
-        loss, kl, clipped = token_losses(logp, old, mb.get("ref_logp"), mb["advantages"], cfg.epsilon,
+    """step(params, opt_state, frozen, batch [grad_accum, B·G / grad_accum, ...]) → params, opt_state,
+    metrics, π_θ's log-probs [grad_accum, b, C] before the update. π_old is batch["old_logp"] when given
+    (updates 2..μ); the first update has none and runs at the sampling parameters, so π_old = π_θ
+    (ratio exactly 1). Its returned log-probs are π_old for the later updates."""
+    def loss_fn(params, frozen, mb, key):
+        logp, entropy = policy_logps(nnx.merge(graphdef, params, frozen), mb, cfg.temperature, group)
+        old_logp = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
+        loss, kl, clipped = token_losses(logp, old_logp, mb.get("ref_logp"), mb["advantages"], cfg.epsilon,
                                          cfg.epsilon_high, cfg.beta)
         m = mb["mask"]
         sums = {"kl": jnp.sum(kl * m), "clip_ratio": jnp.sum(clipped * m), "entropy": jnp.sum(entropy * m),
-                "sampling/logp_difference": jnp.sum(jnp.abs(logp - mb["old_logp"]) * m), "tokens": jnp.sum(m)}
-        return jnp.sum(loss * mb["weights"]), (sums, jax.lax.stop_gradient(logp))
+                "sampling/logp_difference": jnp.sum(jnp.abs(logp - mb["sampler_logp"]) * m), "tokens": jnp.sum(m)}
+        return jnp.sum(loss * mb["weights"]), {**sums, "logp": jax.lax.stop_gradient(logp)}
+    update = run.make_update(loss_fn, tx, normalise=False)  # the weights already average as loss_type says
 
-    def train_step(params, opt_state, frozen, batch, fresh):
-        """One update over a rollout batch of shape [grad_accum, B·G / grad_accum, ...]."""
-        def micro(grads, mb):
-            (loss, (sums, logp)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, mb, fresh)
-            return jax.tree.map(jnp.add, grads, g), (loss, sums, logp)
-
-        grads, (loss, sums, logp) = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        tokens = jnp.maximum(jnp.sum(sums.pop("tokens")), 1.0)
-        metrics = {"loss": jnp.sum(loss), "grad_norm": optax.global_norm(grads),
-                   **{k: jnp.sum(v) / tokens for k, v in sums.items()}}
-        return optax.apply_updates(params, updates), opt_state, metrics, logp
+    def train_step(params, opt_state, frozen, batch):
+        params, opt_state, metrics, aux = update(params, opt_state, frozen, batch, None)
+        tokens = jnp.maximum(metrics["tokens"], 1.0)
+        metrics.update({k: jnp.sum(aux[k]) / tokens for k in ("kl", "clip_ratio", "entropy", "sampling/logp_difference")})
+        return params, opt_state, metrics, aux["logp"]
     return train_step
 
 
@@ -338,19 +341,19 @@ def load_datasets(cfg: Config, tok, family):
     return train, evals, ids[0], ids[1], funcs
 
 
-def rollout_batch(prompt_ids, completions, logps, eos_ids, pad_id: int, cfg: Config) -> dict[str, np.ndarray]:
-    """Prompts left-padded to P (sample.left_pad) + completions right-padded to C (a power of two
-    up to max_completion_len) → tokens, segment_ids, positions [N, P + C]; mask, old_logp [N, C]; positions count from
-    each prompt's first real token, as when sampling."""
+def rollout_batch(prompt_ids, completions, sampler_logps, eos_ids, pad_id: int, cfg: Config) -> dict[str, np.ndarray]:
+    """Prompts left-padded to P (sample.left_pad) + completions right-padded to C (a power of two up to
+    max_completion_len) → tokens, segment_ids, positions [N, P + C]; mask, sampler_logp [N, C] (what the
+    sampler's softmax gave each token); positions count from each prompt's first real token, as when sampling."""
     tokens, segment_ids, positions = sample.left_pad(prompt_ids)
     C = data.bucket_length(max(map(len, completions)), cfg.max_completion_len, smallest=8)
     N = len(completions)
     out = {"tokens": np.full((N, C), pad_id, np.int32), "segment_ids": np.zeros((N, C), np.int32),
            "positions": np.zeros((N, C), np.int32), "mask": np.zeros((N, C), np.float32),
-           "old_logp": np.zeros((N, C), np.float32)}
-    for r, (p, c, lp) in enumerate(zip(prompt_ids, completions, logps)):
+           "sampler_logp": np.zeros((N, C), np.float32)}
+    for r, (p, c, lp) in enumerate(zip(prompt_ids, completions, sampler_logps)):
         n = len(c)
-        out["tokens"][r, :n], out["segment_ids"][r, :n], out["old_logp"][r, :n] = c, 1, lp
+        out["tokens"][r, :n], out["segment_ids"][r, :n], out["sampler_logp"][r, :n] = c, 1, lp
         out["positions"][r, :n] = len(p) + np.arange(n)
         out["mask"][r, :n] = 0.0 if cfg.mask_truncated_completions and c[-1] not in eos_ids else 1.0
     for name, prefix in (("tokens", tokens), ("segment_ids", segment_ids), ("positions", positions)):
@@ -358,48 +361,60 @@ def rollout_batch(prompt_ids, completions, logps, eos_ids, pad_id: int, cfg: Con
     return out
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- one GRPO step, phase by phase
 
-def warmup_sft(model, cfg: Config, rows, ids, tok, funcs, eos_ids, pad_id: int, mesh):
-    """Supervised fine-tuning on the rows' answers (completion NLL, AdamW at a constant rate),
-    stopped once greedy accuracy on --eval-examples training prompts reaches --warmup-sft-target: a
-    random policy never earns a reward, and a policy caught mid-learning (not annealed) still has
-    unsure answers that GRPO can sort out. Returns the model, the steps run and that accuracy."""
-    examples = [data.tokenize({"prompt": r["prompt"], "completion": str(r["answer"])}, tok) for r in rows]
-    graphdef, params = nnx.split(model)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(
-        optax.linear_schedule(0.0, cfg.warmup_sft_lr, 10), weight_decay=cfg.weight_decay))
+def next_prompts(n_prompts: int, position: int, B: int, seed: int) -> list[int]:
+    """Prompts position..position+B-1 of an endless stream: each epoch a permutation from (seed, epoch)."""
+    orders, picked = {}, []
+    for k in range(position, position + B):
+        epoch, i = divmod(k, n_prompts)
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n_prompts)
+        picked.append(int(orders[epoch][i]))
+    return picked
 
-    def step(params, opt_state, batch):
-        def nll(p):
-            model = nnx.merge(graphdef, p)
-            logits = model(batch["tokens"][:, :-1], positions=batch["positions"][:, :-1],
-                           segment_ids=batch["segment_ids"][:, :-1], layers=unrolled_if_small(model))
-            logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch["tokens"][:, 1:, None], -1)[..., 0]
-            return -jnp.sum(logp * batch["loss_mask"][:, 1:]) / jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]), 1)
-        grads = jax.grad(nll)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
 
-    param_sh = shard.tree_shardings(params, mesh)
-    opt_sh = shard.tree_shardings(jax.eval_shape(tx.init, params), mesh)
-    step = jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh))
-    batches = data.Batches(examples, cfg.warmup_sft_batch_size, cfg.max_prompt_len + cfg.max_completion_len,
-                           seed=cfg.seed, pad_id=pad_id)
-    opt_state, rows_here = jax.jit(tx.init, out_shardings=opt_sh)(params), shard.host_rows(cfg.warmup_sft_batch_size)
-    bar = tqdm(range(1, cfg.warmup_sft_steps + 1), desc="warm-up (SFT)", disable=not shard.is_main_process())
-    accuracy = 0.0
-    for i in bar:
-        batch = {k: shard.global_batch(v[rows_here], mesh) for k, v in next(batches).items()}
-        params, opt_state = step(params, opt_state, batch)
-        if i % 10 == 0:
-            n = cfg.eval_examples  # as many as eval/reward uses: the same compiled decode
-            accuracy = evaluate(nnx.merge(graphdef, params), rows[:n], ids[:n], tok, funcs, eos_ids, cfg)["eval/reward"]
-            bar.set_postfix(train_accuracy=accuracy)
-            if accuracy >= cfg.warmup_sft_target:
-                break
-    bar.close()
-    return shard.shard_model(nnx.merge(graphdef, params), mesh), i, accuracy
+def rollout(policy, prompt_ids, cfg: Config, step: int, eos_ids):
+    """1. Sample: completions and the sampler's log-probs; randomness from (seed, step) only, so a
+    resumed run draws the same samples."""
+    seed = int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0])
+    return sample.generate(policy, prompt_ids, max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature,
+                           top_k=cfg.top_k, top_p=cfg.top_p, seed=seed, eos_ids=eos_ids, return_logprobs=True)
+
+
+def learner_batch(prompt_ids, completions, sampler_logps, advantages, eos_ids, pad_id, cfg: Config, mesh):
+    """The rollout as the learner reads it: this host's rows as [grad_accum, b, ...] micro-batches, with
+    the advantages and each token's loss weight, assembled into global arrays on the mesh."""
+    batch = rollout_batch(prompt_ids, completions, sampler_logps, eos_ids, pad_id, cfg)
+    batch["advantages"] = advantages.astype(np.float32)
+    rows = shard.host_rows(len(completions))  # each host feeds its slice of the global batch
+    batch = {k: v[rows].reshape(cfg.grad_accum, -1, *v.shape[1:]) for k, v in batch.items()}
+    batch["weights"] = loss_weights(batch["mask"], cfg.loss_type, cfg.max_completion_len)
+    return {k: shard.global_batch(v, mesh, axis=1) for k, v in batch.items()}
+
+
+def policy_updates(train_step, params, opt_state, frozen, batch, cfg: Config):
+    """4. μ updates on one rollout batch; the first one's log-probs are π_old for the others."""
+    batch, metrics = dict(batch), []
+    for _ in range(cfg.num_iterations):
+        params, opt_state, m, logp = train_step(params, opt_state, frozen, batch)
+        batch["old_logp"] = logp
+        metrics.append(m)
+    return params, opt_state, metrics
+
+
+def step_record(step, rewards, std, per_func, funcs, iters, completions, eos_ids, cfg: Config) -> dict:
+    """5. Log: TRL's metric names; loss, kl and clip_ratio are means over the μ updates."""
+    mean = {k: float(np.mean([float(m[k]) for m in iters])) for k in ("loss", "kl", "clip_ratio")}
+    return {"step": step, "loss": mean["loss"], "reward": float(rewards.mean()), "reward_std": float(std.mean()),
+            **{f"rewards/{f.__name__}": float(r) for f, r in zip(funcs, per_func.mean(0))},
+            "frac_reward_zero_std": float(np.mean(np.isclose(std, 0.0))),
+            **({"kl": mean["kl"]} if cfg.beta else {}), "clip_ratio": mean["clip_ratio"],
+            "entropy": float(iters[0]["entropy"]),
+            "completions/mean_length": float(np.mean([len(c) for c in completions])),
+            "completions/clipped_ratio": float(np.mean([c[-1] not in eos_ids for c in completions])),
+            "sampling/logp_difference": float(iters[0]["sampling/logp_difference"]),
+            "grad_norm": float(iters[-1]["grad_norm"])}
 
 
 def evaluate(model, evals, eval_ids, tok, funcs, eos_ids, cfg: Config) -> dict:
@@ -412,176 +427,152 @@ def evaluate(model, evals, eval_ids, tok, funcs, eos_ids, cfg: Config) -> dict:
             **{f"eval/rewards/{f.__name__}": float(r) for f, r in zip(funcs, rewards)}}
 
 
+# ----------------------------------------------------------------------------- the supervised warm-up
+
+def warmup_sft(model, cfg: Config, rows, ids, tok, funcs, eos_ids, pad_id: int, mesh):
+    """Supervised fine-tuning on the rows' answers (completion NLL, AdamW at a constant rate),
+    stopped once greedy accuracy on --eval-examples training prompts reaches --warmup-sft-target: a
+    random policy never earns a reward, and a policy caught mid-learning (not annealed) still has
+    unsure answers that GRPO can sort out. Returns the model, the steps run and that accuracy."""
+    examples = [data.tokenize({"prompt": r["prompt"], "completion": str(r["answer"])}, tok) for r in rows]
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(
+        optax.linear_schedule(0.0, cfg.warmup_sft_lr, 10), weight_decay=cfg.weight_decay))
+
+    def nll(params, frozen, batch, key):  # SFT's loss: the answer tokens' summed NLL and their count
+        model = nnx.merge(graphdef, params, frozen)
+        logp = model_lib.token_logps(model, batch, layers=unrolled_if_small(model))
+        return -jnp.sum(logp * batch["loss_mask"][:, 1:]), {"tokens": jnp.sum(batch["loss_mask"][:, 1:])}
+    opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
+    step = jax.jit(run.make_update(nll, tx), donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, None, None))
+    batches = data.Batches(examples, cfg.warmup_sft_batch_size, cfg.max_prompt_len + cfg.max_completion_len,
+                           seed=cfg.seed, pad_id=pad_id)
+    rows_here = shard.host_rows(cfg.warmup_sft_batch_size)
+    bar = tqdm(range(1, cfg.warmup_sft_steps + 1), desc="warm-up (SFT)", disable=not shard.is_main_process())
+    accuracy = 0.0
+    for i in bar:
+        batch = {k: shard.global_batch(v[rows_here][None], mesh, axis=1) for k, v in next(batches).items()}
+        params, opt_state, _, _ = step(params, opt_state, frozen, batch, None)
+        if i % 10 == 0:
+            n = cfg.eval_examples  # as many as eval/reward uses: the same compiled decode
+            model = nnx.merge(graphdef, params, frozen)
+            accuracy = evaluate(model, rows[:n], ids[:n], tok, funcs, eos_ids, cfg)["eval/reward"]
+            bar.set_postfix(train_accuracy=accuracy)
+            if accuracy >= cfg.warmup_sft_target:
+                break
+    bar.close()
+    return shard.shard_model(nnx.merge(graphdef, params, frozen), mesh), i, accuracy
+
+
+def warm_up(model, cfg: Config, loaded, train, train_ids, funcs, eos_ids, pad_id, mesh, warm: pathlib.Path):
+    """Run the warm-up, save its result to <out>/warmup_sft (the reference policy, reloaded on --resume)."""
+    print(f"warm-up: supervised steps until greedy accuracy on training prompts reaches {cfg.warmup_sft_target} "
+          f"(at most {cfg.warmup_sft_steps}; GRPO learns only where a group's rewards differ)", file=sys.stderr)
+    model, steps, accuracy = warmup_sft(model, cfg, train, train_ids, loaded.tokenizer, funcs, eos_ids, pad_id, mesh)
+    if shard.is_main_process():
+        ckpt.save_hf(model, warm)
+        run.copy_tokenizer(loaded, warm)
+        print(f"warm-up done: {steps} steps, training-prompt accuracy {accuracy:.3f}; saved {warm}", file=sys.stderr)
+    return model, {"warmup_sft/steps": steps, "warmup_sft/train_accuracy": accuracy}
+
+
+# ----------------------------------------------------------------------------- main
+
+def stop_ids(tok, model, family) -> tuple[int, ...]:
+    """Completions end at the tokenizer's or checkpoint's EOS, or the chat template's end of turn."""
+    ids = (*tok.eos_ids, *model.cfg.eos_ids, *([tok.token_id(data.END_OF_TURN[family])] if family else []))
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
 def main(argv=None):
-    cfg = shard.startup(Config, argv)
+    cfg = run.parse_flags(Config, argv)
     out, start = pathlib.Path(cfg.out), time.perf_counter()
-    try:
-        model, source = ckpt.load_model(cfg.model, ckpt=cfg.ckpt, dtype=cfg.dtype, param_dtype="float32",
-                                        seed=cfg.seed, remat=cfg.remat)
-        local = cfg.ckpt or (source if os.path.isdir(source) else None)  # --ckpt or the HF cache
-        tok = data.load_tokenizer(local)  # no directory: the byte-level tokenizer of the tiny presets
-        family = model.cfg.family if local else None
-        train, evals, train_ids, eval_ids, funcs = load_datasets(cfg, tok, family)
+    with run.user_errors():
+        loaded = run.load(cfg)
+        tok = loaded.tokenizer
+        train, evals, train_ids, eval_ids, funcs = load_datasets(cfg, tok, loaded.family)
         weights = np.array(cfg.weights or [1.0] * len(funcs))
         if len(weights) != len(funcs):
             raise ValueError(f"--reward-weights has {len(weights)} weights for {len(funcs)} reward functions "
                              f"({', '.join(f.__name__ for f in funcs)})")
-        manager = ckpt.checkpoint_manager(out / "checkpoints", keep=cfg.keep)
-        if manager.latest_step() is not None and not cfg.resume:
-            raise ValueError(f"{out}/checkpoints already holds a run: pass --resume or choose another --out")
-        mesh = shard.make_mesh(cfg.mesh)
+        manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
         warm = out / "warmup_sft"  # the warm-up's result: the reference policy, reloaded on --resume
         reuse_warmup = cfg.warmup_sft_steps > 0 and cfg.resume and (warm / "config.json").is_file()
-        if reuse_warmup:
-            model = ckpt.load_hf(warm, dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat)
-    except (ValueError, OSError) as e:  # CheckpointError, DataError, TokenizerError, MeshError
-        sys.exit(f"error: {e}")
-    eos_ids = (*tok.eos_ids, *model.cfg.eos_ids, *([tok.token_id(data.END_OF_TURN[family])] if family else []))
-    eos_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
+        model = ckpt.load_hf(warm, dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat) if reuse_warmup \
+            else loaded.model
+    eos_ids = stop_ids(tok, model, loaded.family)
     pad_id = tok.pad_id if tok.pad_id is not None else eos_ids[0]
-    main_process = shard.is_main_process()
-
     model, warmed = shard.shard_model(model, mesh), {}
     if cfg.warmup_sft_steps and not reuse_warmup:
-        print(f"warm-up: supervised steps until greedy accuracy on training prompts reaches "
-              f"{cfg.warmup_sft_target} (at most {cfg.warmup_sft_steps}; GRPO learns only where a group's "
-              f"rewards differ)", file=sys.stderr)
-        model, warmup_steps, accuracy = warmup_sft(model, cfg, train, train_ids, tok, funcs, eos_ids, pad_id, mesh)
-        if main_process:
-            ckpt.save_hf(model, warm)
-            if isinstance(tok, data.ByteTokenizer):
-                tok.save(warm)
-            print(f"warm-up done: {warmup_steps} steps, training-prompt accuracy {accuracy:.3f}; saved {warm}",
-                  file=sys.stderr)
-        warmed = {"warmup_sft/steps": warmup_steps, "warmup_sft/train_accuracy": accuracy}
+        model, warmed = warm_up(model, cfg, loaded, train, train_ids, funcs, eos_ids, pad_id, mesh, warm)
     if cfg.lora:  # adapters on the (warmed-up) base; B = 0, so the model starts unchanged
         model = shard.shard_model(model_lib.add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed), mesh)
-    trainable = model_lib.LoRA if cfg.lora else nnx.Param
-    graphdef, params, frozen = nnx.split(model, trainable, ...)  # trained | everything else
-    total = cfg.steps * cfg.num_iterations  # optimizer updates
-    ramp = max(1, int(cfg.warmup * total))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, ramp, max(total, ramp + 1))
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
-    param_sh = shard.tree_shardings(params, mesh)
-    opt_sh = shard.tree_shardings(jax.eval_shape(tx.init, params), mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    # The reference policy (beta > 0): the starting parameters, or with LoRA the base (adapters zeroed).
-    ref = None if not cfg.beta else jax.jit(lambda p: jax.tree.map(jnp.zeros_like if cfg.lora else jnp.copy, p),
-                                            out_shardings=param_sh)(params)
+
+    # π_θ: the trained parameters (all, or the adapters) | the frozen rest of the model
+    graphdef, params, frozen = nnx.split(model, model_lib.LoRA if cfg.lora else nnx.Param, ...)
+    tx, schedule = run.adamw(cfg, cfg.steps * cfg.num_iterations)
+    opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
+    # π_ref (beta > 0): the starting parameters, or with LoRA the base (adapters zeroed: no second copy)
+    ref_params = None if not cfg.beta else jax.jit(
+        lambda p: jax.tree.map(jnp.zeros_like if cfg.lora else jnp.copy, p), out_shardings=param_sh)(params)
     group = prompt_group(cfg)  # a group's prompt runs once per forward pass
     train_step = jax.jit(make_train_step(graphdef, tx, cfg, group), donate_argnums=(0, 1),
                          out_shardings=(param_sh, opt_sh, None, shard.batch_sharding(mesh, 3, axis=1)))
     ref_logps = jax.jit(lambda r, f, b: jax.lax.map(
-        lambda mb: token_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature, group)[0], b))
+        lambda mb: policy_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature, group)[0], b))
+    step, state, position = run.resume(cfg, manager, {"params": params, "opt_state": opt_state},
+                                       {"params": param_sh, "opt_state": opt_sh})
+    params, opt_state = state["params"], state["opt_state"]
+    if shard.is_main_process():
+        print(f"model: {loaded.source}, training {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.3f}M "
+              f"parameters; {len(train)} prompts, {cfg.prompts_per_step} x {cfg.num_generations} completions per "
+              f"step; mesh {dict(mesh.shape)}", file=sys.stderr)
+    policy = lambda: nnx.merge(graphdef, params, frozen)  # noqa: E731 (π_θ at the current params)
 
-    step, position = 0, 0
-    if cfg.resume:
-        try:
-            restored = ckpt.restore_train_state(manager, {"params": params, "opt_state": opt_state},
-                                                {"params": param_sh, "opt_state": opt_sh})
-        except ckpt.CheckpointError as e:
-            sys.exit(f"error: {e}")
-        if restored:
-            step, state, meta = restored
-            params, opt_state, position = state["params"], state["opt_state"], meta["data_position"]
-            print(f"resumed from step {step} (data position {position})", file=sys.stderr)
+    B, G = cfg.prompts_per_step, cfg.num_generations
+    with run.MetricsLog(out) as log:
+        if step == 0:
+            record = evaluate(policy(), evals, eval_ids, tok, funcs, eos_ids, cfg)
+            log.write({"step": 0, **warmed, **record})
+            if record:
+                print(f"eval/reward at GRPO step 0: {record['eval/reward']:.3f}", file=sys.stderr)
+        bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
+        t0, logged = time.perf_counter(), step
+        while step < cfg.steps:
+            picked = next_prompts(len(train), position, B, cfg.seed)
+            position += B
+            rows = [train[i] for i in picked for _ in range(G)]  # each prompt G times, a group's rows adjacent
+            prompt_ids = [train_ids[i] for i in picked for _ in range(G)]
+            completions, sampler_logps = rollout(policy(), prompt_ids, cfg, step, eos_ids)  # 1. sample
+            per_func = score(funcs, [r["prompt"] for r in rows], [tok.decode(c) for c in completions], rows)
+            rewards = per_func @ weights  # 2. score
+            advantages, std = group_advantages(rewards, G, cfg.scale_rewards)  # 3. group advantages
+            batch = learner_batch(prompt_ids, completions, sampler_logps, advantages, eos_ids, pad_id, cfg, mesh)
+            if cfg.beta:
+                batch["ref_logp"] = ref_logps(ref_params, frozen, batch)  # π_ref, for the KL
+            params, opt_state, iters = policy_updates(train_step, params, opt_state, frozen, batch, cfg)  # 4.
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:  # 5. log
+                record = step_record(step, rewards, std, per_func, funcs, iters, completions, eos_ids, cfg)
+                record.update(lr=float(schedule(step * cfg.num_iterations - 1)),
+                              seconds_per_step=(time.perf_counter() - t0) / (step - logged))
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    record.update(evaluate(policy(), evals, eval_ids, tok, funcs, eos_ids, cfg))
+                log.write(record)
+                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0):.4f}",
+                                eval=record.get("eval/reward", ""))
+                t0, logged = time.perf_counter(), step
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                run.save(cfg, manager, step, {"params": params, "opt_state": opt_state}, position)
+            bar.update(1)
+        bar.close()
 
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        n_train = sum(x.size for x in jax.tree.leaves(params))
-        print(f"model: {source}, training {n_train / 1e6:.3f}M parameters; {len(train)} prompts, "
-              f"{cfg.prompts_per_step} x {cfg.num_generations} completions per step; mesh {dict(mesh.shape)}",
-              file=sys.stderr)
-    log = open(out / "metrics.jsonl", "a") if main_process else None
-
-    def write(metrics):
-        if log:
-            log.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}) + "\n")
-            log.flush()
-
-    policy = lambda: nnx.merge(graphdef, params, frozen)  # noqa: E731 (the current params)
-
-    if step == 0:
-        record = evaluate(policy(), evals, eval_ids, tok, funcs, eos_ids, cfg)
-        write({"step": 0, **warmed, **record})
-        if record:
-            print(f"eval/reward at GRPO step 0: {record['eval/reward']:.3f}", file=sys.stderr)
-    B, G, A = cfg.prompts_per_step, cfg.num_generations, cfg.grad_accum
-    rows_here = shard.host_rows(B * G)  # each host feeds its slice of the global batch
-    orders: dict[int, np.ndarray] = {}  # one permutation of the prompts per epoch, from (seed, epoch)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not main_process, dynamic_ncols=True)
-    t0, logged = time.perf_counter(), step
-    while step < cfg.steps:
-        picked = []
-        for k in range(position, position + B):
-            epoch, i = divmod(k, len(train))
-            if epoch not in orders:
-                orders = {epoch: np.random.default_rng([cfg.seed, epoch]).permutation(len(train))}
-            picked.append(int(orders[epoch][i]))
-        position += B
-        rows = [train[i] for i in picked for _ in range(G)]  # each prompt G times, a group's rows adjacent
-        prompt_ids = [train_ids[i] for i in picked for _ in range(G)]
-        # rollout: sampling randomness from (seed, step) only, so a resumed run draws the same samples
-        seed = int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0])
-        completions, logps = sample.generate(policy(), prompt_ids, max_new_tokens=cfg.max_completion_len,
-                                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                             seed=seed, eos_ids=eos_ids, return_logprobs=True)
-        per_func = score(funcs, [r["prompt"] for r in rows], [tok.decode(c) for c in completions], rows)
-        rewards = per_func @ weights
-        advantages, std = group_advantages(rewards, G, cfg.scale_rewards)
-        batch = rollout_batch(prompt_ids, completions, logps, eos_ids, pad_id, cfg)
-        batch["advantages"] = advantages.astype(np.float32)
-        batch = {k: v[rows_here].reshape(A, -1, *v.shape[1:]) for k, v in batch.items()}
-        batch["weights"] = loss_weights(batch["mask"], cfg.loss_type, cfg.max_completion_len)
-        batch = {k: shard.global_batch(v, mesh, axis=1) for k, v in batch.items()}
-        if cfg.beta:
-            batch["ref_logp"] = ref_logps(ref, frozen, batch)
-        iters = []
-        for iteration in range(cfg.num_iterations):  # μ updates on one rollout batch
-            params, opt_state, metrics, logp = train_step(params, opt_state, frozen, batch,
-                                                          jnp.asarray(iteration == 0))
-            batch["old_logp"] = logp  # π_old: the policy that sampled, scored by the learner
-            iters.append(metrics)
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:  # loss, kl, clip_ratio: means over the μ updates
-            mean = {k: float(np.mean([float(m[k]) for m in iters])) for k in ("loss", "kl", "clip_ratio")}
-            record = {"step": step, "loss": mean["loss"], "reward": float(rewards.mean()),
-                      "reward_std": float(std.mean()),
-                      **{f"rewards/{f.__name__}": float(r) for f, r in zip(funcs, per_func.mean(0))},
-                      "frac_reward_zero_std": float(np.mean(np.isclose(std, 0.0))),
-                      **({"kl": mean["kl"]} if cfg.beta else {}), "clip_ratio": mean["clip_ratio"],
-                      "entropy": float(iters[0]["entropy"]),
-                      "completions/mean_length": float(np.mean([len(c) for c in completions])),
-                      "completions/clipped_ratio": float(np.mean([c[-1] not in eos_ids for c in completions])),
-                      "sampling/logp_difference": float(iters[0]["sampling/logp_difference"]),
-                      "grad_norm": float(iters[-1]["grad_norm"]), "lr": float(schedule(step * cfg.num_iterations - 1)),
-                      "seconds_per_step": (time.perf_counter() - t0) / (step - logged)}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                record.update(evaluate(policy(), evals, eval_ids, tok, funcs, eos_ids, cfg))
-            write(record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0):.4f}",
-                            eval=record.get("eval/reward", ""))
-            t0, logged = time.perf_counter(), step
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            ckpt.save_train_state(manager, step, {"params": params, "opt_state": opt_state},
-                                  {"data_position": position, "config": dataclasses.asdict(cfg)})
-        bar.update(1)
-    bar.close()
-
-    if main_process:  # the final policy as a Hugging Face checkpoint (+ tokenizer files; LoRA: merged)
+    if shard.is_main_process():  # 6. export: the final policy as a Hugging Face checkpoint (LoRA: merged)
         final, saved = policy(), [out / "hf"]
         if cfg.lora:
-            ckpt.save_peft(final, out / "adapter", base_model=local)
+            run.export_peft(final, out / "adapter", loaded)
             final, saved = model_lib.merge_lora(final), saved + [out / "adapter"]
-        final.cfg = final.cfg.replace(remat=False)
-        ckpt.save_hf(final, out / "hf")
-        for path in saved:
-            if isinstance(tok, data.ByteTokenizer):
-                tok.save(path)
-            for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                         "generation_config.json", data.BYTE_TOKENIZER_FILE):
-                if local and (pathlib.Path(local) / name).is_file():
-                    shutil.copy(pathlib.Path(local) / name, path / name)
+        run.export_hf(final, out / "hf", loaded)
         print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'} "
               f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 

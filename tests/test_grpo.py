@@ -180,11 +180,11 @@ def test_sampled_logprobs_are_the_learners(preset, temperature):
     batch, completions = sampled_batch(model, temperature)
     lengths = [len(c) for c in completions]
     assert len(set(lengths)) > 2 and batch["mask"].sum() == sum(lengths)
-    logp, entropy = jax.jit(grpo.token_logps, static_argnums=2)(model, batch, temperature)
+    logp, entropy = jax.jit(grpo.policy_logps, static_argnums=2)(model, batch, temperature)
     m = batch["mask"] > 0
-    np.testing.assert_allclose(np.asarray(logp)[m], batch["old_logp"][m], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logp)[m], batch["sampler_logp"][m], atol=1e-4)
     assert np.all(np.asarray(entropy)[m] > 0)
-    assert np.isclose(float(grpo.token_logps(model, batch, 1.0)[0][m].sum()), batch["old_logp"][m].sum(),
+    assert np.isclose(float(grpo.policy_logps(model, batch, 1.0)[0][m].sum()), batch["sampler_logp"][m].sum(),
                       atol=1e-3) == (temperature == 1.0)  # the temperature matters
 
 
@@ -198,7 +198,7 @@ def test_a_groups_shared_prompt_gives_the_same_logps_and_gradients(preset):
     for big in (False, True):  # pretend the model is large: the scanned forward
         with mock.patch.object(grpo, "unrolled_if_small", (lambda m: None) if big else grpo.unrolled_if_small):
             def objective(p, group):
-                logp, entropy = grpo.token_logps(nnx.merge(graphdef, p), batch, 1.0, group)
+                logp, entropy = grpo.policy_logps(nnx.merge(graphdef, p), batch, 1.0, group)
                 return jnp.sum((logp + entropy) * batch["mask"]), (logp, entropy)
             (_, (logp1, ent1)), g1 = jax.value_and_grad(objective, has_aux=True)(params, 1)
             (_, (logp3, ent3)), g3 = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)(params, 3)
@@ -223,7 +223,7 @@ def policy_rollout():
     """A tiny policy, one rollout of it, and a jitted scorer of [A, b, ...] batches (shared)."""
     model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(2))
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    logps = jax.jit(lambda p, b: jax.lax.map(lambda mb: grpo.token_logps(nnx.merge(graphdef, p, frozen), mb, 0.8)[0],
+    logps = jax.jit(lambda p, b: jax.lax.map(lambda mb: grpo.policy_logps(nnx.merge(graphdef, p, frozen), mb, 0.8)[0],
                                              b))
     return graphdef, params, frozen, sampled_batch(model, 0.8, G=4)[0], logps
 
@@ -245,7 +245,7 @@ def step_inputs(beta, loss_type="grpo", A=2):
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_first_update_is_the_policy_gradient(beta):
     graphdef, params, frozen, batch, tx, step, logps = step_inputs(beta)
-    new, _, metrics, logp = step(params, tx.init(params), frozen, batch, jnp.asarray(True))
+    new, _, metrics, logp = step(params, tx.init(params), frozen, batch)  # no old_logp: the first update
     grads = jax.tree.map(jnp.subtract, params, new)
 
     def policy_gradient_objective(p):  # −Σ A · w · log π, aggregated as the loss is
@@ -266,12 +266,12 @@ def test_later_updates_clip_against_the_old_policy():
     current = np.asarray(logps(params, batch))
     # π_old one nat away on the side each advantage pushes: every token's ratio is clipped
     batch["old_logp"] = current - np.sign(batch["advantages"])[..., None]
-    new, _, metrics, _ = step(params, tx.init(params), frozen, batch, jnp.asarray(False))
+    new, _, metrics, _ = step(params, tx.init(params), frozen, batch)
     assert float(metrics["clip_ratio"]) == 1.0
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new)):
         np.testing.assert_array_equal(a, b)  # no gradient at all
     batch["old_logp"] = current + np.sign(batch["advantages"])[..., None]  # the other side: unclipped
-    new, _, metrics, _ = step(params, tx.init(params), frozen, batch, jnp.asarray(False))
+    new, _, metrics, _ = step(params, tx.init(params), frozen, batch)
     assert float(metrics["clip_ratio"]) == 0.0
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new)))
 
@@ -465,7 +465,7 @@ def test_lora_trains_adapters_against_the_base_model():
     import model as model_lib
     model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(3))
     batch, _ = sampled_batch(model, 1.0)
-    base = np.asarray(grpo.token_logps(model, batch, 1.0)[0])
+    base = np.asarray(grpo.policy_logps(model, batch, 1.0)[0])
     model_lib.add_lora(model, 4, 8.0)
     graphdef, params, frozen = nnx.split(model, model_lib.LoRA, ...)  # what --lora trains | the frozen rest
     assert all("lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
@@ -473,7 +473,7 @@ def test_lora_trains_adapters_against_the_base_model():
     trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(0), x.shape), params)
     reference = jax.tree.map(jnp.zeros_like, trained)  # grpo.py's reference under --lora
     m = batch["mask"] > 0
-    ref_logp = np.asarray(grpo.token_logps(nnx.merge(graphdef, reference, frozen), batch, 1.0)[0])
-    policy_logp = np.asarray(grpo.token_logps(nnx.merge(graphdef, trained, frozen), batch, 1.0)[0])
+    ref_logp = np.asarray(grpo.policy_logps(nnx.merge(graphdef, reference, frozen), batch, 1.0)[0])
+    policy_logp = np.asarray(grpo.policy_logps(nnx.merge(graphdef, trained, frozen), batch, 1.0)[0])
     np.testing.assert_allclose(ref_logp[m], base[m], atol=1e-5)
     assert np.max(np.abs(policy_logp[m] - base[m])) > 1e-3
