@@ -12,8 +12,10 @@ Chat templates are plain functions from [{"role", "content"}, ...] to text (no j
 """
 from __future__ import annotations
 
+import decimal
 import json
 import pathlib
+import re
 import zlib
 
 import numpy as np
@@ -294,6 +296,17 @@ class Arithmetic:
         """Exact match of the completion (whitespace-stripped) with the answer."""
         return completion.strip() == self.answer(prompt)
 
+    def rewards(self) -> list:
+        """GRPO's reward functions for the task: the exact answer, and the answer's fixed-width format."""
+        width = rf"[+-][0-9]{{{self.width - 1}}}" if self.op == "-" else rf"[0-9]{{{self.width}}}"
+
+        def accuracy_reward(prompts, completions, **columns):
+            return [float(self.is_correct(p, c)) for p, c in zip(prompts, completions)]
+
+        def format_reward(prompts, completions, **columns):
+            return [float(re.fullmatch(width, c) is not None) for c in completions]
+        return [accuracy_reward, format_reward]
+
     def wrong_answer(self, prompt: str, rng: np.random.Generator) -> str:
         """The right answer with one digit changed: a plausible mistake."""
         right = list(self.answer(prompt))
@@ -301,6 +314,41 @@ class Arithmetic:
         i = int(rng.choice(digits))
         right[i] = str((int(right[i]) + int(rng.integers(1, 10))) % 10)
         return "".join(right)
+
+
+# ----------------------------------------------------------------------------- rewards: verifiable checks of completions
+#
+# A reward function is plain Python, (prompts, completions, **columns) -> list[float], where columns are
+# the rows' other fields as lists (e.g. answer=[...]); grpo.py sums them with weights. Model output is
+# parsed, never evaluated.
+
+NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+TAG_FORMAT = re.compile(r"\s*(?:<think>.*?</think>\s*)?<answer>[^<]*</answer>\s*", re.DOTALL)
+
+
+def parse_number(text: str) -> decimal.Decimal | None:
+    """The last number in text ("1,234.5" → 1234.5) as an exact Decimal; None when there is none
+    or it has more than 64 characters (never an answer, and never converted)."""
+    found = NUMBER.findall(text)
+    number = found[-1].replace(",", "") if found else ""
+    return decimal.Decimal(number) if 0 < len(number) <= 64 else None
+
+
+def accuracy_reward(prompts, completions, answer, **columns) -> list[float]:
+    """1.0 when the number in the completion's last <answer>…</answer> (without tags: its last
+    number) equals the row's answer (after "####" if present, GSM8K's form) numerically."""
+    rewards = []
+    for completion, want in zip(completions, answer):
+        tags = ANSWER_TAG.findall(completion) if "</answer>" in completion else []
+        got, want = parse_number(tags[-1] if tags else completion), parse_number(str(want).split("####")[-1])
+        rewards.append(float(got is not None and got == want))
+    return rewards
+
+
+def format_reward(prompts, completions, **columns) -> list[float]:
+    """1.0 for "<think>…</think> <answer>…</answer>" (the think block optional), nothing else."""
+    return [float(TAG_FORMAT.fullmatch(c) is not None) for c in completions]
 
 
 # ----------------------------------------------------------------------------- JSONL datasets
@@ -358,6 +406,24 @@ def _check_row(row, where: str) -> dict:
             raise DataError(f"{where}: 'text' must be a string, got {type(row['text']).__name__}")
         return row
     raise DataError(f"{where}: expected keys 'prompt'+'completion', 'messages' or 'text'; got {sorted(row)}")
+
+
+def prompt_row(row, where: str) -> dict:
+    """A row of --data / --eval-data: {"prompt": str | messages, "answer": ...} ("completion" serves too)."""
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
+        raise DataError(f"{where}: expected an object with a 'prompt' (a string or chat messages)")
+    if "answer" not in row and not isinstance(row.get("completion"), str):
+        raise DataError(f"{where}: missing key 'answer' (the reference the reward checks)")
+    return {**row, "answer": row.get("answer", row.get("completion"))}
+
+
+def encode_prompt(prompt, tok, family, max_len: int) -> list[int]:
+    """A prompt's ids, its last max_len kept: text (with BOS), or chat messages in the family's template."""
+    if isinstance(prompt, list):  # chat messages: the family's template, up to the assistant's turn
+        if family is None:
+            raise DataError("chat prompts need a checkpoint of a known family (--ckpt)")
+        return tok.encode(apply_chat_template(prompt, family), add_bos=False)[-max_len:]
+    return tok.encode(prompt)[-max_len:]
 
 
 def tokenize(row: dict, tok, family: str | None = None) -> tuple[list[int], list[int]]:

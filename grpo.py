@@ -37,22 +37,16 @@ prompts; 800 GRPO steps then raise greedy held-out accuracy (eval/reward) from 0
         --max-completion-len 256 --prompts-per-step 16 --lr 1e-5 --beta 0.04 --dtype bfloat16 --tpu
 
 Data: JSONL of {"prompt", "answer"} (GSM8K's "… #### 72" reads 72; a "completion" serves as the
-answer); a prompt is a string or chat messages (the family's template). Rewards are plain
-functions `(prompts, completions, **columns) -> list[float]`, summed with --reward-weights:
-accuracy_reward (the number in the last <answer>…</answer>, else the last number, equals the
-answer) and format_reward (an optional <think>…</think>, then <answer>…</answer>, nothing else);
-on the built-in task, the exact answer and fixed-width digits. Model output is never evaluated.
-Outputs in --out: metrics.jsonl (TRL's names: reward, reward_std, rewards/<function>,
-frac_reward_zero_std, kl, clip_ratio, entropy, completions/mean_length, completions/clipped_ratio,
-loss; eval/reward: the first reward function on greedy completions of held-out prompts),
-checkpoints/ (--resume), hf/ (with --lora also adapter/, PEFT's layout).
+answer); a prompt is a string or chat messages (the family's template). Rewards are plain functions
+(data.py: accuracy_reward, format_reward, Arithmetic.rewards), summed with --reward-weights.
+Outputs in --out: metrics.jsonl (TRL's names: reward, reward_std, rewards/<function>, kl, clip_ratio,
+entropy, frac_reward_zero_std, completions/*, loss; eval/reward: the first reward function on greedy
+completions of held-out prompts), checkpoints/ (--resume), hf/ (with --lora also adapter/, PEFT's layout).
 """
 from __future__ import annotations
 
 import dataclasses
-import decimal
 import pathlib
-import re
 import sys
 import time
 
@@ -131,13 +125,10 @@ class Config:
     lora_alpha: float = 16.0  # LoRA scale numerator (alpha / r)
 
     def __post_init__(self):
-        for name in ("prompts_per_step", "grad_accum", "max_prompt_len", "max_completion_len", "num_iterations",
-                     "steps", "eval_every", "save_every", "keep", "log_every", "train_examples", "eval_examples",
-                     "warmup_sft_batch_size", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         self.epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
-        checks = [
+        run.check(run.positive(self, "prompts_per_step", "grad_accum", "max_prompt_len", "max_completion_len",
+                               "num_iterations", "steps", "eval_every", "save_every", "keep", "log_every",
+                               "train_examples", "eval_examples", "warmup_sft_batch_size", "lora_rank") + [
             (self.num_generations >= 2, "--num-generations must be >= 2: advantages compare completions in a group"),
             ((self.prompts_per_step * self.num_generations) % self.grad_accum == 0,
              "--prompts-per-step x --num-generations must be a multiple of --grad-accum"),
@@ -150,11 +141,7 @@ class Config:
             (self.lr > 0 and self.warmup_sft_lr > 0 and 0 <= self.warmup < 1 and self.clip > 0 and
              self.weight_decay >= 0 and self.warmup_sft_steps >= -1, "need --lr > 0, --warmup-sft-lr > 0, "
              "0 <= --warmup < 1, --clip > 0, --weight-decay >= 0, --warmup-sft-steps >= -1"),
-            (self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+            (self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}")])
         try:
             self.weights = [float(w) for w in self.reward_weights.split(",")] if self.reward_weights else None
         except ValueError:
@@ -169,47 +156,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- rewards
-
-NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-TAG_FORMAT = re.compile(r"\s*(?:<think>.*?</think>\s*)?<answer>[^<]*</answer>\s*", re.DOTALL)
-
-
-def parse_number(text: str) -> decimal.Decimal | None:
-    """The last number in text ("1,234.5" → 1234.5) as an exact Decimal; None when there is none
-    or it has more than 64 characters (never an answer, and never converted)."""
-    found = NUMBER.findall(text)
-    number = found[-1].replace(",", "") if found else ""
-    return decimal.Decimal(number) if 0 < len(number) <= 64 else None
-
-
-def accuracy_reward(prompts, completions, answer, **columns) -> list[float]:
-    """1.0 when the number in the completion's last <answer>…</answer> (without tags: its last
-    number) equals the row's answer (after "####" if present, GSM8K's form) numerically."""
-    rewards = []
-    for completion, want in zip(completions, answer):
-        tags = ANSWER_TAG.findall(completion) if "</answer>" in completion else []
-        got, want = parse_number(tags[-1] if tags else completion), parse_number(str(want).split("####")[-1])
-        rewards.append(float(got is not None and got == want))
-    return rewards
-
-
-def format_reward(prompts, completions, **columns) -> list[float]:
-    """1.0 for "<think>…</think> <answer>…</answer>" (the think block optional), nothing else."""
-    return [float(TAG_FORMAT.fullmatch(c) is not None) for c in completions]
-
-
-def task_rewards(task: data.Arithmetic) -> list:
-    """The built-in task's checks: the exact answer, and the answer's fixed-width format."""
-    width = rf"[+-][0-9]{{{task.width - 1}}}" if task.op == "-" else rf"[0-9]{{{task.width}}}"
-
-    def accuracy_reward(prompts, completions, **columns):
-        return [float(task.is_correct(p, c)) for p, c in zip(prompts, completions)]
-
-    def format_reward(prompts, completions, **columns):
-        return [float(re.fullmatch(width, c) is not None) for c in completions]
-    return [accuracy_reward, format_reward]
-
 
 def score(funcs, prompts, completions, rows) -> np.ndarray:
     """Rewards [N, F] of every function; functions see the rows' other columns as keyword lists."""
@@ -303,62 +249,37 @@ def make_train_step(graphdef, tx, cfg: Config, group: int = 1):
 
 # ----------------------------------------------------------------------------- data
 
-def check_row(row, where: str) -> dict:
-    """A row of --data / --eval-data: {"prompt": str | messages, "answer": ...} ("completion" serves too)."""
-    if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
-        raise data.DataError(f"{where}: expected an object with a 'prompt' (a string or chat messages)")
-    if "answer" not in row and not isinstance(row.get("completion"), str):
-        raise data.DataError(f"{where}: missing key 'answer' (the reference the reward checks)")
-    return {**row, "answer": row.get("answer", row.get("completion"))}
-
-
-def encode_prompt(prompt, tok, family, max_len: int) -> list[int]:
-    if isinstance(prompt, list):  # chat messages: the family's template, up to the assistant's turn
-        if family is None:
-            raise data.DataError("chat prompts need a checkpoint of a known family (--ckpt)")
-        return tok.encode(data.apply_chat_template(prompt, family), add_bos=False)[-max_len:]
-    return tok.encode(prompt)[-max_len:]
-
-
 def load_datasets(cfg: Config, tok, family):
     """Training and eval rows ({"prompt", "answer", ...}), their prompt ids, and the reward functions."""
     if cfg.data:
-        train, funcs = data.read_jsonl(cfg.data, check_row), [accuracy_reward, format_reward]
+        train, funcs = data.read_jsonl(cfg.data, data.prompt_row), [data.accuracy_reward, data.format_reward]
     else:
         op, a, b = cfg.task.split(",")
         task = data.Arithmetic(op, int(a), int(b))
         train = [{"prompt": r["prompt"], "answer": r["completion"]}
                  for r in task.examples("train", cfg.train_examples, cfg.seed)]
-        funcs = task_rewards(task)
+        funcs = task.rewards()
     if cfg.eval_data:
-        evals = data.read_jsonl(cfg.eval_data, check_row)[:cfg.eval_examples]
+        evals = data.read_jsonl(cfg.eval_data, data.prompt_row)[:cfg.eval_examples]
     elif cfg.data:
         evals = []
     else:
         evals = [{"prompt": r["prompt"], "answer": r["completion"]}
                  for r in task.examples("eval", cfg.eval_examples, cfg.seed)]
-    ids = [[encode_prompt(r["prompt"], tok, family, cfg.max_prompt_len) for r in rows] for rows in (train, evals)]
+    ids = [[data.encode_prompt(r["prompt"], tok, family, cfg.max_prompt_len) for r in rows] for rows in (train, evals)]
     return train, evals, ids[0], ids[1], funcs
 
 
 def rollout_batch(prompt_ids, completions, sampler_logps, eos_ids, pad_id: int, cfg: Config) -> dict[str, np.ndarray]:
-    """Prompts left-padded to P (sample.left_pad) + completions right-padded to C (a power of two up to
-    max_completion_len) → tokens, segment_ids, positions [N, P + C]; mask, sampler_logp [N, C] (what the
-    sampler's softmax gave each token); positions count from each prompt's first real token, as when sampling."""
-    tokens, segment_ids, positions = sample.left_pad(prompt_ids)
-    C = data.bucket_length(max(map(len, completions)), cfg.max_completion_len, smallest=8)
-    N = len(completions)
-    out = {"tokens": np.full((N, C), pad_id, np.int32), "segment_ids": np.zeros((N, C), np.int32),
-           "positions": np.zeros((N, C), np.int32), "mask": np.zeros((N, C), np.float32),
-           "sampler_logp": np.zeros((N, C), np.float32)}
-    for r, (p, c, lp) in enumerate(zip(prompt_ids, completions, sampler_logps)):
-        n = len(c)
-        out["tokens"][r, :n], out["segment_ids"][r, :n], out["sampler_logp"][r, :n] = c, 1, lp
-        out["positions"][r, :n] = len(p) + np.arange(n)
-        out["mask"][r, :n] = 0.0 if cfg.mask_truncated_completions and c[-1] not in eos_ids else 1.0
-    for name, prefix in (("tokens", tokens), ("segment_ids", segment_ids), ("positions", positions)):
-        out[name] = np.concatenate([prefix, out[name]], axis=1)
-    return out
+    """sample.completion_batch's layout (tokens, segment_ids, positions [N, P + C]; mask [N, C]) plus
+    sampler_logp [N, C], what the sampler's softmax gave each token; with mask_truncated_completions,
+    completions that never emitted EOS get no loss."""
+    batch = sample.completion_batch(prompt_ids, completions, pad_id, cfg.max_completion_len)
+    C = batch["mask"].shape[1]
+    batch["sampler_logp"] = np.array([lp + [0.0] * (C - len(lp)) for lp in sampler_logps], np.float32)
+    if cfg.mask_truncated_completions:
+        batch["mask"] *= np.array([[c[-1] in eos_ids] for c in completions], np.float32)
+    return batch
 
 
 # ----------------------------------------------------------------------------- one GRPO step, phase by phase
@@ -429,11 +350,15 @@ def evaluate(model, evals, eval_ids, tok, funcs, eos_ids, cfg: Config) -> dict:
 
 # ----------------------------------------------------------------------------- the supervised warm-up
 
-def warmup_sft(model, cfg: Config, rows, ids, tok, funcs, eos_ids, pad_id: int, mesh):
+def warmup_sft(model, cfg: Config, loaded, rows, ids, funcs, eos_ids, pad_id: int, mesh, warm: pathlib.Path):
     """Supervised fine-tuning on the rows' answers (completion NLL, AdamW at a constant rate),
     stopped once greedy accuracy on --eval-examples training prompts reaches --warmup-sft-target: a
     random policy never earns a reward, and a policy caught mid-learning (not annealed) still has
-    unsure answers that GRPO can sort out. Returns the model, the steps run and that accuracy."""
+    unsure answers that GRPO can sort out. Saved to `warm` (π_ref, reloaded on --resume); returns
+    the model and what the step-0 record logs of it."""
+    print(f"warm-up: supervised steps until greedy accuracy on training prompts reaches {cfg.warmup_sft_target} "
+          f"(at most {cfg.warmup_sft_steps}; GRPO learns only where a group's rewards differ)", file=sys.stderr)
+    tok = loaded.tokenizer
     examples = [data.tokenize({"prompt": r["prompt"], "completion": str(r["answer"])}, tok) for r in rows]
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(
@@ -461,22 +386,25 @@ def warmup_sft(model, cfg: Config, rows, ids, tok, funcs, eos_ids, pad_id: int, 
             if accuracy >= cfg.warmup_sft_target:
                 break
     bar.close()
-    return shard.shard_model(nnx.merge(graphdef, params, frozen), mesh), i, accuracy
-
-
-def warm_up(model, cfg: Config, loaded, train, train_ids, funcs, eos_ids, pad_id, mesh, warm: pathlib.Path):
-    """Run the warm-up, save its result to <out>/warmup_sft (the reference policy, reloaded on --resume)."""
-    print(f"warm-up: supervised steps until greedy accuracy on training prompts reaches {cfg.warmup_sft_target} "
-          f"(at most {cfg.warmup_sft_steps}; GRPO learns only where a group's rewards differ)", file=sys.stderr)
-    model, steps, accuracy = warmup_sft(model, cfg, train, train_ids, loaded.tokenizer, funcs, eos_ids, pad_id, mesh)
+    model = shard.shard_model(nnx.merge(graphdef, params, frozen), mesh)
     if shard.is_main_process():
         ckpt.save_hf(model, warm)
         run.copy_tokenizer(loaded, warm)
-        print(f"warm-up done: {steps} steps, training-prompt accuracy {accuracy:.3f}; saved {warm}", file=sys.stderr)
-    return model, {"warmup_sft/steps": steps, "warmup_sft/train_accuracy": accuracy}
+        print(f"warm-up done: {i} steps, training-prompt accuracy {accuracy:.3f}; saved {warm}", file=sys.stderr)
+    return model, {"warmup_sft/steps": i, "warmup_sft/train_accuracy": accuracy}
 
 
 # ----------------------------------------------------------------------------- main
+
+def export(final, cfg: Config, loaded, seconds: float) -> None:
+    """The final policy as a Hugging Face checkpoint; with LoRA merged, and the adapters in PEFT's layout."""
+    out, saved = pathlib.Path(cfg.out), [pathlib.Path(cfg.out) / "hf"]
+    if cfg.lora:
+        run.export_peft(final, out / "adapter", loaded)
+        final, saved = model_lib.merge_lora(final), saved + [out / "adapter"]
+    run.export_hf(final, out / "hf", loaded)
+    print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'} ({seconds:.0f} s)", file=sys.stderr)
+
 
 def stop_ids(tok, model, family) -> tuple[int, ...]:
     """Completions end at the tokenizer's or checkpoint's EOS, or the chat template's end of turn."""
@@ -504,7 +432,7 @@ def main(argv=None):
     pad_id = tok.pad_id if tok.pad_id is not None else eos_ids[0]
     model, warmed = shard.shard_model(model, mesh), {}
     if cfg.warmup_sft_steps and not reuse_warmup:
-        model, warmed = warm_up(model, cfg, loaded, train, train_ids, funcs, eos_ids, pad_id, mesh, warm)
+        model, warmed = warmup_sft(model, cfg, loaded, train, train_ids, funcs, eos_ids, pad_id, mesh, warm)
     if cfg.lora:  # adapters on the (warmed-up) base; B = 0, so the model starts unchanged
         model = shard.shard_model(model_lib.add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed), mesh)
 
@@ -567,15 +495,8 @@ def main(argv=None):
             bar.update(1)
         bar.close()
 
-    if shard.is_main_process():  # 6. export: the final policy as a Hugging Face checkpoint (LoRA: merged)
-        final, saved = policy(), [out / "hf"]
-        if cfg.lora:
-            run.export_peft(final, out / "adapter", loaded)
-            final, saved = model_lib.merge_lora(final), saved + [out / "adapter"]
-        run.export_hf(final, out / "hf", loaded)
-        print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'} "
-              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-
+    if shard.is_main_process():  # 6. export
+        export(policy(), cfg, loaded, time.perf_counter() - start)
 
 if __name__ == "__main__":
     main()

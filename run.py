@@ -99,6 +99,19 @@ def parse_flags(config_class, argv=None):
     return cfg
 
 
+def positive(cfg, *names: str) -> list[tuple[bool, str]]:
+    """Checks for `check`: each named field is >= 1."""
+    return [(getattr(cfg, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(cfg, n)}") for n in names]
+
+
+def check(conditions: list[tuple[bool, str]]) -> None:
+    """A Config's range checks (its __post_init__): the first condition that fails raises ValueError
+    with its message, which parse_flags prints as one line."""
+    for ok, message in conditions:
+        if not ok:
+            raise ValueError(message)
+
+
 def fail(message: str, status: int = 1):
     """User error: one line on stderr and a non-zero exit, never a traceback."""
     print(f"error: {message}", file=sys.stderr)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data import bucket_length
 from model import KVCache, Transformer, quantize, repeat_rows, softcap, unstack_layers
 
 MIN_PROMPT_BUCKET = 8  # prompt lengths round up to a power of two >= this: few shapes, few compiles
@@ -323,6 +324,23 @@ def left_pad(prompts: list[list[int]], bucket: int = MIN_PROMPT_BUCKET):
         segment_ids[row, P - len(p):] = 1
         positions[row, P - len(p):] = np.arange(len(p))
     return tokens, segment_ids, positions
+
+
+def completion_batch(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int, max_len: int):
+    """Prompts left-padded to P (left_pad) + completions right-padded to C (a power of two >= 8, at most
+    max_len) → tokens, segment_ids, positions [N, P + C] and mask [N, C] (1 on completion tokens): the
+    layout in which a learner scores what was sampled (model.token_logps(..., last=C)); positions count
+    from each prompt's first real token, as when sampling."""
+    tokens, segment_ids, positions = left_pad(prompt_ids)
+    N, C = len(completions), bucket_length(max(map(len, completions)), max_len, smallest=8)
+    out = {"tokens": np.full((N, C), pad_id, np.int32), "segment_ids": np.zeros((N, C), np.int32),
+           "positions": np.zeros((N, C), np.int32), "mask": np.zeros((N, C), np.float32)}
+    for r, (p, c) in enumerate(zip(prompt_ids, completions)):
+        out["tokens"][r, :len(c)], out["segment_ids"][r, :len(c)], out["mask"][r, :len(c)] = c, 1, 1.0
+        out["positions"][r, :len(c)] = len(p) + np.arange(len(c))
+    for name, prefix in (("tokens", tokens), ("segment_ids", segment_ids), ("positions", positions)):
+        out[name] = np.concatenate([prefix, out[name]], axis=1)
+    return out
 
 
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,

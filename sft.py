@@ -74,17 +74,13 @@ class Config:
     tpu: bool = False  # multi-host TPU start-up (jax.distributed)
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "keep", "log_every",
-                    "train_examples", "eval_examples")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}")
-        if not (self.lr > 0 and 0 <= self.warmup < 1 and self.clip > 0 and self.weight_decay >= 0):
-            raise ValueError("need --lr > 0, 0 <= --warmup < 1, --clip > 0, --weight-decay >= 0")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        run.check(run.positive(self, "steps", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "keep",
+                               "log_every", "train_examples", "eval_examples") + [
+            (self.batch_size % self.grad_accum == 0,
+             f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}"),
+            (self.lr > 0 and 0 <= self.warmup < 1 and self.clip > 0 and self.weight_decay >= 0,
+             "need --lr > 0, 0 <= --warmup < 1, --clip > 0, --weight-decay >= 0"),
+            (self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}")])
 
 
 # ----------------------------------------------------------------------------- loss

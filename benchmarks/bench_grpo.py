@@ -12,9 +12,9 @@ per request; the first step (compilation) is reported separately.
     python benchmarks/bench_grpo.py                           # B,G,C,mu: 2,4,32,1 2,4,32,2 16,8,16,2 64,8,8,1
     python benchmarks/bench_grpo.py --settings 16,8,16,2 --repeats 30 --beta 0.02
 
-nanotune's step is grpo.py's main loop body (its functions: sample.generate with
-return_logprobs, score, group_advantages, rollout_batch, loss_weights, the ref_logps and
-make_train_step jits), timed here as four phases. Tunix runs when benchmarks/.tunix-venv
+nanotune's step is grpo.py's main loop body, through grpo.py's own phase functions (rollout,
+score, group_advantages, learner_batch, the reference log-probs, policy_updates with
+make_train_step), timed here as four phases. Tunix runs when benchmarks/.tunix-venv
 exists (see benchmarks/RESULTS.md for its install).
 """
 import argparse
@@ -37,16 +37,16 @@ def reward(prompts, completions, **columns):
 
 
 def nanotune_worker(setting):
-    """grpo.py's per-step work (main()'s loop body) on one device; returns run(prompts) -> reply."""
+    """grpo.py's per-step phases (its own functions, in main()'s order) on one device; returns run(prompts)."""
     sys.path.insert(0, str(ROOT))
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
     from flax import nnx
     import ckpt
     import data
     import grpo
+    import run as run_lib
     import sample
     import shard
     cfg = grpo.Config(prompts_per_step=setting["prompts_per_step"], num_generations=setting["num_generations"],
@@ -56,20 +56,15 @@ def nanotune_worker(setting):
     tok, mesh = data.load_tokenizer(None), shard.make_mesh(cfg.mesh)
     eos_ids, pad_id = (), tok.pad_id  # no EOS: every completion has max_completion_len tokens
     graphdef, params, frozen = nnx.split(shard.shard_model(model, mesh), nnx.Param, ...)
-    updates_total = cfg.steps * cfg.num_iterations
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(1, int(cfg.warmup * updates_total)),
-                                                  updates_total)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
-    param_sh = shard.tree_shardings(params, mesh)
-    opt_sh = shard.tree_shardings(jax.eval_shape(tx.init, params), mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    tx, _ = run_lib.adamw(cfg, cfg.steps * cfg.num_iterations)
+    opt_state, param_sh, opt_sh = run_lib.init_optimizer(tx, params, mesh)
     ref = None if not cfg.beta else jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
     group = grpo.prompt_group(cfg)
     train_step = jax.jit(grpo.make_train_step(graphdef, tx, cfg, group), donate_argnums=(0, 1),
                          out_shardings=(param_sh, opt_sh, None, shard.batch_sharding(mesh, 3, axis=1)))
     ref_logps = jax.jit(lambda r, f, b: jax.lax.map(
-        lambda mb: grpo.token_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature, group)[0], b))
-    G, A = cfg.num_generations, cfg.grad_accum
+        lambda mb: grpo.policy_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature, group)[0], b))
+    G = cfg.num_generations
     state = {"params": params, "opt_state": opt_state, "step": 0}
 
     def run(prompts):
@@ -77,28 +72,17 @@ def nanotune_worker(setting):
         t = [time.perf_counter()]
         rows = [{"prompt": p} for p in prompts for _ in range(G)]
         prompt_ids = [tok.encode(r["prompt"]) for r in rows]
-        seed = int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0])
-        completions, logps = sample.generate(nnx.merge(graphdef, params, frozen), prompt_ids,
-                                             max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature,
-                                             top_k=cfg.top_k, top_p=cfg.top_p, seed=seed, eos_ids=eos_ids,
-                                             return_logprobs=True)
+        completions, sampler_logps = grpo.rollout(nnx.merge(graphdef, params, frozen), prompt_ids, cfg, step, eos_ids)
         t.append(time.perf_counter())
         per_func = grpo.score([reward], [r["prompt"] for r in rows], [tok.decode(c) for c in completions], rows)
         rewards = per_func @ np.ones(1)
         advantages, std = grpo.group_advantages(rewards, G, cfg.scale_rewards)
-        batch = grpo.rollout_batch(prompt_ids, completions, logps, eos_ids, pad_id, cfg)
-        batch["advantages"] = advantages.astype(np.float32)
-        batch = {k: v.reshape(A, -1, *v.shape[1:]) for k, v in batch.items()}
-        batch["weights"] = grpo.loss_weights(batch["mask"], cfg.loss_type, cfg.max_completion_len)
-        batch = {k: shard.global_batch(v, mesh, axis=1) for k, v in batch.items()}
+        batch = grpo.learner_batch(prompt_ids, completions, sampler_logps, advantages, eos_ids, pad_id, cfg, mesh)
         t.append(time.perf_counter())
         if cfg.beta:
             batch["ref_logp"] = jax.block_until_ready(ref_logps(ref, frozen, batch))
         t.append(time.perf_counter())
-        for iteration in range(cfg.num_iterations):
-            params, opt_state, metrics, logp = train_step(params, opt_state, frozen, batch,
-                                                          jnp.asarray(iteration == 0))
-            batch["old_logp"] = logp
+        params, opt_state, _ = grpo.policy_updates(train_step, params, opt_state, frozen, batch, cfg)
         jax.block_until_ready((params, opt_state))
         t.append(time.perf_counter())
         state.update(params=params, opt_state=opt_state, step=step + 1)

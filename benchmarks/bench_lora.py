@@ -2,8 +2,8 @@
 
 Each measurement is a fresh subprocess; its peak resident memory is counted from the end of
 loading (which reads float32 weights before quantizing) through the timed steps. The modes
-alternating A B C D A B C D; the train steps are the scripts' own (`sft.make_train_step`,
-`lora.make_train_step`), AdamW, float32 master weights, one micro-batch.
+alternating A B C D A B C D; the train step is the scripts' own (`sft.make_train_step`, which
+lora.py trains with), AdamW, float32 master weights, one micro-batch.
 
     python benchmarks/bench_lora.py                        # Gemma 3 270M shapes, random weights
     python benchmarks/bench_lora.py --ckpt ~/.cache/nanotune-tests/gemma3-270m-hf --batch 4 --len 128
@@ -31,7 +31,6 @@ def worker(args) -> dict:
     from flax import nnx
 
     import ckpt
-    import lora
     import model as M
     import sft
 
@@ -46,14 +45,10 @@ def worker(args) -> dict:
     tokens = rng.integers(0, model.cfg.vocab_size, (1, args.batch, args.len)).astype(np.int32)
     batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens), "segment_ids": np.ones_like(tokens),
              "positions": np.broadcast_to(np.arange(args.len, dtype=np.int32), tokens.shape).copy()}
-    if args.mode == "sft":
-        graphdef, params = nnx.split(model)
-        step = jax.jit(sft.make_train_step(graphdef, tx), donate_argnums=(0, 1))
-        run = lambda p, o: step(p, o, batch)  # noqa: E731
-    else:
-        graphdef, params, frozen = nnx.split(model, M.LoRA, ...)
-        step = jax.jit(lora.make_train_step(graphdef, tx), donate_argnums=(0, 1))
-        run = lambda p, o: step(p, o, frozen, batch, jax.random.key(0))  # noqa: E731
+    # lora.py trains with sft.py's step; only what is split off as trainable differs
+    graphdef, params, frozen = nnx.split(model, nnx.Param if args.mode == "sft" else M.LoRA, ...)
+    step = jax.jit(sft.make_train_step(graphdef, tx), donate_argnums=(0, 1))
+    run = lambda p, o: step(p, o, frozen, batch, jax.random.key(0))  # noqa: E731
     del model
     opt_state = tx.init(params)
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -303,20 +303,20 @@ def test_rewards_on_adversarial_completions(monkeypatch):
     start = time.perf_counter()
     completions = [c for c, *_ in cases] + ADVERSARIAL
     answers = [a for _, a, *_ in cases] + ["7"] * len(ADVERSARIAL)
-    acc = grpo.accuracy_reward(["q"] * len(completions), completions, answer=answers)
-    fmt = grpo.format_reward(["q"] * len(completions), completions, answer=answers)
+    acc = data.accuracy_reward(["q"] * len(completions), completions, answer=answers)
+    fmt = data.format_reward(["q"] * len(completions), completions, answer=answers)
     assert acc[:len(cases)] == [float(c[2]) for c in cases]
     assert fmt[:len(cases)] == [float(c[3]) for c in cases]
     assert acc[len(cases):] == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert all(isinstance(r, float) for r in acc + fmt)
 
     task = data.Arithmetic("*", 3, 1)
-    accuracy, form = grpo.task_rewards(task)
+    accuracy, form = task.rewards()
     completions = ["0492", " 0492\n", "492", "04920", "٠٤٩٢", "0492<answer>"] + ADVERSARIAL
     prompts = ["123*4="] * len(completions)
     assert accuracy(prompts, completions) == [1.0, 1.0] + [0.0] * (len(completions) - 2)
     assert form(prompts, completions) == [1.0] + [0.0] * (len(completions) - 1)
-    minus, = [f for f in grpo.task_rewards(data.Arithmetic("-", 2, 2)) if f.__name__ == "format_reward"]
+    minus, = [f for f in data.Arithmetic("-", 2, 2).rewards() if f.__name__ == "format_reward"]
     assert data.Arithmetic("-", 2, 2).answer("05-10=") == "-05"
     assert minus(["05-10="] * 4, ["-05", "+07", "05", "+005"]) == [1.0, 1.0, 0.0, 0.0]
     assert time.perf_counter() - start < 2.0
