@@ -113,7 +113,10 @@ def check(conditions: list[tuple[bool, str]]) -> None:
 
 
 def fail(message: str, status: int = 1):
-    """User error: one line on stderr and a non-zero exit, never a traceback."""
+    """User error: one line on stderr and a non-zero exit, never a traceback (status 1: SystemExit
+    carries the line; 2, bad flags: the line is printed and the code is 2, as argparse does)."""
+    if status == 1:
+        sys.exit(f"error: {message}")
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
 

@@ -155,40 +155,6 @@ def cache_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, BATCH, None, "tp", None))
 
 
-# ----------------------------------------------------------------------------- start-up
-
-def startup(config_class, argv=None):
-    """Parse the flags generated from a script's Config dataclass (`--batch-size 8`, booleans
-    as `--pack` / `--no-pack`), then, with --tpu, start the multi-host runtime. Bad flags
-    end in one line on stderr and exit status 2."""
-    import argparse
-    import dataclasses
-    import typing
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            _exit(f"{message} (see --help)")
-
-    doc = (sys.modules[config_class.__module__].__doc__ or "").strip().splitlines()
-    parser = Parser(description=doc[0] if doc else None)
-    hints = typing.get_type_hints(config_class)
-    for field in dataclasses.fields(config_class):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-            continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None → X
-        parser.add_argument(flag, type=base, default=field.default, metavar=base.__name__.upper())
-    try:
-        cfg = config_class(**vars(parser.parse_args(argv)))  # __post_init__ checks ranges
-    except ValueError as e:
-        _exit(str(e))
-    if getattr(cfg, "tpu", False):
-        init_tpu()
-    return cfg
-
-
 # ----------------------------------------------------------------------------- multi-host
 
 def init_tpu() -> None:
