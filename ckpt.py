@@ -1,13 +1,12 @@
 """ckpt.py — weights in and out.
 
-Hugging Face checkpoints (config.json + safetensors, single or sharded) become a
-`model.Transformer` and go back out in the same layout, so that
-`transformers.AutoModelForCausalLM.from_pretrained` loads what we save with the
-same logits. Loading never unpickles: safetensors only.
+Hugging Face checkpoints (config.json + safetensors, single or sharded) become a `model.Transformer`
+and go back out in the same layout, so that `transformers.AutoModelForCausalLM.from_pretrained` loads
+what we save with the same logits. Loading never unpickles: safetensors only.
 
     model = load_hf("path/to/Qwen3-0.6B", dtype="bfloat16")
     save_hf(model, "runs/sft/hf")
-    model = load_model("qwen3-0.6b")   # preset → local HF cache, else random init with a warning
+    model, source, directory = load_model("qwen3-0.6b")   # preset → local HF cache, else random weights
 """
 from __future__ import annotations
 
@@ -29,7 +28,8 @@ from flax import nnx
 import ml_dtypes
 from safetensors.numpy import save_file
 
-from model import CONFIGS, Config, Transformer, add_lora, every_nth_global, get_config, layer_shapes
+from adapters import add_lora
+from model import CONFIGS, Config, Transformer, every_nth_global, get_config, layer_shapes
 
 
 class CheckpointError(ValueError):
@@ -540,7 +540,7 @@ def hf_cache_dir(repo: str) -> pathlib.Path | None:
 class LoadedModel(NamedTuple):
     model: Transformer
     source: str  # where the weights came from: a directory, or "random <preset>"
-    directory: pathlib.Path | None  # the checkpoint directory (its tokenizer files too); None for random weights
+    directory: pathlib.Path | None  # the checkpoint directory (tokenizer files too); None: random weights
 
 
 def load_model(name: str = "tiny", ckpt=None, dtype: str | None = None, seed: int = 0,
@@ -568,17 +568,15 @@ def load_model(name: str = "tiny", ckpt=None, dtype: str | None = None, seed: in
 # ----------------------------------------------------------------------------- train state (orbax)
 
 def checkpoint_manager(directory, keep: int = 2):
-    """Orbax manager for <out>/checkpoints: each save is written to a temporary directory and
-    renamed when complete, so a crash mid-save never leaves a `latest` that cannot be read;
-    the newest `keep` steps are kept."""
+    """Orbax manager for <out>/checkpoints, keeping the newest `keep` steps: each save is written to a
+    temporary directory and renamed when complete, so a crash mid-save never leaves a broken `latest`."""
     import orbax.checkpoint as ocp
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def save_train_state(manager, step: int, state, meta: dict) -> None:
-    """state: a pytree of arrays (params, optimizer state, RNG key data), saved sharded as it
-    lives; meta: small JSON (data position, config) restored alongside."""
+    """state: a pytree of arrays (params, optimizer state), saved sharded as it lives; meta: small JSON."""
     import orbax.checkpoint as ocp
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()

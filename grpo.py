@@ -57,6 +57,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+import adapters
 import ckpt
 import data
 import model as model_lib
@@ -396,12 +397,23 @@ def warmup_sft(model, cfg: Config, loaded, rows, ids, funcs, eos_ids, pad_id: in
 
 # ----------------------------------------------------------------------------- main
 
+def learner(graphdef, tx, cfg: Config, mesh, param_sh, opt_sh):
+    """The jitted update (make_train_step) and π_ref's log-probs [A, b, C] of a batch of micro-batches;
+    a group's prompt runs once per forward pass in both."""
+    group = prompt_group(cfg)
+    train_step = jax.jit(make_train_step(graphdef, tx, cfg, group), donate_argnums=(0, 1),
+                         out_shardings=(param_sh, opt_sh, None, shard.batch_sharding(mesh, 3, axis=1)))
+    ref_logps = jax.jit(lambda ref_params, frozen, batch: jax.lax.map(
+        lambda mb: policy_logps(nnx.merge(graphdef, ref_params, frozen), mb, cfg.temperature, group)[0], batch))
+    return train_step, ref_logps
+
+
 def export(final, cfg: Config, loaded, seconds: float) -> None:
     """The final policy as a Hugging Face checkpoint; with LoRA merged, and the adapters in PEFT's layout."""
     out, saved = pathlib.Path(cfg.out), [pathlib.Path(cfg.out) / "hf"]
     if cfg.lora:
         run.export_peft(final, out / "adapter", loaded)
-        final, saved = model_lib.merge_lora(final), saved + [out / "adapter"]
+        final, saved = adapters.merge_lora(final), saved + [out / "adapter"]
     run.export_hf(final, out / "hf", loaded)
     print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'} ({seconds:.0f} s)", file=sys.stderr)
 
@@ -434,20 +446,15 @@ def main(argv=None):
     if cfg.warmup_sft_steps and not reuse_warmup:
         model, warmed = warmup_sft(model, cfg, loaded, train, train_ids, funcs, eos_ids, pad_id, mesh, warm)
     if cfg.lora:  # adapters on the (warmed-up) base; B = 0, so the model starts unchanged
-        model = shard.shard_model(model_lib.add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed), mesh)
-
+        model = shard.shard_model(adapters.add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed), mesh)
     # π_θ: the trained parameters (all, or the adapters) | the frozen rest of the model
-    graphdef, params, frozen = nnx.split(model, model_lib.LoRA if cfg.lora else nnx.Param, ...)
+    graphdef, params, frozen = nnx.split(model, adapters.LoRA if cfg.lora else nnx.Param, ...)
     tx, schedule = run.adamw(cfg, cfg.steps * cfg.num_iterations)
     opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
     # π_ref (beta > 0): the starting parameters, or with LoRA the base (adapters zeroed: no second copy)
     ref_params = None if not cfg.beta else jax.jit(
         lambda p: jax.tree.map(jnp.zeros_like if cfg.lora else jnp.copy, p), out_shardings=param_sh)(params)
-    group = prompt_group(cfg)  # a group's prompt runs once per forward pass
-    train_step = jax.jit(make_train_step(graphdef, tx, cfg, group), donate_argnums=(0, 1),
-                         out_shardings=(param_sh, opt_sh, None, shard.batch_sharding(mesh, 3, axis=1)))
-    ref_logps = jax.jit(lambda r, f, b: jax.lax.map(
-        lambda mb: policy_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature, group)[0], b))
+    train_step, ref_logps = learner(graphdef, tx, cfg, mesh, param_sh, opt_sh)
     step, state, position = run.resume(cfg, manager, {"params": params, "opt_state": opt_state},
                                        {"params": param_sh, "opt_state": opt_sh})
     params, opt_state = state["params"], state["opt_state"]
@@ -476,8 +483,8 @@ def main(argv=None):
             rewards = per_func @ weights  # 2. score
             advantages, std = group_advantages(rewards, G, cfg.scale_rewards)  # 3. group advantages
             batch = learner_batch(prompt_ids, completions, sampler_logps, advantages, eos_ids, pad_id, cfg, mesh)
-            if cfg.beta:
-                batch["ref_logp"] = ref_logps(ref_params, frozen, batch)  # π_ref, for the KL
+            if cfg.beta:  # π_ref, for the KL
+                batch["ref_logp"] = ref_logps(ref_params, frozen, batch)
             params, opt_state, iters = policy_updates(train_step, params, opt_state, frozen, batch, cfg)  # 4.
             step += 1
             if step % cfg.log_every == 0 or step == cfg.steps:  # 5. log

@@ -13,8 +13,8 @@ so its float copy never exists at once. Only A and B are differentiated and have
 
 Where the pieces live: the adapter factors, their initialisation (`add_lora`), the update
 (`lora_delta`), quantization (`quantize`, `quantize_model`, NF4_LEVELS) and merging (`merge_lora`)
-are in model.py's section "LoRA and quantized weights", because every script's --lora and
-sample.py use them; `projections` in model.py is where the forward reads them. PEFT's adapter files
+are in adapters.py, because every script's --lora and sample.py use them; `projections` in
+model.py is where the forward pass reads them. PEFT's adapter files
 (`adapter_config.json`, `adapter_model.safetensors`) are written and read by ckpt.save_peft /
 load_peft. The loss and the loop are SFT's (sft.train), on the adapters instead of all parameters.
 
@@ -39,6 +39,7 @@ import sys
 import jax
 from flax import nnx
 
+import adapters
 import ckpt
 import model as model_lib
 import run
@@ -66,11 +67,11 @@ class Config(sft.Config):
         super().__post_init__()
         if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError("need --lora-rank >= 1, --lora-alpha > 0 and 0 <= --lora-dropout < 1")
-        unknown = set(self.lora_targets.split(",")) - set(model_lib.TARGETS)
+        unknown = set(self.lora_targets.split(",")) - set(adapters.TARGETS)
         if unknown:
             raise ValueError(f"unknown --lora-targets {', '.join(sorted(unknown))}; "
-                             f"choose from {','.join(model_lib.TARGETS)}")
-        if self.quant not in ("", *model_lib.QUANT_FORMATS) or self.quant_block < 2 or self.quant_block % 2:
+                             f"choose from {','.join(adapters.TARGETS)}")
+        if self.quant not in ("", *adapters.QUANT_FORMATS) or self.quant_block < 2 or self.quant_block % 2:
             raise ValueError(f"--quant must be nf4 or int8 and --quant-block even, got {self.quant!r} "
                              f"{self.quant_block}")
 
@@ -82,11 +83,11 @@ def attach_adapters(model, cfg: Config) -> dict:
     if cfg.adapter:
         ckpt.load_peft(model, cfg.adapter)
     else:
-        model_lib.add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")),
+        adapters.add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")),
                            cfg.lora_dropout, cfg.rslora, seed=cfg.seed)
     if cfg.quant:
-        model_lib.quantize_model(model, cfg.quant, cfg.quant_block)
-    n_train = sum(x.size for x in jax.tree.leaves(nnx.state(model, model_lib.LoRA)))
+        adapters.quantize_model(model, cfg.quant, cfg.quant_block)
+    n_train = sum(x.size for x in jax.tree.leaves(nnx.state(model, adapters.LoRA)))
     return {"trainable_params": n_train, "trainable_fraction": n_train / n_base,
             "param_bytes": model_lib.param_bytes(model), "param_bytes_float32": 4 * n_base}
 
@@ -103,13 +104,13 @@ def main(argv=None):
               f"parameters ({100 * memory['trainable_fraction']:.2f}%); parameter memory "
               f"{memory['param_bytes'] / 2**20:.1f} MiB = {100 * memory['param_bytes'] / memory['param_bytes_float32']:.0f}%"
               f" of float32 ({cfg.quant or 'float32'} base)", file=sys.stderr)
-    trained = sft.train(cfg, loaded, loaded.model, trainable=model_lib.LoRA, first_record=memory)
+    trained = sft.train(cfg, loaded, loaded.model, trainable=adapters.LoRA, first_record=memory)
 
     if shard.is_main_process():  # the adapters in PEFT's layout; with --merge, a full HF checkpoint as well
         run.export_peft(trained, out / "adapter", loaded)
         saved = [out / "adapter"]
         if cfg.merge:
-            run.export_hf(model_lib.merge_lora(trained), out / "hf", loaded)
+            run.export_hf(adapters.merge_lora(trained), out / "hf", loaded)
             saved.append(out / "hf")
         print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'}", file=sys.stderr)
 

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adapters import TARGETS, dequantize, lora_delta, lora_dropout, projection_shapes, weight
+
 
 # The MLP is act(x W_gate) * (x W_up) W_down: SwiGLU with silu, GeGLU with gelu.
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -282,9 +284,8 @@ def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None)
 
 def layer_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Shapes of one block's parameters (stacked on a leading L axis in the model)."""
-    D, N, K, H, F = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-    shapes = {"attn_norm": (D,), "q": (D, N, H), "k": (D, K, H), "v": (D, K, H), "o": (N, H, D),
-              "ffw_norm": (D,), "gate": (D, F), "up": (D, F), "down": (F, D)}
+    D, N, K, H = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    shapes = {"attn_norm": (D,), "ffw_norm": (D,), **projection_shapes(cfg)}
     if cfg.qkv_bias:
         shapes.update(q_bias=(N, H), k_bias=(K, H), v_bias=(K, H))
     if cfg.qk_norm:
@@ -292,6 +293,10 @@ def layer_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     if cfg.post_norms:
         shapes.update(post_attn_norm=(D,), post_ffw_norm=(D,))
     return shapes
+
+
+LETTERS = {"q": "BTD,DNH->BTNH", "k": "BTD,DKH->BTKH", "v": "BTD,DKH->BTKH", "o": "BTNH,NHD->BTD",
+           "gate": "BTD,DF->BTF", "up": "BTD,DF->BTF", "down": "BTF,FD->BTD"}  # each projection's einsum
 
 
 class Adapters(NamedTuple):
@@ -549,148 +554,6 @@ def token_logps(model: Transformer, batch: dict, last: int | None = None, group:
     logp_all = jax.nn.log_softmax(logits if temperature == 1.0 else logits / temperature, axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens[:, -C:, None], axis=-1)[..., 0]
     return (logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)) if entropy else logp
-
-
-# ----------------------------------------------------------------------------- LoRA and quantized weights
-#
-# LoRA (Hu et al. 2021, arXiv 2106.09685) adds a trainable low-rank path beside a frozen weight:
-#     y = x W + (alpha / r) · (x A) B,   A [in, r], B [r, out], B = 0 at the start
-# (rsLoRA, Kalajievo 2023: alpha / sqrt(r)). QLoRA (Dettmers et al. 2023, arXiv 2305.14314) stores
-# the frozen W in 4 bits: blocks of 64 values share one absmax scale, and each value is the index
-# of the nearest of 16 "NormalFloat" levels, quantiles of a normal distribution. W is dequantized
-# inside the forward pass, layer by layer, so the full-precision copy never exists at once.
-
-TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can wrap
-LETTERS = {"q": "BTD,DNH->BTNH", "k": "BTD,DKH->BTKH", "v": "BTD,DKH->BTKH", "o": "BTNH,NHD->BTD",
-           "gate": "BTD,DF->BTF", "up": "BTD,DF->BTF", "down": "BTF,FD->BTD"}
-QUANT_FORMATS = ("nf4", "int8")
-NF4_LEVELS = jnp.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-                        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], jnp.float32)
-
-
-class LoRA(nnx.Param):
-    """An adapter factor (A or B): a Param, and `nnx.split(model, LoRA, ...)` takes only adapters."""
-
-
-class Quantized(nnx.Variable):
-    """Codes or scales of a quantized frozen weight: not a Param, so never trained or counted."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    rank: int  # r
-    alpha: float  # scale numerator
-    targets: tuple[str, ...] = TARGETS
-    dropout: float = 0.0  # on the adapter's input, training only
-    rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-
-def add_lora(model: Transformer, rank: int, alpha: float, targets=TARGETS, dropout: float = 0.0,
-             rslora: bool = False, seed: int = 0) -> Transformer:
-    """Attach adapters in place: A [L, in..., r] with PEFT's init (uniform, bound 1/sqrt(in)) and
-    B [L, r, out...] = 0, so the model computes exactly what it did until B trains."""
-    if rank < 1 or not targets or set(targets) - set(TARGETS):
-        raise ValueError(f"LoRA needs rank >= 1 and targets among {', '.join(TARGETS)} (got {rank}, {targets})")
-    cfg, key = model.cfg, jax.random.key(seed)
-    shapes = layer_shapes(cfg)
-    for i, name in enumerate(TARGETS):
-        if name not in targets:
-            continue
-        n_in = 2 if name == "o" else 1
-        ins, outs = shapes[name][:n_in], shapes[name][n_in:]
-        bound = 1.0 / math.sqrt(math.prod(ins))
-        a = jax.random.uniform(jax.random.fold_in(key, i), (cfg.n_layers, *ins, rank), jnp.float32, -bound, bound)
-        setattr(model.layers, f"{name}_lora_a", LoRA(a.astype(cfg.param_dtype)))
-        setattr(model.layers, f"{name}_lora_b", LoRA(jnp.zeros((cfg.n_layers, rank, *outs), cfg.param_dtype)))
-    model.lora = LoRAConfig(rank, float(alpha), tuple(t for t in TARGETS if t in targets), dropout, rslora)
-    return model
-
-
-def lora_delta(x, a, b, scale: float) -> jax.Array:
-    """scale · (x A) B for x [..., in...], a [in..., r], b [r, out...] → [..., out...]."""
-    r, n_in = a.shape[-1], a.ndim - 1
-    lead = x.shape[:x.ndim - n_in]
-    xa = jnp.dot(x.reshape(math.prod(lead), -1), a.reshape(-1, r).astype(x.dtype), preferred_element_type=jnp.float32)
-    y = jnp.dot(xa.astype(x.dtype), b.reshape(r, -1).astype(x.dtype), preferred_element_type=jnp.float32)
-    return (scale * y).astype(x.dtype).reshape(*lead, *b.shape[1:])
-
-
-def lora_dropout(x, key, rate: float) -> jax.Array:
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype) if rate else x
-
-
-def quantize(w, fmt: str, block: int = 64) -> tuple[jax.Array, jax.Array]:
-    """w [A, ...] → (codes, scales [A, n_blocks] float32); blocks of `block` run along the
-    flattened trailing axes. int8: codes [A, n, block] = round(127 w / absmax). nf4: the index of
-    the nearest NF4 level to w / absmax, two 4-bit indices per byte: codes [A, n, block/2] uint8."""
-    if fmt not in QUANT_FORMATS:
-        raise ValueError(f"unknown quantization format {fmt!r}; choose {' or '.join(QUANT_FORMATS)}")
-    if math.prod(w.shape[1:]) % block:
-        raise ValueError(f"shape {tuple(w.shape)} does not split into blocks of {block}")
-    w = jnp.asarray(w, jnp.float32).reshape(w.shape[0], -1, block)
-    scales = jnp.max(jnp.abs(w), axis=-1) / (127.0 if fmt == "int8" else 1.0)  # absmax
-    x = w / jnp.where(scales == 0, 1.0, scales)[..., None]
-    if fmt == "int8":
-        return jnp.round(x).astype(jnp.int8), scales
-    idx = jnp.searchsorted((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2, x).astype(jnp.uint8)  # nearest level
-    return (idx[..., 0::2] << 4) | idx[..., 1::2], scales
-
-
-def dequantize(codes, scales, shape: tuple[int, ...], dtype) -> jax.Array:
-    """The inverse of `quantize` (the format is in the codes' dtype), reshaped to `shape`."""
-    x = codes.astype(jnp.float32) if codes.dtype == jnp.int8 else \
-        NF4_LEVELS[jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(*codes.shape[:-1], -1)]  # 2 per byte
-    return (x * scales[..., None]).astype(dtype).reshape(shape)
-
-
-def weight(p: dict, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
-    """A block's weight from its parameter dict: the array itself, or dequantized codes."""
-    return p[name] if name in p else dequantize(p[f"{name}_codes"], p[f"{name}_scales"], shape, dtype)
-
-
-def quantize_model(model: Transformer, fmt: str, block: int = 64, tables: bool = True) -> Transformer:
-    """Replace the frozen projection weights (and, with `tables`, the embedding and output head:
-    62% of Gemma 3 270M) by quantized codes and scales, in place."""
-    targets = [(model.layers, name) for name in TARGETS]
-    if tables:
-        targets += [(model, name) for name in ("embed", "lm_head") if hasattr(model, name)]
-    for owner, name in targets:
-        codes, scales = quantize(getattr(owner, name)[...], fmt, block)
-        delattr(owner, name)
-        setattr(owner, f"{name}_codes", Quantized(codes))
-        setattr(owner, f"{name}_scales", Quantized(scales))
-    return model
-
-
-def merge_lora(model: Transformer) -> Transformer:
-    """A plain Transformer computing what `model` does: W + scale · A B in every adapted weight,
-    quantized weights dequantized (in param_dtype). The input model is left as it is."""
-    cfg = model.cfg
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-    flat = dict(nnx.to_flat_state(state))
-    stacked, shapes, lora = model.layers.arrays(), layer_shapes(cfg), getattr(model, "lora", None)
-    for path, var in flat.items():
-        if path[0] == "layers":
-            name = path[1]  # "q", "attn_norm", ...
-            value = weight(stacked, name, (cfg.n_layers, *shapes[name]), jnp.float32).astype(jnp.float32)
-            if f"{name}_lora_a" in stacked:
-                a, b = stacked[f"{name}_lora_a"], stacked[f"{name}_lora_b"]
-                delta = jnp.einsum("lir,lro->lio", a.reshape(cfg.n_layers, -1, lora.rank).astype(jnp.float32),
-                                   b.reshape(cfg.n_layers, lora.rank, -1).astype(jnp.float32))
-                value = value + lora.scale * delta.reshape(value.shape)
-        elif path[0] in ("embed", "lm_head"):
-            value = model.table(path[0], jnp.float32)
-        else:
-            value = getattr(model, path[0])[...]
-        var.set_value(value.astype(var.dtype))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def param_bytes(model: nnx.Module) -> int:

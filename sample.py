@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from data import bucket_length
-from model import KVCache, Transformer, quantize, repeat_rows, softcap, unstack_layers
+from adapters import quantize
+from model import KVCache, Transformer, repeat_rows, softcap, unstack_layers
 
 MIN_PROMPT_BUCKET = 8  # prompt lengths round up to a power of two >= this: few shapes, few compiles
 

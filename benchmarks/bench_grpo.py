@@ -59,11 +59,7 @@ def nanotune_worker(setting):
     tx, _ = run_lib.adamw(cfg, cfg.steps * cfg.num_iterations)
     opt_state, param_sh, opt_sh = run_lib.init_optimizer(tx, params, mesh)
     ref = None if not cfg.beta else jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
-    group = grpo.prompt_group(cfg)
-    train_step = jax.jit(grpo.make_train_step(graphdef, tx, cfg, group), donate_argnums=(0, 1),
-                         out_shardings=(param_sh, opt_sh, None, shard.batch_sharding(mesh, 3, axis=1)))
-    ref_logps = jax.jit(lambda r, f, b: jax.lax.map(
-        lambda mb: grpo.policy_logps(nnx.merge(graphdef, r, f), mb, cfg.temperature, group)[0], b))
+    train_step, ref_logps = grpo.learner(graphdef, tx, cfg, mesh, param_sh, opt_sh)
     G = cfg.num_generations
     state = {"params": params, "opt_state": opt_state, "step": 0}
 

@@ -31,14 +31,15 @@ def worker(args) -> dict:
     from flax import nnx
 
     import ckpt
+    import adapters
     import model as M
     import sft
 
     model = ckpt.load_model(args.model, ckpt=args.ckpt, param_dtype="float32").model
     if args.mode != "sft":
-        M.add_lora(model, args.rank, 2.0 * args.rank)
+        adapters.add_lora(model, args.rank, 2.0 * args.rank)
         if args.mode.startswith("qlora"):
-            M.quantize_model(model, args.mode.split("-")[1])
+            adapters.quantize_model(model, args.mode.split("-")[1])
     param_bytes = M.param_bytes(model)
     tx = optax.adamw(1e-5)
     rng = np.random.default_rng(0)
@@ -46,7 +47,7 @@ def worker(args) -> dict:
     batch = {"tokens": tokens, "loss_mask": np.ones_like(tokens), "segment_ids": np.ones_like(tokens),
              "positions": np.broadcast_to(np.arange(args.len, dtype=np.int32), tokens.shape).copy()}
     # lora.py trains with sft.py's step; only what is split off as trainable differs
-    graphdef, params, frozen = nnx.split(model, nnx.Param if args.mode == "sft" else M.LoRA, ...)
+    graphdef, params, frozen = nnx.split(model, nnx.Param if args.mode == "sft" else adapters.LoRA, ...)
     step = jax.jit(sft.make_train_step(graphdef, tx), donate_argnums=(0, 1))
     run = lambda p, o: step(p, o, frozen, batch, jax.random.key(0))  # noqa: E731
     del model

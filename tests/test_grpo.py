@@ -462,12 +462,12 @@ def test_lora_run_exports_adapter_and_merged_model(tmp_path):
 
 
 def test_lora_trains_adapters_against_the_base_model():
-    import model as model_lib
+    import adapters
     model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(3))
     batch, _ = sampled_batch(model, 1.0)
     base = np.asarray(grpo.policy_logps(model, batch, 1.0)[0])
-    model_lib.add_lora(model, 4, 8.0)
-    graphdef, params, frozen = nnx.split(model, model_lib.LoRA, ...)  # what --lora trains | the frozen rest
+    adapters.add_lora(model, 4, 8.0)
+    graphdef, params, frozen = nnx.split(model, adapters.LoRA, ...)  # what --lora trains | the frozen rest
     assert all("lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
     assert not any("lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(frozen))
     trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(0), x.shape), params)

@@ -17,6 +17,7 @@ from flax import nnx
 
 import ckpt
 import data
+import adapters
 import model as M
 import sft
 
@@ -40,7 +41,7 @@ def losses(out) -> dict[int, float]:
 
 def trained_adapter(model, seed=1, scale=0.05):
     """Give every B a random value, as training would (a fresh adapter is the identity)."""
-    state = nnx.state(model, M.LoRA)
+    state = nnx.state(model, adapters.LoRA)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     nnx.update(model, jax.tree.unflatten(treedef, [
@@ -59,20 +60,20 @@ def test_fresh_adapter_is_identity_and_merge_equals_adapter(name):
     model = M.Transformer(M.CONFIGS[name], nnx.Rngs(0))
     x = jnp.asarray(tokens())
     base = model(x)
-    M.add_lora(model, 4, 8.0, rslora=name == "tiny-gemma3")
+    adapters.add_lora(model, 4, 8.0, rslora=name == "tiny-gemma3")
     np.testing.assert_array_equal(model(x), base)  # B = 0: exactly the base
     trained_adapter(model)
     adapted = model(x)
     assert float(jnp.max(jnp.abs(adapted - base))) > 1e-2  # the adapters change the function
-    merged = M.merge_lora(model)
-    assert not any(isinstance(v, M.LoRA) for v in jax.tree.leaves(nnx.state(merged), is_leaf=lambda v: isinstance(v, nnx.Variable)))
+    merged = adapters.merge_lora(model)
+    assert not any(isinstance(v, adapters.LoRA) for v in jax.tree.leaves(nnx.state(merged), is_leaf=lambda v: isinstance(v, nnx.Variable)))
     np.testing.assert_allclose(merged(x), adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_scale_and_dropout():
-    assert M.LoRAConfig(8, 16.0).scale == 2.0 and M.LoRAConfig(16, 16.0, rslora=True).scale == 4.0
+    assert adapters.LoRAConfig(8, 16.0).scale == 2.0 and adapters.LoRAConfig(16, 16.0, rslora=True).scale == 4.0
     model = M.Transformer(M.CONFIGS["tiny-llama3"], nnx.Rngs(0))
-    M.add_lora(model, 4, 8.0, targets=("q", "v"), dropout=0.5)
+    adapters.add_lora(model, 4, 8.0, targets=("q", "v"), dropout=0.5)
     assert {k for k in vars(model.layers) if "lora" in k} == {"q_lora_a", "q_lora_b", "v_lora_a", "v_lora_b"}
     trained_adapter(model)
     x = jnp.asarray(tokens())
@@ -84,14 +85,14 @@ def test_lora_scale_and_dropout():
 
 def test_training_moves_only_the_adapters():
     """Base parameters bit-identical after training; only adapters in the optimizer state."""
-    model = M.add_lora(M.Transformer(M.CONFIGS["tiny-qwen3"], nnx.Rngs(0)), 8, 16.0)
-    graphdef, params, frozen = nnx.split(model, M.LoRA, ...)
+    model = adapters.add_lora(M.Transformer(M.CONFIGS["tiny-qwen3"], nnx.Rngs(0)), 8, 16.0)
+    graphdef, params, frozen = nnx.split(model, adapters.LoRA, ...)
     base_before = jax.tree.map(np.array, frozen)
     lora_before = jax.tree.map(np.array, params)
     tx = optax.adamw(1e-2)
     opt_state = tx.init(params)
     assert {p[-1] for p, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0] if hasattr(p[-1], "key")} \
-        <= {f"{t}_lora_{f}" for t in M.TARGETS for f in "ab"}
+        <= {f"{t}_lora_{f}" for t in adapters.TARGETS for f in "ab"}
     step = jax.jit(sft.make_train_step(graphdef, tx))  # lora.py trains with sft.py's step
     task, tok = data.Arithmetic("*", 3, 1), data.ByteTokenizer()
     batch = data.collate([[data.tokenize(r, tok)] for r in task.examples("train", 16)], 32)
@@ -113,17 +114,17 @@ def test_training_moves_only_the_adapters():
 def test_quantization_error_within_the_format_bound(fmt):
     w = 0.02 * jax.random.normal(jax.random.key(0), (3, 128, 96))
     w = w.at[0, 0, 0].set(1.0)  # an outlier only inflates its own block's scale
-    codes, scales = M.quantize(w, fmt, 64)
+    codes, scales = adapters.quantize(w, fmt, 64)
     assert codes.dtype == (jnp.uint8 if fmt == "nf4" else jnp.int8)
     assert codes.shape == (3, 128 * 96 // 64, 64 // 2 if fmt == "nf4" else 64)
-    back = M.dequantize(codes, scales, w.shape, jnp.float32)
+    back = adapters.dequantize(codes, scales, w.shape, jnp.float32)
     absmax = jnp.repeat(jnp.max(jnp.abs(w.reshape(3, -1, 64)), -1), 64, axis=-1).reshape(w.shape)
     err = jnp.abs(back - w)
     if fmt == "int8":
         assert bool(jnp.all(err <= absmax / 254 * (1 + 1e-5)))  # half a step of absmax / 127
     else:  # the nearest of 16 levels: at most half the widest gap (between -1.0 and -0.6962)
         assert bool(jnp.all(err <= absmax * (1 - 0.6961928009986877) / 2 * (1 + 1e-5)))
-        levels = M.NF4_LEVELS[None, None, None, :] * absmax[..., None]
+        levels = adapters.NF4_LEVELS[None, None, None, :] * absmax[..., None]
         np.testing.assert_allclose(err, jnp.min(jnp.abs(levels - w[..., None]), -1), atol=1e-7)
     np.testing.assert_array_equal(back.reshape(3, -1, 64).max(-1) >= 0, True)
     assert float(jnp.max(jnp.abs(back[0, 0]))) == pytest.approx(1.0)  # absmax itself is exact
@@ -131,13 +132,13 @@ def test_quantization_error_within_the_format_bound(fmt):
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
 def test_quantized_model_runs_on_its_dequantized_weights(fmt):
-    model = M.add_lora(M.Transformer(M.CONFIGS["tiny-gemma3"], nnx.Rngs(0)), 4, 8.0)
+    model = adapters.add_lora(M.Transformer(M.CONFIGS["tiny-gemma3"], nnx.Rngs(0)), 4, 8.0)
     trained_adapter(model)
     full_bytes = M.param_bytes(model)
-    M.quantize_model(model, fmt)
+    adapters.quantize_model(model, fmt)
     assert M.param_bytes(model) < (0.25 if fmt == "nf4" else 0.35) * full_bytes
     x = jnp.asarray(tokens())
-    merged = M.merge_lora(model)  # dequantized weights + adapters, as a plain model
+    merged = adapters.merge_lora(model)  # dequantized weights + adapters, as a plain model
     np.testing.assert_allclose(merged(x), model(x), atol=1e-4, rtol=1e-4)
     from sample import generate  # the sampler runs on quantized models too
     assert generate(model, [[1, 2, 3]], max_new_tokens=4) == generate(merged, [[1, 2, 3]], max_new_tokens=4)
@@ -173,7 +174,7 @@ def torch_logits(model, x):
 def test_peft_loads_our_adapter_with_the_same_logits(family, hf_dirs, tmp_path):
     import peft
     ours = ckpt.load_hf(hf_dirs[family])
-    M.add_lora(ours, 4, 8.0, targets=("q", "k", "v", "o", "gate", "up", "down") if family != "llama3"
+    adapters.add_lora(ours, 4, 8.0, targets=("q", "k", "v", "o", "gate", "up", "down") if family != "llama3"
                else ("q", "o", "down"), rslora=family == "gemma3")
     trained_adapter(ours)
     ckpt.save_peft(ours, tmp_path / "adapter", base_model=str(hf_dirs[family]))
@@ -210,7 +211,7 @@ def test_an_adapter_peft_saved_loads_into_ours(rslora, hf_dirs, tmp_path):
     ({"target_modules": ["lm_head"]}, "target_modules ['lm_head']"),
 ])
 def test_unusable_peft_adapters_are_refused_by_name(edit, message, hf_dirs, tmp_path):
-    ours = M.add_lora(ckpt.load_hf(hf_dirs["qwen3"]), 2, 4.0)
+    ours = adapters.add_lora(ckpt.load_hf(hf_dirs["qwen3"]), 2, 4.0)
     ckpt.save_peft(ours, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, **edit}))
@@ -219,7 +220,7 @@ def test_unusable_peft_adapters_are_refused_by_name(edit, message, hf_dirs, tmp_
 
 
 def test_adapter_of_another_shape_is_refused_by_name(hf_dirs, tmp_path):
-    ckpt.save_peft(M.add_lora(ckpt.load_hf(hf_dirs["qwen3"]), 2, 4.0), tmp_path / "adapter")
+    ckpt.save_peft(adapters.add_lora(ckpt.load_hf(hf_dirs["qwen3"]), 2, 4.0), tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
     with pytest.raises(ckpt.CheckpointError, match=r"layers.0.self_attn.q_proj.lora_A.weight: adapter shape "
