@@ -31,7 +31,8 @@ NF4_LEVELS = jnp.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491
 def projection_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """One layer's projection weights (model.Config cfg): the ones an adapter wraps or QLoRA quantizes."""
     D, N, K, H, F = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-    return {"q": (D, N, H), "k": (D, K, H), "v": (D, K, H), "o": (N, H, D), "gate": (D, F), "up": (D, F), "down": (F, D)}
+    return {"q": (D, N, H), "k": (D, K, H), "v": (D, K, H), "o": (N, H, D),
+            "gate": (D, F), "up": (D, F), "down": (F, D)}
 
 
 class LoRA(nnx.Param):

@@ -243,7 +243,8 @@ def make_train_step(graphdef, tx, cfg: Config, group: int = 1):
     def train_step(params, opt_state, frozen, batch):
         params, opt_state, metrics, aux = update(params, opt_state, frozen, batch, None)
         tokens = jnp.maximum(metrics["tokens"], 1.0)
-        metrics.update({k: jnp.sum(aux[k]) / tokens for k in ("kl", "clip_ratio", "entropy", "sampling/logp_difference")})
+        means = ("kl", "clip_ratio", "entropy", "sampling/logp_difference")  # per completion token
+        metrics.update({k: jnp.sum(aux[k]) / tokens for k in means})
         return params, opt_state, metrics, aux["logp"]
     return train_step
 

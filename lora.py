@@ -99,11 +99,11 @@ def main(argv=None):
         loaded = run.load(cfg)
         memory = attach_adapters(loaded.model, cfg)
     if shard.is_main_process():
-        lora = loaded.model.lora
+        lora, share = loaded.model.lora, memory["param_bytes"] / memory["param_bytes_float32"]
         print(f"LoRA r={lora.rank} on {','.join(lora.targets)}: training {memory['trainable_params'] / 1e6:.3f}M "
               f"parameters ({100 * memory['trainable_fraction']:.2f}%); parameter memory "
-              f"{memory['param_bytes'] / 2**20:.1f} MiB = {100 * memory['param_bytes'] / memory['param_bytes_float32']:.0f}%"
-              f" of float32 ({cfg.quant or 'float32'} base)", file=sys.stderr)
+              f"{memory['param_bytes'] / 2**20:.1f} MiB = {100 * share:.0f}% of float32 ({cfg.quant or 'float32'} base)",
+              file=sys.stderr)
     trained = sft.train(cfg, loaded, loaded.model, trainable=adapters.LoRA, first_record=memory)
 
     if shard.is_main_process():  # the adapters in PEFT's layout; with --merge, a full HF checkpoint as well
