@@ -53,7 +53,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
@@ -63,6 +62,7 @@ import data
 import model as model_lib
 import run
 import sample
+import sft
 import shard
 
 LOSS_TYPES, SCALINGS = ("grpo", "bnpo", "dr_grpo", "dapo"), ("group", "batch", "none")
@@ -190,19 +190,13 @@ def loss_weights(mask: np.ndarray, loss_type: str, max_completion_len: int) -> n
     return w.astype(np.float32)
 
 
-def unrolled_if_small(model):
-    """Per-layer weights (an unrolled forward) below 64 MiB of weights, else None (the scan): on CPU a
-    tiny model's update runs 1.7x faster unrolled, while at 270M parameters the scan is ~5% faster."""
-    return model_lib.unstack_layers(model) if model_lib.param_bytes(model) < 2**26 else None
-
-
 def policy_logps(model, batch, temperature: float, group: int = 1):
     """log π(o_t | q, o_<t) [b, C] of the completion tokens under softmax(logits / temperature), and π's
     entropy there. tokens, segment_ids, positions [b, P + C]: the prompt left-padded to P, the completion
     right after it, right-padded to C (padding: segment 0). group: rows come in runs of that many with
     one prompt (a GRPO group), whose forward pass then runs once (model.next_token_logits)."""
     return model_lib.token_logps(model, batch, last=batch["mask"].shape[-1], group=group, temperature=temperature,
-                                 entropy=True, layers=unrolled_if_small(model))
+                                 entropy=True, layers=model_lib.unrolled_if_small(model))
 
 
 def token_losses(logp, old_logp, ref_logp, advantages, epsilon: float, epsilon_high: float, beta: float):
@@ -353,47 +347,24 @@ def evaluate(model, evals, eval_ids, tok, funcs, eos_ids, cfg: Config) -> dict:
 # ----------------------------------------------------------------------------- the supervised warm-up
 
 def warmup_sft(model, cfg: Config, loaded, rows, ids, funcs, eos_ids, pad_id: int, mesh, warm: pathlib.Path):
-    """Supervised fine-tuning on the rows' answers (completion NLL, AdamW at a constant rate),
-    stopped once greedy accuracy on --eval-examples training prompts reaches --warmup-sft-target: a
-    random policy never earns a reward, and a policy caught mid-learning (not annealed) still has
-    unsure answers that GRPO can sort out. Saved to `warm` (π_ref, reloaded on --resume); returns
-    the model and what the step-0 record logs of it."""
+    """sft.warm_up on the rows' answers, stopped once greedy accuracy on --eval-examples training
+    prompts reaches --warmup-sft-target: a random policy never earns a reward, and a policy caught
+    mid-learning (not annealed) still has unsure answers that GRPO can sort out. Saved to `warm`
+    (π_ref, reloaded on --resume); returns the model and what the step-0 record logs of it."""
     print(f"warm-up: supervised steps until greedy accuracy on training prompts reaches {cfg.warmup_sft_target} "
           f"(at most {cfg.warmup_sft_steps}; GRPO learns only where a group's rewards differ)", file=sys.stderr)
-    tok = loaded.tokenizer
+    tok, n = loaded.tokenizer, cfg.eval_examples  # as many as eval/reward uses: the same compiled decode
     examples = [data.tokenize({"prompt": r["prompt"], "completion": str(r["answer"])}, tok) for r in rows]
-    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(
-        optax.linear_schedule(0.0, cfg.warmup_sft_lr, 10), weight_decay=cfg.weight_decay))
-
-    def nll(params, frozen, batch, key):  # SFT's loss: the answer tokens' summed NLL and their count
-        model = nnx.merge(graphdef, params, frozen)
-        logp = model_lib.token_logps(model, batch, layers=unrolled_if_small(model))
-        return -jnp.sum(logp * batch["loss_mask"][:, 1:]), {"tokens": jnp.sum(batch["loss_mask"][:, 1:])}
-    opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
-    step = jax.jit(run.make_update(nll, tx), donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, None, None))
-    batches = data.Batches(examples, cfg.warmup_sft_batch_size, cfg.max_prompt_len + cfg.max_completion_len,
-                           seed=cfg.seed, pad_id=pad_id)
-    rows_here = shard.host_rows(cfg.warmup_sft_batch_size)
-    bar = tqdm(range(1, cfg.warmup_sft_steps + 1), desc="warm-up (SFT)", disable=not shard.is_main_process())
-    accuracy = 0.0
-    for i in bar:
-        batch = {k: shard.global_batch(v[rows_here][None], mesh, axis=1) for k, v in next(batches).items()}
-        params, opt_state, _, _ = step(params, opt_state, frozen, batch, None)
-        if i % 10 == 0:
-            n = cfg.eval_examples  # as many as eval/reward uses: the same compiled decode
-            model = nnx.merge(graphdef, params, frozen)
-            accuracy = evaluate(model, rows[:n], ids[:n], tok, funcs, eos_ids, cfg)["eval/reward"]
-            bar.set_postfix(train_accuracy=accuracy)
-            if accuracy >= cfg.warmup_sft_target:
-                break
-    bar.close()
-    model = shard.shard_model(nnx.merge(graphdef, params, frozen), mesh)
+    model, steps, accuracy = sft.warm_up(
+        model, examples, mesh, steps=cfg.warmup_sft_steps, lr=cfg.warmup_sft_lr, batch_size=cfg.warmup_sft_batch_size,
+        max_len=cfg.max_prompt_len + cfg.max_completion_len, clip=cfg.clip, weight_decay=cfg.weight_decay,
+        seed=cfg.seed, pad_id=pad_id, target=cfg.warmup_sft_target,
+        accuracy=lambda m: evaluate(m, rows[:n], ids[:n], tok, funcs, eos_ids, cfg)["eval/reward"])
     if shard.is_main_process():
         ckpt.save_hf(model, warm)
         run.copy_tokenizer(loaded, warm)
-        print(f"warm-up done: {i} steps, training-prompt accuracy {accuracy:.3f}; saved {warm}", file=sys.stderr)
-    return model, {"warmup_sft/steps": i, "warmup_sft/train_accuracy": accuracy}
+        print(f"warm-up done: {steps} steps, training-prompt accuracy {accuracy:.3f}; saved {warm}", file=sys.stderr)
+    return model, {"warmup_sft/steps": steps, "warmup_sft/train_accuracy": accuracy}
 
 
 # ----------------------------------------------------------------------------- main

@@ -516,6 +516,12 @@ def _unstack(stacked: dict[str, jax.Array], n_layers: int, fuse: bool) -> list[d
     return layers
 
 
+def unrolled_if_small(model: Transformer):
+    """unstack_layers below 64 MiB of weights, else None (the scan): on CPU a tiny model's training step
+    runs 1.7x faster unrolled, while at 270M parameters the scan is ~5% faster and copies no weights."""
+    return unstack_layers(model) if param_bytes(model) < 2**26 else None
+
+
 def repeat_rows(cache: KVCache, group: int) -> KVCache:
     """Each row of a cache `group` times: a prompt's keys and values, computed once, for all its rows."""
     rows = lambda x: jnp.repeat(x, group, axis=x.ndim - 4)  # noqa: E731 ([L, B, S, K, H] or per layer [B, S, K, H])

@@ -7,8 +7,10 @@ would alone. The decode loop is a `lax.while_loop` that stops when every row has
 an end-of-sequence token; shapes are bucketed so a run compiles once per
 (batch, prompt-length bucket, max_new_tokens, sampling settings). The loop runs the layers
 unrolled, over per-layer weights and cache; prompts that repeat in runs (GRPO's groups) are
-prefilled once per run; at <= 4 rows the next token comes from an int8 copy of the output head
-with a proof of which tokens can win (the same ids, a quarter of the head's bytes).
+prefilled once per run. The file reads in that order: generate → prefill and the decode loop →
+next_token; then beam search and the prompt helpers. At <= 4 rows the next token may come from
+int8head.py, an int8 copy of the output head with a proof of which tokens can win (the same ids,
+a quarter of the head's bytes): one call in `decide`, skippable on a first reading.
 
     python sample.py --model tiny-gemma3 --prompt "12+34=" --max-new-tokens 16
     python sample.py --ckpt path/to/gemma-3-270m --prompt "The capital of France is" --max-new-tokens 20
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import weakref
 from typing import NamedTuple
 
 import jax
@@ -28,11 +29,116 @@ import numpy as np
 from flax import nnx
 
 from data import bucket_length
-from adapters import quantize
-from model import KVCache, Transformer, repeat_rows, softcap, unstack_layers
+import int8head
+from model import KVCache, Transformer, repeat_rows, unstack_layers
 
 MIN_PROMPT_BUCKET = 8  # prompt lengths round up to a power of two >= this: few shapes, few compiles
 
+
+def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids=None, return_logprobs: bool = False,
+             num_beams: int = 1, length_penalty: float = 1.0, prompt_bucket: int = MIN_PROMPT_BUCKET,
+             int8: bool | None = None):
+    """New token ids for each prompt (ragged lists of ids), up to and including the first
+    end-of-sequence token. With return_logprobs, also each sampled token's log-probability
+    under softmax(logits / temperature) (plain log-softmax when greedy). num_beams > 1 runs
+    beam search (deterministic; the best beam per prompt). int8: pick tokens with the int8 output
+    head (the same ids, fewer bytes read; default: when it pays, int8head.pays; not with log-probs,
+    top-k or top-p)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 "
+                         f"(got {temperature}, {top_k}, {top_p})")
+    if int8 and (return_logprobs or top_k or top_p < 1.0):
+        raise ValueError("the int8 head picks ids only: no log-probs, top-k or top-p with int8=True")
+    if num_beams < 1 or (num_beams > 1 and (temperature > 0 or return_logprobs)):
+        raise ValueError(f"num_beams must be >= 1, and beam search is greedy (got num_beams={num_beams}, "
+                         f"temperature={temperature})")
+    eos_ids = model.cfg.eos_ids if eos_ids is None else tuple(eos_ids)
+    tokens, segment_ids, positions = left_pad(prompts, prompt_bucket)
+    graphdef, state = nnx.split(model)
+    if num_beams > 1:
+        seqs, lengths = _beam_search(graphdef, state, tokens, segment_ids, positions,
+                                     jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new_tokens=max_new_tokens,
+                                     num_beams=num_beams, length_penalty=float(length_penalty))
+        seqs, lengths = np.asarray(seqs), np.asarray(lengths)
+        return [seqs[row, :lengths[row]].tolist() for row in range(len(prompts))]
+    layers = unstack_layers(model, fuse=True)  # an unrolled decode step of fewer, larger matmuls is faster on CPU
+    if int8 is None:
+        int8 = not return_logprobs and top_k == 0 and top_p == 1.0 and int8head.pays(model, len(prompts))
+    head8 = int8head.cached(model) if int8 else None
+    out, out_lp = _generate(graphdef, state, layers, head8, tokens, segment_ids, positions,
+                               jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),
+                               max_new_tokens=max_new_tokens, temperature=float(temperature),
+                               top_k=int(top_k), top_p=float(top_p), group=prompt_runs(prompts))
+    out, out_lp = np.asarray(out), np.asarray(out_lp)  # one host transfer at the end
+    results, logprobs = [], []
+    for row in range(len(prompts)):
+        n = int(np.sum(out[row] >= 0))
+        results.append(out[row, :n].tolist())
+        logprobs.append(out_lp[row, :n].tolist())
+    return (results, logprobs) if return_logprobs else results
+
+
+# ----------------------------------------------------------------------------- prefill, then the decode loop
+
+class Decoding(NamedTuple):
+    """The decode loop's state."""
+    step: jax.Array  # [] int32, the next column of ids to write
+    ids: jax.Array  # [B, max_new_tokens] int32, -1 after a row's end
+    logprobs: jax.Array  # [B, max_new_tokens] float32, each id's log-probability (0 after the end)
+    cache: KVCache  # per-layer keys and values of every token so far
+    done: jax.Array  # [B] bool, the row has emitted an end-of-sequence id
+    positions: jax.Array  # [B, 1] int32, RoPE position of the token fed next
+    key: jax.Array  # sampling key
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "group"))
+def _generate(graphdef, state, layers, head8, tokens, segment_ids, positions, eos_ids, key, *,
+              max_new_tokens: int, temperature: float, top_k: int, top_p: float, group: int):
+    """tokens/segment_ids/positions [B, P] left-padded → new ids [B, max_new_tokens], their
+    log-probs (zeros with head8, the int8 head). Rows that finished keep emitting pad (-1).
+    The prompts come in runs of `group` equal ones (prompt_runs): each run is prefilled once."""
+    model = nnx.merge(graphdef, state)
+    B, P = tokens.shape
+
+    def decide(x, key):  # final-normed hidden states [B, D] (int8 head) or logits [B, V] → ids, log-probs
+        if head8 is None:
+            return next_token(x, key, temperature, top_k, top_p)
+        return int8head.next_token(model, x, head8, key, temperature), jnp.zeros(B)
+
+    cache = KVCache.init(model.cfg, B // group, P + max_new_tokens)
+    cache = cache._replace(k=tuple(cache.k), v=tuple(cache.v))  # per layer: no [L, ...] copy per step
+    h, cache = model(tokens[::group], positions=positions[::group], segment_ids=segment_ids[::group], cache=cache,
+                     last=1, layers=layers, hidden=head8 is not None)
+    h, cache = jnp.repeat(h, group, axis=0), repeat_rows(cache, group)
+    key, sub = jax.random.split(key)
+    first, first_lp = decide(h[:, -1], sub)
+    ones = jnp.ones((B, 1), jnp.int32)
+    loop = Decoding(step=jnp.int32(1), ids=jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first),
+                    logprobs=jnp.zeros((B, max_new_tokens), jnp.float32).at[:, 0].set(first_lp), cache=cache,
+                    done=jnp.isin(first, eos_ids), positions=positions[:, -1:] + 1, key=key)
+
+    def unfinished(s: Decoding):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def decode_one(s: Decoding) -> Decoding:  # the last token in, the next one out, for every row at once
+        last = s.ids[:, s.step - 1][:, None]  # [B, 1]
+        h, cache = model(jnp.maximum(last, 0), positions=s.positions, segment_ids=ones, cache=s.cache, layers=layers,
+                         hidden=head8 is not None)
+        key, sub = jax.random.split(s.key)
+        ids, lp = decide(h[:, 0], sub)
+        ids = jnp.where(s.done, -1, ids)
+        logprobs = s.logprobs.at[:, s.step].set(jnp.where(s.done, 0.0, lp))
+        return Decoding(s.step + 1, s.ids.at[:, s.step].set(ids), logprobs, cache, s.done | jnp.isin(ids, eos_ids),
+                        s.positions + 1, key)
+
+    loop = jax.lax.while_loop(unfinished, decode_one, loop)
+    return loop.ids, loop.logprobs
+
+
+# ----------------------------------------------------------------------------- the next token
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     """Temperature, then top-k, then top-p (nucleus) on logits [B, V]; masked entries -inf."""
@@ -73,171 +179,21 @@ def next_token(logits, key, temperature: float, top_k: int, top_p: float):
     return ids.astype(jnp.int32), jnp.take_along_axis(logprobs, ids[:, None], axis=-1)[:, 0]
 
 
-# ----------------------------------------------------------------------------- the int8 output head
-#
-# At batch 1 a decode step reads every weight once, and Gemma 3 270M's 262k x 640 output head is
-# 63% of them. Greedy and Gumbel-max ids need only the largest logit, so we read the head as int8
-# rows (a quarter of the bytes) and prove which tokens can still win: with x~ the quantized input
-# and E~_v the int8 row, |x.E_v - x~.E~_v| <= |x - x~| |E_v| + |x~| |E_v - E~_v| (Cauchy-Schwarz,
-# per row). Only the tokens whose upper bound reaches the best lower bound are scored exactly, on
-# their float rows; when they fill more than CANDIDATE_BLOCKS blocks, the step uses the full head.
-# The ids are those of the float head (up to exact ties within float32 rounding, which any two
-# matmul kernels may break differently).
+# ----------------------------------------------------------------------------- beam search
 
-BLOCK, CANDIDATE_BLOCKS = 64, 16  # ids scored exactly: 16 blocks of 64 per row; more possible winners: full head
-INT8_HEAD_MIN_SIZE = 1 << 24  # V x D from which the int8 head pays (Gemma 3 270M: 168M)
-INT8_HEAD_MAX_ROWS = 4  # beyond this batch the float head's matmul is as fast (benchmarks/RESULTS.md)
-
-
-class Int8Head(NamedTuple):
-    rotation: jax.Array  # [D, D] float32, a random orthogonal R: x.E_v = (x R).(E_v R)
-    codes: jax.Array  # [V, D] int8, round(E R / scale)
-    scale: jax.Array  # [V] float32, a rotated row's absmax / 127
-    norm: jax.Array  # [V] float32, |E_v R|
-    err: jax.Array  # [V] float32, |E_v R - scale_v codes_v|
-
-
-def int8_head(table) -> Int8Head:
-    """An output head [V, D] as int8 rows with one scale each, and the norms that bound its error.
-    The rows are rotated first: a random rotation spreads a row's few large entries over all D,
-    which halves Gemma 3's int8 rounding error (the error scales with a row's absmax)."""
-    D = table.shape[1]
-    rotation = np.linalg.qr(np.random.default_rng(0).standard_normal((D, D)))[0].astype(np.float32)
-    return _int8_table(table, jnp.asarray(rotation))
-
-
-def _int8_rows(x):
-    """x [N, D] → int8 codes [N, D] and scales [N, 1], one per row: model.quantize with a block of D."""
-    codes, scales = quantize(x, "int8", block=x.shape[-1])
-    return codes[:, 0], scales
-
-
-@jax.jit
-def _int8_table(table, rotation) -> Int8Head:
-    table = jnp.dot(table.astype(jnp.float32), rotation, precision="highest")
-    codes, scale = _int8_rows(table)
-    err = jnp.linalg.norm(table - codes * scale, axis=1)
-    return Int8Head(rotation, codes, scale[:, 0], jnp.linalg.norm(table, axis=1), err)
-
-
-def int8_candidates(model: Transformer, x, head8: Int8Head, noise, temperature: float):
-    """For x [B, D] (final-normed) and noise [B, V] (Gumbel, or zeros when greedy): ids cand [B, K]
-    that hold every token whose score softcap(x.E_v) / temperature + noise_v can be the highest,
-    provided `fits` is true (else more blocks than CANDIDATE_BLOCKS could win)."""
-    V = head8.codes.shape[0]
-    x_rot = jnp.dot(x.astype(jnp.float32), head8.rotation, precision="highest")
-    q1, s1 = _int8_rows(x_rot)
-    q2, s2 = _int8_rows(x_rot - q1 * s1)  # x's own rounding error: a second int8 pass
-    dots = jnp.einsum("VD,RD->RV", head8.codes, jnp.concatenate([q1, q2]), preferred_element_type=jnp.int32)
-    x_q = q1 * s1 + q2 * s2  # what the int8 pass multiplied
-    B = x.shape[0]
-    approx = (dots[:B] * s1 + dots[B:] * s2) * head8.scale  # [B, V]; the int32 dots are exact
-    x_err, x_norm = jnp.linalg.norm(x_rot - x_q, axis=-1, keepdims=True), jnp.linalg.norm(x_q, axis=-1, keepdims=True)
-    # the Cauchy-Schwarz bound, widened for float32 rounding (of the rotation, and of the float
-    # logits themselves: at most D 2^-24 |x| |E_v|, 4e-5 of it at D = 640)
-    bound = 1.001 * (x_err * head8.norm + x_norm * head8.err) + 1e-4 * x_norm * head8.norm
-    score = lambda logits: softcap(logits, model.cfg.final_softcap) / (temperature or 1.0) + noise
-    upper, lower = score(approx + bound), score(approx - bound)  # softcap is monotone
-    # Blocks of BLOCK consecutive ids that hold a possible winner, listed in order by a running
-    # count (a top-k over the V ids would be a full sort inside XLA's CPU loop).
-    blocks = -(-V // BLOCK)
-    block_upper = jnp.pad(upper, ((0, 0), (0, blocks * BLOCK - V)), constant_values=-jnp.inf)
-    hit = jnp.max(block_upper.reshape(B, blocks, BLOCK), axis=-1) >= jnp.max(lower, axis=-1, keepdims=True)
-    slot = jnp.where(hit, jnp.cumsum(hit, axis=-1) - 1, CANDIDATE_BLOCKS)  # [B, blocks]; misses: a spare slot
-    found = jnp.zeros((B, CANDIDATE_BLOCKS + 1), jnp.int32).at[jnp.arange(B)[:, None], slot].set(
-        jnp.arange(blocks, dtype=jnp.int32), mode="drop")[:, :CANDIDATE_BLOCKS]  # unused slots: block 0
-    fits = jnp.all(jnp.sum(hit, axis=-1) <= CANDIDATE_BLOCKS)
-    return jnp.minimum(found[:, :, None] * BLOCK + jnp.arange(BLOCK), V - 1).reshape(B, -1), fits
-
-
-def int8_next_token(model: Transformer, x, head8: Int8Head, key, temperature: float):
-    """The ids [B] that next_token draws from the logits of x [B, D] (argmax, or Gumbel-max at
-    temperature > 0; top-k/top-p off), from exact scores of int8_candidates' ids (or, when they do
-    not fit, of the full head)."""
-    V = head8.codes.shape[0]
-    noise = jnp.zeros((x.shape[0], V)) if temperature == 0 else jax.random.gumbel(key, (x.shape[0], V))
-    cand, fits = int8_candidates(model, x, head8, noise, temperature)
-
-    def exact(_):
-        logits = jnp.einsum("BKD,BD->BK", model.head()[cand], x, preferred_element_type=jnp.float32)
-        s = softcap(logits, model.cfg.final_softcap) / (temperature or 1.0) + jnp.take_along_axis(noise, cand, -1)
-        return jnp.take_along_axis(cand, first_argmax(s)[:, None], axis=-1)[:, 0]  # ids ascend in cand: ties, lowest
-
-    def full(_):  # what next_token computes
-        return first_argmax(model.logits(x[:, None])[:, 0] / (temperature or 1.0) + noise)
-    return jax.lax.cond(fits, exact, full, None).astype(jnp.int32)
-
-
-_int8_cache: dict = {}  # the int8 head of the last model decoded, while its head array lives
-
-
-def _head_array(model: Transformer):
-    """The output head's stored array, or None when it is stored quantized (dequantized per call)."""
-    head = getattr(model, "embed" if model.cfg.tie_embeddings else "lm_head", None)
-    return head[...] if isinstance(head, nnx.Param) else None
-
-
-def cached_int8_head(model: Transformer) -> Int8Head:
-    """int8_head of the model's output head, built once per head array (quantizing reads all of it)."""
-    array = _head_array(model)
-    hit = _int8_cache.get("head")
-    if array is not None and hit is not None and hit[0]() is array:
-        return hit[1]
-    head8 = int8_head(model.head())
-    _int8_cache.clear()
-    if array is not None:  # a quantized head is dequantized afresh each call: nothing to key on
-        _int8_cache["head"] = (weakref.ref(array, lambda _: _int8_cache.clear()), head8)
-    return head8
-
-
-# ----------------------------------------------------------------------------- the decode loop, beam search
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "group"))
-def _generate(graphdef, state, layers, head8, tokens, segment_ids, positions, eos_ids, key, *,
-              max_new_tokens: int, temperature: float, top_k: int, top_p: float, group: int):
-    """tokens/segment_ids/positions [B, P] left-padded → new ids [B, max_new_tokens], their
-    log-probs (zeros with head8, the int8 head). Rows that finished keep emitting pad (-1).
-    The prompts come in runs of `group` equal ones (prompt_runs): each run is prefilled once."""
-    model = nnx.merge(graphdef, state)
-    B, P = tokens.shape
-
-    def decide(x, key):  # final-normed hidden states [B, D] (int8 head) or logits [B, V] → ids, log-probs
-        if head8 is None:
-            return next_token(x, key, temperature, top_k, top_p)
-        return int8_next_token(model, x, head8, key, temperature), jnp.zeros(B)
-
-    cache = KVCache.init(model.cfg, B // group, P + max_new_tokens)
-    cache = cache._replace(k=tuple(cache.k), v=tuple(cache.v))  # per layer: no [L, ...] copy per step
-    h, cache = model(tokens[::group], positions=positions[::group], segment_ids=segment_ids[::group], cache=cache,
-                     last=1, layers=layers, hidden=head8 is not None)
-    h, cache = jnp.repeat(h, group, axis=0), repeat_rows(cache, group)
-    key, sub = jax.random.split(key)
-    first, first_lp = decide(h[:, -1], sub)
-    out = jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
-    out_lp = jnp.zeros((B, max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
-    done = jnp.isin(first, eos_ids)
-    ones = jnp.ones((B, 1), jnp.int32)
-
-    def cond(carry):
-        step, _, _, _, done, _, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        step, out, out_lp, cache, done, pos, key = carry
-        last = out[:, step - 1][:, None]  # [B, 1]
-        h, cache = model(jnp.maximum(last, 0), positions=pos, segment_ids=ones, cache=cache, layers=layers,
-                         hidden=head8 is not None)
-        key, sub = jax.random.split(key)
-        ids, lp = decide(h[:, 0], sub)
-        ids = jnp.where(done, -1, ids)
-        out = out.at[:, step].set(ids)
-        out_lp = out_lp.at[:, step].set(jnp.where(done, 0.0, lp))
-        return step + 1, out, out_lp, cache, done | jnp.isin(ids, eos_ids), pos + 1, key
-
-    last_pos = positions[:, -1:] + 1
-    carry = (jnp.int32(1), out, out_lp, cache, done, last_pos, key)
-    _, out, out_lp, *_ = jax.lax.while_loop(cond, body, carry)
-    return out, out_lp
+class Beams(NamedTuple):
+    """Beam search's state: num_beams running and num_beams finished continuations per prompt."""
+    g: jax.Array  # [] int32, tokens generated so far
+    logits: jax.Array  # [B*nb, 1, V] of each running beam's next token
+    cache: KVCache
+    running: jax.Array  # [B, nb, G] int32 token ids
+    running_score: jax.Array  # [B, nb] summed log-probs
+    finished: jax.Array  # [B, nb, G] int32
+    finished_score: jax.Array  # [B, nb] length-normalised
+    finished_len: jax.Array  # [B, nb] int32
+    is_finished: jax.Array  # [B, nb] bool: the slot holds a finished beam
+    unsatisfied: jax.Array  # [B, 1] bool: a running beam could still beat the worst finished one
+    all_ended: jax.Array  # [] bool
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "num_beams", "length_penalty"))
@@ -258,8 +214,8 @@ def _beam_search(graphdef, state, tokens, segment_ids, positions, eos_ids, *, ma
                           last=1)  # [B*nb, 1, V]
     gather = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
-    def body(carry):
-        g, logits, cache, run_seq, run_score, fin_seq, fin_score, fin_len, is_fin, unsat, _ = carry
+    def body(b: Beams) -> Beams:
+        g, logits, cache, run_seq, run_score, fin_seq, fin_score, fin_len, is_fin, unsat, _ = b
         V = logits.shape[-1]
         logprobs = jax.nn.log_softmax(logits[:, -1], axis=-1).reshape(B, nb, V) + run_score[:, :, None]
         top_lp, top_idx = jax.lax.top_k(logprobs.reshape(B, nb * V), K)  # [B, K], best first
@@ -286,19 +242,17 @@ def _beam_search(graphdef, state, tokens, segment_ids, positions, eos_ids, *, ma
         best_possible = run_score[:, :1] / g.astype(jnp.float32) ** length_penalty
         worst_finished = jnp.where(is_fin, jnp.min(fin_score, axis=1, keepdims=True), -1e9)
         unsat = unsat & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
-        return g, logits, cache, run_seq, run_score, fin_seq, fin_score, fin_len, is_fin, unsat, jnp.all(ends)
+        return Beams(g, logits, cache, run_seq, run_score, fin_seq, fin_score, fin_len, is_fin, unsat, jnp.all(ends))
 
-    def cond(carry):
-        g, *_, unsat, all_ended = carry
-        return (g < G) & jnp.any(unsat) & ~all_ended
+    def cond(b: Beams):
+        return (b.g < G) & jnp.any(b.unsatisfied) & ~b.all_ended
 
     run_score = jnp.where(jnp.arange(nb) == 0, 0.0, -1e9)[None].repeat(B, 0)  # identical beams: use the first
-    carry = (jnp.int32(0), logits, cache, jnp.zeros((B, nb, G), jnp.int32), run_score,
-             jnp.zeros((B, nb, G), jnp.int32), jnp.full((B, nb), -1e9), jnp.zeros((B, nb), jnp.int32),
-             jnp.zeros((B, nb), bool), jnp.ones((B, 1), bool), jnp.bool_(False))
-    carry = jax.lax.while_loop(cond, body, carry)
-    fin_seq, fin_len = carry[5], carry[7]
-    return fin_seq[:, 0], fin_len[:, 0]
+    beams_state = Beams(jnp.int32(0), logits, cache, jnp.zeros((B, nb, G), jnp.int32), run_score,
+                        jnp.zeros((B, nb, G), jnp.int32), jnp.full((B, nb), -1e9), jnp.zeros((B, nb), jnp.int32),
+                        jnp.zeros((B, nb), bool), jnp.ones((B, 1), bool), jnp.bool_(False))
+    beams_state = jax.lax.while_loop(cond, body, beams_state)
+    return beams_state.finished[:, 0], beams_state.finished_len[:, 0]
 
 
 # ----------------------------------------------------------------------------- prompts in, ids out
@@ -342,53 +296,6 @@ def completion_batch(prompt_ids: list[list[int]], completions: list[list[int]], 
     for name, prefix in (("tokens", tokens), ("segment_ids", segment_ids), ("positions", positions)):
         out[name] = np.concatenate([prefix, out[name]], axis=1)
     return out
-
-
-def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids=None, return_logprobs: bool = False,
-             num_beams: int = 1, length_penalty: float = 1.0, prompt_bucket: int = MIN_PROMPT_BUCKET,
-             int8: bool | None = None):
-    """New token ids for each prompt (ragged lists of ids), up to and including the first
-    end-of-sequence token. With return_logprobs, also each sampled token's log-probability
-    under softmax(logits / temperature) (plain log-softmax when greedy). num_beams > 1 runs
-    beam search (deterministic; the best beam per prompt). int8: pick tokens with the int8 output
-    head (the same ids, fewer bytes read; default: when it pays, see INT8_HEAD_*; not with log-probs,
-    top-k or top-p)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1 "
-                         f"(got {temperature}, {top_k}, {top_p})")
-    if int8 and (return_logprobs or top_k or top_p < 1.0):
-        raise ValueError("the int8 head picks ids only: no log-probs, top-k or top-p with int8=True")
-    if num_beams < 1 or (num_beams > 1 and (temperature > 0 or return_logprobs)):
-        raise ValueError(f"num_beams must be >= 1, and beam search is greedy (got num_beams={num_beams}, "
-                         f"temperature={temperature})")
-    eos_ids = model.cfg.eos_ids if eos_ids is None else tuple(eos_ids)
-    tokens, segment_ids, positions = left_pad(prompts, prompt_bucket)
-    graphdef, state = nnx.split(model)
-    if num_beams > 1:
-        seqs, lengths = _beam_search(graphdef, state, tokens, segment_ids, positions,
-                                     jnp.asarray(eos_ids, jnp.int32).reshape(-1), max_new_tokens=max_new_tokens,
-                                     num_beams=num_beams, length_penalty=float(length_penalty))
-        seqs, lengths = np.asarray(seqs), np.asarray(lengths)
-        return [seqs[row, :lengths[row]].tolist() for row in range(len(prompts))]
-    layers = unstack_layers(model, fuse=True)  # an unrolled decode step of fewer, larger matmuls is faster on CPU
-    if int8 is None:
-        int8 = (not return_logprobs and top_k == 0 and top_p == 1.0 and len(prompts) <= INT8_HEAD_MAX_ROWS
-                and model.cfg.vocab_size * model.cfg.dim >= INT8_HEAD_MIN_SIZE and _head_array(model) is not None)
-    head8 = cached_int8_head(model) if int8 else None
-    out, out_lp = _generate(graphdef, state, layers, head8, tokens, segment_ids, positions,
-                               jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),
-                               max_new_tokens=max_new_tokens, temperature=float(temperature),
-                               top_k=int(top_k), top_p=float(top_p), group=prompt_runs(prompts))
-    out, out_lp = np.asarray(out), np.asarray(out_lp)  # one host transfer at the end
-    results, logprobs = [], []
-    for row in range(len(prompts)):
-        n = int(np.sum(out[row] >= 0))
-        results.append(out[row, :n].tolist())
-        logprobs.append(out_lp[row, :n].tolist())
-    return (results, logprobs) if return_logprobs else results
 
 
 # ----------------------------------------------------------------------------- CLI

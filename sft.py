@@ -29,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from tqdm import tqdm
 
@@ -85,10 +86,11 @@ class Config:
 
 # ----------------------------------------------------------------------------- loss
 
-def token_nll(model, batch, dropout_key=None):
+def token_nll(model, batch, dropout_key=None, layers=None):
     """Summed NLL of the target tokens and their count. batch: tokens, loss_mask, segment_ids,
-    positions [B, T]; position t is predicted from tokens[:t]. dropout_key: LoRA dropout."""
-    logp = model_lib.token_logps(model, batch, dropout_key=dropout_key)  # [B, T-1]
+    positions [B, T]; position t is predicted from tokens[:t]. dropout_key: LoRA dropout; layers:
+    the model's unrolled layers (model.unrolled_if_small), else the scan."""
+    logp = model_lib.token_logps(model, batch, dropout_key=dropout_key, layers=layers)  # [B, T-1]
     mask = batch["loss_mask"][:, 1:]
     return -jnp.sum(logp * mask), jnp.sum(mask)
 
@@ -201,6 +203,36 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
             bar.update(1)
         bar.close()
     return nnx.merge(graphdef, params, frozen)
+
+
+def warm_up(model, examples, mesh, *, steps: int, lr: float, batch_size: int, max_len: int, clip: float,
+            weight_decay: float, seed: int, pad_id: int, accuracy, target: float):
+    """A short supervised start for RL from a random model (grpo.py's demo): token_nll at a constant
+    rate after a 10-step ramp, stopped once accuracy(model) reaches target (checked every 10 steps) or
+    after `steps`. Returns the model, the steps run and the last accuracy."""
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    tx = optax.chain(optax.clip_by_global_norm(clip),
+                     optax.adamw(optax.linear_schedule(0.0, lr, 10), weight_decay=weight_decay))
+
+    def loss_fn(params, frozen, batch, key):
+        model = nnx.merge(graphdef, params, frozen)
+        nll, count = token_nll(model, batch, layers=model_lib.unrolled_if_small(model))
+        return nll, {"tokens": count}
+    opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
+    step = jax.jit(run.make_update(loss_fn, tx), donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, None, None))
+    batches, rows = data.Batches(examples, batch_size, max_len, seed=seed, pad_id=pad_id), shard.host_rows(batch_size)
+    bar = tqdm(range(1, steps + 1), desc="warm-up (SFT)", disable=not shard.is_main_process())
+    score = 0.0
+    for i in bar:
+        batch = {k: shard.global_batch(v[rows][None], mesh, axis=1) for k, v in next(batches).items()}
+        params, opt_state, _, _ = step(params, opt_state, frozen, batch, None)
+        if i % 10 == 0:
+            score = accuracy(nnx.merge(graphdef, params, frozen))
+            bar.set_postfix(train_accuracy=score)
+            if score >= target:
+                break
+    bar.close()
+    return shard.shard_model(nnx.merge(graphdef, params, frozen), mesh), i, score
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ from flax import nnx
 
 import data
 import grpo
+import model as model_lib
 import sample
 from model import CONFIGS, Transformer
 
@@ -196,7 +197,7 @@ def test_a_groups_shared_prompt_gives_the_same_logps_and_gradients(preset):
     batch, _ = sampled_batch(model, 1.0, G=3)
     graphdef, params = nnx.split(model)
     for big in (False, True):  # pretend the model is large: the scanned forward
-        with mock.patch.object(grpo, "unrolled_if_small", (lambda m: None) if big else grpo.unrolled_if_small):
+        with mock.patch.object(model_lib, "unrolled_if_small", (lambda m: None) if big else model_lib.unrolled_if_small):
             def objective(p, group):
                 logp, entropy = grpo.policy_logps(nnx.merge(graphdef, p), batch, 1.0, group)
                 return jnp.sum((logp + entropy) * batch["mask"]), (logp, entropy)

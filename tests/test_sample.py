@@ -12,6 +12,7 @@ from flax import nnx
 
 import ckpt
 import data
+import int8head
 import sample
 from hf_models import FAMILIES, make_hf_model, save_hf_model
 from model import CONFIGS, Transformer
@@ -80,7 +81,7 @@ def test_real_gemma3_int8_candidates_fit_and_hold_the_winner(gemma3_dir):
              "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)",
              "Once upon a time, in a small village by the sea, there lived an old fisherman who",
              "12 + 35 = 47. 128 * 4 = 512. The square root of 144 is 12, and"]
-    head8 = sample.cached_int8_head(model)
+    head8 = int8head.cached(model)
     fits_seen = []
     for i, text in enumerate(texts):
         hidden = model(jnp.asarray([tok.encode(text)]), hidden=True)[0]  # [T, D]
@@ -90,7 +91,7 @@ def test_real_gemma3_int8_candidates_fit_and_hold_the_winner(gemma3_dir):
                 jax.random.gumbel(jax.random.key(i), (len(hidden), V))
             for row in range(0, len(hidden), 4):  # the int8 path runs at <= 4 rows
                 x, g = hidden[row:row + 4], noise[row:row + 4]
-                cand, fits = sample.int8_candidates(model, x, head8, g, temperature)
+                cand, fits = int8head.candidates(model, x, head8, g, temperature)
                 fits_seen.append(bool(fits))
                 if fits:
                     for r, w in enumerate(exact_winners(model, x, g, temperature)):
@@ -126,21 +127,21 @@ def test_int8_candidates_hold_every_winner_on_near_ties():
     base = np.asarray(model.embed[...])[::2]
     model.embed[...] = jnp.asarray(np.repeat(base, 2, 0) + 1e-4 * np.random.default_rng(0).standard_normal((8192, 128)),
                                    jnp.float32)
-    head8 = sample.int8_head(model.head())
+    head8 = int8head.build(model.head())
     x = jax.random.normal(jax.random.key(0), (4, 128)) * 3
     for temperature in (0.0, 1.0):
         noise = jnp.zeros((4, 8192)) if temperature == 0 else jax.random.gumbel(jax.random.key(1), (4, 8192))
-        cand, fits = sample.int8_candidates(model, x, head8, noise, temperature)
+        cand, fits = int8head.candidates(model, x, head8, noise, temperature)
         assert bool(fits)
         winners = exact_winners(model, x, noise, temperature)
         for row, w in enumerate(winners):
             assert w in np.asarray(cand[row]) and (w ^ 1) in np.asarray(cand[row])  # and its twin
-        ids = sample.int8_next_token(model, x, head8, jax.random.key(1), temperature)
+        ids = int8head.next_token(model, x, head8, jax.random.key(1), temperature)
         np.testing.assert_array_equal(ids, winners)
     model.embed[...] = jnp.ones((8192, 128), jnp.float32)
-    cand, fits = sample.int8_candidates(model, x, sample.int8_head(model.head()), jnp.zeros((4, 8192)), 0.0)
+    cand, fits = int8head.candidates(model, x, int8head.build(model.head()), jnp.zeros((4, 8192)), 0.0)
     assert not bool(fits)
-    np.testing.assert_array_equal(sample.int8_next_token(model, x, sample.int8_head(model.head()), None, 0.0), 0)
+    np.testing.assert_array_equal(int8head.next_token(model, x, int8head.build(model.head()), None, 0.0), 0)
 
 
 # ----------------------------------------------------------------------------- sampling
