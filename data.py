@@ -459,6 +459,49 @@ def tokenize(row: dict, tok, family: str | None = None) -> tuple[list[int], list
     return prompt + completion, [0] * len(prompt) + [1] * len(completion)
 
 
+# ----------------------------------------------------------------------------- the scripts' datasets
+
+def builtin_task(spec: str) -> Arithmetic:
+    """--task "op,a,b" (e.g. "*,3,1") → the built-in task."""
+    op, a, b = spec.split(",")
+    return Arithmetic(op, int(a), int(b))
+
+
+def completion_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: int, seed: int):
+    """Supervised data (sft.py, lora.py): tokenized training examples from `path` (TRL's formats), else
+    the built-in task's training split; eval rows {"prompt", "completion"} from `eval_path`, else the
+    task's held-out split (none for a training file without an eval file)."""
+    if path:
+        train = [tokenize(row, tok, family) for row in read_jsonl(path)]
+    else:
+        train = [tokenize(row, tok) for row in builtin_task(task).examples("train", n_train, seed)]
+    if eval_path:
+        evals = read_jsonl(eval_path)
+        if any("prompt" not in row for row in evals):
+            raise DataError(f"{eval_path}: eval rows need 'prompt' and 'completion'")
+    else:
+        evals = [] if path else builtin_task(task).examples("eval", n_eval, seed)
+    return train, evals
+
+
+def prompt_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: int, seed: int, max_prompt_len: int):
+    """RL data (grpo.py): training and eval rows {"prompt", "answer", ...} (from files, or the built-in
+    task's splits), their prompt ids (the last max_prompt_len tokens), and the reward functions
+    (GSM8K-style accuracy and format for files, the task's own checks for the task)."""
+    if path:
+        train, funcs = read_jsonl(path, prompt_row), [accuracy_reward, format_reward]
+    else:
+        rows, funcs = builtin_task(task).examples("train", n_train, seed), builtin_task(task).rewards()
+        train = [{"prompt": r["prompt"], "answer": r["completion"]} for r in rows]
+    if eval_path:
+        evals = read_jsonl(eval_path, prompt_row)[:n_eval]
+    else:
+        evals = [] if path else [{"prompt": r["prompt"], "answer": r["completion"]}
+                                 for r in builtin_task(task).examples("eval", n_eval, seed)]
+    ids = [[encode_prompt(r["prompt"], tok, family, max_prompt_len) for r in rows] for rows in (train, evals)]
+    return train, evals, ids[0], ids[1], funcs
+
+
 # ----------------------------------------------------------------------------- batches
 
 def bucket_length(n: int, max_len: int, smallest: int = 16) -> int:

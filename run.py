@@ -51,7 +51,7 @@ def config_comments(config_class) -> tuple[dict[str, str], dict[str, str]]:
         group, lines = "options", {}
         for token in tokenize.generate_tokens(io.StringIO(inspect.getsource(klass)).readline):
             row = token.start[0]
-            if token.type == tokenize.COMMENT:
+            if token.type == tokenize.COMMENT and (row in lines or token.start[1] == 4):  # a field's, or a group's
                 lines.setdefault(row, []).append(("comment", token.string.lstrip("# ").strip()))
             elif token.type == tokenize.NAME and token.start[1] == 4 and row not in lines:
                 lines[row] = [("name", token.string)]
@@ -62,7 +62,8 @@ def config_comments(config_class) -> tuple[dict[str, str], dict[str, str]]:
             elif kind == "name":  # a field redefined in a subclass keeps its base's group
                 groups.setdefault(text, group)
                 helps[text] = rest[0][1] if rest else helps.get(text, "")
-    return helps, groups
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    return {k: v for k, v in helps.items() if k in fields}, {k: v for k, v in groups.items() if k in fields}
 
 
 class _Parser(argparse.ArgumentParser):

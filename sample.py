@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data import bucket_length
 import int8head
+from data import bucket_length
 from model import KVCache, Transformer, repeat_rows, unstack_layers
 
 MIN_PROMPT_BUCKET = 8  # prompt lengths round up to a power of two >= this: few shapes, few compiles
@@ -69,9 +69,9 @@ def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: in
         int8 = not return_logprobs and top_k == 0 and top_p == 1.0 and int8head.pays(model, len(prompts))
     head8 = int8head.cached(model) if int8 else None
     out, out_lp = _generate(graphdef, state, layers, head8, tokens, segment_ids, positions,
-                               jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),
-                               max_new_tokens=max_new_tokens, temperature=float(temperature),
-                               top_k=int(top_k), top_p=float(top_p), group=prompt_runs(prompts))
+                            jnp.asarray(eos_ids or (-2,), jnp.int32), jax.random.key(seed),
+                            max_new_tokens=max_new_tokens, temperature=float(temperature),
+                            top_k=int(top_k), top_p=float(top_p), group=prompt_runs(prompts))
     out, out_lp = np.asarray(out), np.asarray(out_lp)  # one host transfer at the end
     results, logprobs = [], []
     for row in range(len(prompts)):

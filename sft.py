@@ -107,26 +107,7 @@ def make_train_step(graphdef, tx):
     return lambda params, opt_state, frozen, batch, key: update(params, opt_state, frozen, batch, key)[:3]
 
 
-# ----------------------------------------------------------------------------- data and eval
-
-def load_datasets(cfg: Config, tok, family):
-    """Tokenized training examples and eval rows ({"prompt", "completion"})."""
-    if cfg.data:
-        train = [data.tokenize(row, tok, family) for row in data.read_jsonl(cfg.data)]
-    else:
-        op, a, b = cfg.task.split(",")
-        task = data.Arithmetic(op, int(a), int(b))
-        train = [data.tokenize(row, tok) for row in task.examples("train", cfg.train_examples, cfg.seed)]
-    if cfg.eval_data:
-        evals = data.read_jsonl(cfg.eval_data)
-        if any("prompt" not in row for row in evals):
-            raise data.DataError(f"{cfg.eval_data}: eval rows need 'prompt' and 'completion'")
-    elif cfg.data:
-        evals = []
-    else:
-        evals = task.examples("eval", cfg.eval_examples, cfg.seed)
-    return train, evals
-
+# ----------------------------------------------------------------------------- eval
 
 def evaluate(model, evals, tok, eval_nll) -> dict:
     """eval/loss over the rows and eval/accuracy: greedy completion == reference (stripped)."""
@@ -149,11 +130,12 @@ def evaluate(model, evals, tok, eval_nll) -> dict:
 # ----------------------------------------------------------------------------- main
 
 def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_record: dict | None = None):
-    """Fine-tune the `trainable` parameters of `model` (nnx.Param: all; model.LoRA: the adapters) on
+    """Fine-tune the `trainable` parameters of `model` (nnx.Param: all; adapters.LoRA: the adapters) on
     the data; logs, evaluates, saves and resumes. Returns the trained model."""
     out, tok = pathlib.Path(cfg.out), loaded.tokenizer
     with run.user_errors():
-        train_rows, evals = load_datasets(cfg, tok, loaded.family)
+        train_rows, evals = data.completion_data(tok, loaded.family, cfg.data, cfg.eval_data, cfg.task,
+                                                 cfg.train_examples, cfg.eval_examples, cfg.seed)
         manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
     graphdef, params, frozen = nnx.split(shard.shard_model(model, mesh), trainable, ...)  # trained | the rest
     tx, schedule = run.adamw(cfg, cfg.steps)
