@@ -462,9 +462,12 @@ def tokenize(row: dict, tok, family: str | None = None) -> tuple[list[int], list
 # ----------------------------------------------------------------------------- the scripts' datasets
 
 def builtin_task(spec: str) -> Arithmetic:
-    """--task "op,a,b" (e.g. "*,3,1") → the built-in task."""
-    op, a, b = spec.split(",")
-    return Arithmetic(op, int(a), int(b))
+    """--task "op,a,b" (e.g. "*,3,1") → the built-in task; ValueError naming the flag otherwise."""
+    try:
+        op, a, b = spec.split(",")
+        return Arithmetic(op, int(a), int(b))
+    except ValueError as e:
+        raise ValueError(f"bad --task {spec!r} (want e.g. *,3,1): {e}") from None
 
 
 def completion_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: int, seed: int):

@@ -145,10 +145,7 @@ class Config:
             self.weights = [float(w) for w in self.reward_weights.split(",")] if self.reward_weights else None
         except ValueError:
             raise ValueError(f"--reward-weights must be comma-separated numbers, got {self.reward_weights!r}") from None
-        try:
-            data.builtin_task(self.task)
-        except ValueError as e:
-            raise ValueError(f"bad --task {self.task!r} (want e.g. *,3,1): {e}") from None
+        data.builtin_task(self.task)  # a bad --task fails here, before anything loads
         if self.warmup_sft_steps == -1:
             self.warmup_sft_steps = 0 if (self.ckpt or self.data) else 500
 
@@ -415,10 +412,8 @@ def main(argv=None):
     step, state, position = run.resume(cfg, manager, {"params": params, "opt_state": opt_state},
                                        {"params": param_sh, "opt_state": opt_sh})
     params, opt_state = state["params"], state["opt_state"]
-    if shard.is_main_process():
-        print(f"model: {loaded.source}, training {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.3f}M "
-              f"parameters; {len(train)} prompts, {cfg.prompts_per_step} x {cfg.num_generations} completions per "
-              f"step; mesh {dict(mesh.shape)}", file=sys.stderr)
+    run.announce(loaded, params, mesh, f"{len(train)} prompts, {cfg.prompts_per_step} x {cfg.num_generations} "
+                                       "completions per step")
     policy = lambda: nnx.merge(graphdef, params, frozen)  # noqa: E731 (π_θ at the current params)
 
     B, G = cfg.prompts_per_step, cfg.num_generations

@@ -8,12 +8,13 @@ algorithm alone (its loss, its step, what it logs):
     loading      load: model + tokenizer for --model / --ckpt (and the chat-template family)
     optimizer    adamw: AdamW with global-norm clipping, linear warmup then cosine decay
     train state  checkpoints / resume / save: orbax train states in <out>/checkpoints
-    metrics      MetricsLog: <out>/metrics.jsonl, one JSON object per logged step, closed on exit
+    metrics      MetricsLog: <out>/metrics.jsonl, one JSON object per logged step, closed on exit;
+                 evaluate_completions: eval/loss and greedy eval/accuracy on held-out rows
     export       export_hf / export_peft: the final model (or adapters) with its tokenizer files
     the update   make_update: one jitted optimizer step over (params, frozen) with gradients
                  accumulated over micro-batches and normalised by the step's token count
 
-Arrows point down: scripts import run; run imports ckpt, data, shard and model, never a script.
+Arrows point down: scripts import run; run imports ckpt, data, sample and shard, never a script.
 """
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import ckpt
 import data
+import sample
 import shard
 
 
@@ -150,6 +153,13 @@ def load(cfg, **overrides) -> Loaded:
     return Loaded(model, data.load_tokenizer(directory), source, directory, model.cfg.family if directory else None)
 
 
+def announce(loaded: Loaded, params, mesh, detail: str) -> None:
+    """One line on stderr (main process): the model's source, what trains, the data, the mesh."""
+    if shard.is_main_process():
+        print(f"model: {loaded.source}, training {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.3f}M "
+              f"parameters; {detail}; mesh {dict(mesh.shape)}", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 def adamw(cfg, updates: int):
@@ -221,6 +231,28 @@ class MetricsLog:
     def __exit__(self, *exc):
         if self.file:
             self.file.close()
+
+
+# ----------------------------------------------------------------------------- eval
+
+def evaluate_completions(model, evals, tok, eval_nll) -> dict:
+    """What sft.py and lora.py log on held-out {"prompt", "completion"} rows: eval/loss, the script's loss
+    (eval_nll(batch) → summed loss, token count) over them in batches of 64, and eval/accuracy, greedy
+    completions equal to the reference (whitespace-stripped)."""
+    if not evals:
+        return {}
+    examples = [data.tokenize(row, tok) for row in evals]
+    nll = count = 0.0
+    for i in range(0, len(examples), 64):
+        chunk = [[ex] for ex in examples[i:i + 64]]
+        b_nll, b_count = eval_nll(data.collate(chunk, data.bucket_length(max(len(ex[0][0]) for ex in chunk), 1 << 20),
+                                               tok.pad_id))
+        nll, count = nll + float(b_nll), count + float(b_count)
+    max_new = max(len(tok.encode(row["completion"], add_bos=False)) for row in evals) + 1
+    outs = sample.generate(model, [tok.encode(row["prompt"]) for row in evals], max_new_tokens=max_new,
+                           eos_ids=tok.eos_ids)
+    correct = [tok.decode(out).strip() == row["completion"].strip() for out, row in zip(outs, evals)]
+    return {"eval/loss": nll / max(count, 1.0), "eval/accuracy": float(np.mean(correct))}
 
 
 # ----------------------------------------------------------------------------- export

@@ -28,7 +28,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from tqdm import tqdm
@@ -36,7 +35,6 @@ from tqdm import tqdm
 import data
 import model as model_lib
 import run
-import sample
 import shard
 
 
@@ -75,6 +73,7 @@ class Config:
     tpu: bool = False  # multi-host TPU start-up (jax.distributed)
 
     def __post_init__(self):
+        data.builtin_task(self.task)  # a bad --task fails here, before anything loads
         run.check(run.positive(self, "steps", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "keep",
                                "log_every", "train_examples", "eval_examples") + [
             (self.batch_size % self.grad_accum == 0,
@@ -107,26 +106,6 @@ def make_train_step(graphdef, tx):
     return lambda params, opt_state, frozen, batch, key: update(params, opt_state, frozen, batch, key)[:3]
 
 
-# ----------------------------------------------------------------------------- eval
-
-def evaluate(model, evals, tok, eval_nll) -> dict:
-    """eval/loss over the rows and eval/accuracy: greedy completion == reference (stripped)."""
-    if not evals:
-        return {}
-    examples = [data.tokenize(row, tok) for row in evals]
-    nll = count = 0.0
-    for i in range(0, len(examples), 64):
-        chunk = [[ex] for ex in examples[i:i + 64]]
-        b_nll, b_count = eval_nll(data.collate(chunk, data.bucket_length(max(len(ex[0][0]) for ex in chunk), 1 << 20),
-                                               tok.pad_id))
-        nll, count = nll + float(b_nll), count + float(b_count)
-    max_new = max(len(tok.encode(row["completion"], add_bos=False)) for row in evals) + 1
-    outs = sample.generate(model, [tok.encode(row["prompt"]) for row in evals], max_new_tokens=max_new,
-                           eos_ids=tok.eos_ids)
-    correct = [tok.decode(out).strip() == row["completion"].strip() for out, row in zip(outs, evals)]
-    return {"eval/loss": nll / max(count, 1.0), "eval/accuracy": float(np.mean(correct))}
-
-
 # ----------------------------------------------------------------------------- main
 
 def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_record: dict | None = None):
@@ -145,17 +124,14 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
     train_step = jax.jit(make_train_step(graphdef, tx), in_shardings=(param_sh, opt_sh, frozen_sh, batch_sh, None),
                          out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
     eval_nll = jax.jit(lambda p, f, b: token_nll(nnx.merge(graphdef, p, f), b))
-    evaluate_now = lambda: evaluate(nnx.merge(graphdef, params, frozen), evals, tok,  # noqa: E731
-                                    lambda b: eval_nll(params, frozen, b))
+    evaluate_now = lambda: run.evaluate_completions(nnx.merge(graphdef, params, frozen), evals, tok,  # noqa: E731
+                                                    lambda b: eval_nll(params, frozen, b))
     step, state, position = run.resume(cfg, manager, {"params": params, "opt_state": opt_state},
                                        {"params": param_sh, "opt_state": opt_sh})
     params, opt_state = state["params"], state["opt_state"]
     batches = data.Batches(train_rows, cfg.batch_size, cfg.max_len, seed=cfg.seed, pack=cfg.pack, position=position,
                            pad_id=tok.pad_id)
-    if shard.is_main_process():
-        n_train = sum(x.size for x in jax.tree.leaves(params))
-        print(f"model: {loaded.source}, training {n_train / 1e6:.3f}M parameters; {len(train_rows)} training "
-              f"examples; mesh {dict(mesh.shape)}", file=sys.stderr)
+    run.announce(loaded, params, mesh, f"{len(train_rows)} training examples")
 
     with run.MetricsLog(out) as log:
         if step == 0:
