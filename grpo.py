@@ -188,7 +188,7 @@ def policy_logps(model, batch, temperature: float, group: int = 1):
     """log π(o_t | q, o_<t) [b, C] of the completion tokens under softmax(logits / temperature), and π's
     entropy there. tokens, segment_ids, positions [b, P + C]: the prompt left-padded to P, the completion
     right after it, right-padded to C (padding: segment 0). group: rows come in runs of that many with
-    one prompt (a GRPO group), whose forward pass then runs once (model.next_token_logits)."""
+    one prompt (a GRPO group), whose forward pass then runs once (model.next_token_hidden)."""
     return model_lib.token_logps(model, batch, last=batch["mask"].shape[-1], group=group, temperature=temperature,
                                  entropy=True, layers=model_lib.unrolled_if_small(model))
 

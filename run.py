@@ -167,8 +167,18 @@ def adamw(cfg, updates: int):
     ramps up linearly over cfg.warmup of the updates, then decays to 0 by a cosine. → (tx, schedule)"""
     ramp = max(1, int(cfg.warmup * updates))
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, ramp, max(updates, ramp + 1))
-    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
-    return tx, schedule
+    return optax.chain(clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay)), schedule
+
+
+def clip_by_global_norm(max_norm: float):
+    """optax.clip_by_global_norm as one multiplication by a scalar factor. optax divides each element
+    by the norm; XLA will not repeat a division inside each consumer (AdamW's two moments), so it stores
+    the clipped gradients: one more gradient-sized buffer per step (1 GiB at Gemma 3 270M)."""
+    def update(grads, state, params=None):
+        norm = optax.global_norm(grads)
+        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def init_optimizer(tx, params, mesh):
@@ -293,21 +303,32 @@ def make_update(loss_fn, tx, normalise: bool = True):
     summed gradients and loss by the whole step's token count (else the loss is already a mean).
     key: split into one per micro-batch (LoRA dropout); None passes None.
 
+    With one micro-batch there is no accumulator and the loss is divided by its token count before
+    it is differentiated, so the step holds one gradient-sized buffer, not three (the accumulator,
+    the micro-batch's gradient, their quotient: at Gemma 3 270M, 1 GiB each).
+
     Returns update(params, opt_state, frozen, batch, key) → params, opt_state, metrics (loss,
     grad_norm, tokens), aux stacked over micro-batches [A, ...]."""
     def update(params, opt_state, frozen, batch, key):
         A = jax.tree.leaves(batch)[0].shape[0]
         keys = None if key is None else jax.random.split(key, A)
+        if A == 1:
+            def mean_loss(params, micro_batch, mb_key):
+                loss, aux = loss_fn(params, frozen, micro_batch, mb_key)
+                return loss / (jnp.maximum(jax.lax.stop_gradient(aux["tokens"]), 1.0) if normalise else 1.0), aux
+            (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+                params, *jax.tree.map(lambda x: x[0], (batch, keys)))
+            tokens, aux = aux["tokens"], jax.tree.map(lambda x: x[None], aux)
+        else:
+            def micro(grads, mb_key):
+                (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, *mb_key)
+                return jax.tree.map(jnp.add, grads, g), (loss, aux)
 
-        def micro(grads, mb_key):
-            (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, *mb_key)
-            return jax.tree.map(jnp.add, grads, g), (loss, aux)
-
-        grads, (losses, aux) = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), (batch, keys))
-        tokens = jnp.sum(aux["tokens"])
-        norm = jnp.maximum(tokens, 1.0) if normalise else 1.0
-        grads = jax.tree.map(lambda g: g / norm, grads)
+            grads, (losses, aux) = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), (batch, keys))
+            tokens = jnp.sum(aux["tokens"])
+            norm = jnp.maximum(tokens, 1.0) if normalise else 1.0
+            grads, loss = jax.tree.map(lambda g: g / norm, grads), jnp.sum(losses) / norm
         updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = {"loss": jnp.sum(losses) / norm, "grad_norm": optax.global_norm(grads), "tokens": tokens}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": tokens}
         return optax.apply_updates(params, updates), opt_state, metrics, aux
     return update

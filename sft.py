@@ -33,6 +33,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import data
+import logprobs
 import model as model_lib
 import run
 import shard
@@ -88,10 +89,14 @@ class Config:
 def token_nll(model, batch, dropout_key=None, layers=None):
     """Summed NLL of the target tokens and their count. batch: tokens, loss_mask, segment_ids,
     positions [B, T]; position t is predicted from tokens[:t]. dropout_key: LoRA dropout; layers:
-    the model's unrolled layers (model.unrolled_if_small), else the scan."""
-    logp = model_lib.token_logps(model, batch, dropout_key=dropout_key, layers=layers)  # [B, T-1]
-    mask = batch["loss_mask"][:, 1:]
-    return -jnp.sum(logp * mask), jnp.sum(mask)
+    the model's unrolled layers (model.unrolled_if_small), else the scan. The output head runs a chunk
+    of positions at a time, its gradient taken on the way (logprobs.weighted_nll): no [B, T, V] logits."""
+    tokens, T = batch["tokens"], batch["tokens"].shape[1]
+    x = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], T - 1, layers=layers,
+                                    dropout_key=dropout_key)  # [B, T-1, D]
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    nll = logprobs.weighted_nll(x, model.head(), tokens[:, 1:], mask, cap=model.cfg.final_softcap)
+    return nll, jnp.sum(mask)
 
 
 # ----------------------------------------------------------------------------- train step
@@ -169,7 +174,7 @@ def warm_up(model, examples, mesh, *, steps: int, lr: float, batch_size: int, ma
     rate after a 10-step ramp, stopped once accuracy(model) reaches target (checked every 10 steps) or
     after `steps`. Returns the model, the steps run and the last accuracy."""
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    tx = optax.chain(optax.clip_by_global_norm(clip),
+    tx = optax.chain(run.clip_by_global_norm(clip),
                      optax.adamw(optax.linear_schedule(0.0, lr, 10), weight_decay=weight_decay))
 
     def loss_fn(params, frozen, batch, key):

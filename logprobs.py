@@ -1,0 +1,142 @@
+"""logprobs.py — what learners read off the output head, a chunk of positions at a time.
+
+Every learner needs a few numbers of the next-token distribution at each position: the log-prob
+of the token that came next (sft, lora, dpo, grpo), the entropy (grpo), a divergence from a
+teacher's distribution (distill). Made from whole logits [B, T, V] in float32 they cost B·T·V·4
+bytes per tensor, and autodiff keeps several (the logits, the log-softmax, its gradient): at
+Gemma's 262,144-token vocabulary, 4 × 128 positions are 0.5 GiB each.
+
+Here the B·T positions go through the head [V, D] in chunks of at most `CHUNK_BYTES` of float32
+logits. `per_position` makes one chunk's logits, reduces them with the caller's function to a few
+numbers per position, and drops them; under `jax.grad` the chunk is made again in the backward
+pass (jax.checkpoint) instead of being kept, so the vocabulary's share of the peak is a few
+chunks whatever B·T is. The gradient of the head is summed over chunks inside the backward scan.
+The numbers equal the unchunked computation's (tests/test_logprobs.py, 1e-5); with a single chunk
+nothing is recomputed and the program is the plain one.
+
+Cut Your Losses (Wijmans et al. 2024, arXiv 2411.09009) goes further and also blocks the vocabulary
+inside a fused kernel; on CPU the position chunks already leave the head's matmuls large.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+CHUNK_BYTES = 64 << 20  # float32 logits made at once: 64 positions of a 262k vocabulary, 512 of a 32k one
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def chunk_rows(n_rows: int, vocab: int, chunk_bytes: int | None = None) -> tuple[int, int]:
+    """(chunks, rows per chunk) covering n_rows with at most chunk_bytes (default CHUNK_BYTES) of float32
+    logits per chunk (at least 8 rows), rows spread evenly so the padding is under one row per chunk."""
+    most = max(8, (chunk_bytes or CHUNK_BYTES) // (4 * vocab))
+    chunks = max(1, math.ceil(n_rows / most))
+    return chunks, math.ceil(n_rows / chunks)
+
+
+def per_position(fn, x: jax.Array, head: jax.Array, *rows: jax.Array, cap: float | None = None,
+                 chunk_bytes: int | None = None):
+    """fn(logits [c, V] float32, *row chunks [c, ...]) → a tuple of arrays [c, ...], applied to every
+    position of x [..., D] (hidden states after the final norm) and the per-position arrays `rows`
+    [..., ...] (targets, a teacher's numbers), chunk by chunk. logits = softcap(x · headᵀ, cap), with
+    float32 accumulation whatever x's dtype. Returns fn's outputs shaped [..., ...]."""
+    lead, V = x.shape[:-1], head.shape[0]
+    n = math.prod(lead)
+    flat = [a.reshape(n, *a.shape[len(lead):]) for a in (x, *rows)]
+
+    def chunk(x_c, *rows_c):
+        logits = jnp.einsum("RD,VD->RV", x_c, head.astype(x_c.dtype), preferred_element_type=jnp.float32)
+        return tuple(fn(softcap(logits, cap), *rows_c))
+
+    chunks, size = chunk_rows(n, V, chunk_bytes)
+    if chunks == 1:
+        outs = chunk(*flat)
+    else:  # [chunks, size, ...], zero rows as padding; a scan keeps one chunk's logits alive at a time
+        padded = [jnp.pad(a, [(0, chunks * size - n)] + [(0, 0)] * (a.ndim - 1)).reshape(chunks, size, *a.shape[1:])
+                  for a in flat]
+        outs = jax.lax.map(lambda args: jax.checkpoint(chunk)(*args), tuple(padded))
+        outs = tuple(o.reshape(chunks * size, *o.shape[2:])[:n] for o in outs)
+    return tuple(o.reshape(*lead, *o.shape[1:]) for o in outs)
+
+
+def token_logps(x: jax.Array, head: jax.Array, targets: jax.Array, *, cap: float | None = None,
+                temperature: float = 1.0, entropy: bool = False, chunk_bytes: int | None = None):
+    """log π(target) [...] at each position of x [..., D], π = softmax(softcap(x · headᵀ) / temperature),
+    and with `entropy` also H(π) [...]; targets [...] int. The log-softmax is written out (max-shifted,
+    as jax.nn.log_softmax) so the numbers are the unchunked ones bit for bit."""
+    def fn(logits, target):  # [c, V], [c]
+        logits = logits if temperature == 1.0 else logits / temperature
+        shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        logp_all = shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))  # [c, V]
+        logp = jnp.take_along_axis(logp_all, target[:, None], axis=-1)[:, 0]
+        return (logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)) if entropy else (logp,)
+    out = per_position(fn, x, head, targets, cap=cap, chunk_bytes=chunk_bytes)
+    return out if entropy else out[0]
+
+
+def weighted_nll(x: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *, cap: float | None = None,
+                 chunk_bytes: int | None = None) -> jax.Array:
+    """Σ weights · (−log π(target)) over the positions of x [..., D], π = softmax(softcap(x · headᵀ)): the
+    supervised loss (weights: the loss mask). Same value and gradients as
+    −Σ weights · token_logps(x, head, targets), for less work when there are several chunks: the
+    gradient is taken inside the forward pass, chunk by chunk (Liger's fused linear cross-entropy),
+    so no chunk's logits are made twice (three matmuls with the head, not four)."""
+    lead = x.shape[:-1]
+    n = math.prod(lead)
+    chunks, size = chunk_rows(n, head.shape[0], chunk_bytes)
+    if chunks == 1:  # the plain program (autodiff keeps this one chunk's logits)
+        return -jnp.sum(weights * token_logps(x, head, targets, cap=cap, chunk_bytes=chunk_bytes))
+    pad = lambda a: jnp.pad(a.reshape(n, *a.shape[len(lead):]), [(0, chunks * size - n)] + [(0, 0)] * (a.ndim - len(lead)))  # noqa: E731
+    return _fused_nll(pad(x), head, pad(targets), pad(weights), cap, chunks)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_nll(x, head, targets, weights, cap, chunks):  # x [n, D] etc., n = chunks · c, padding has weight 0
+    return _nll_and_gradients(x, head, targets, weights, cap, chunks, want_head=False)[0]
+
+
+def _nll_and_gradients(x, head, targets, weights, cap, chunks, want_head: bool):
+    """One scan over the chunks: the loss, d loss / dx per position, d loss / d head summed over chunks
+    (when want_head), and d loss / d weights = the positions' NLL."""
+    n, D = x.shape
+    by_chunk = lambda a: a.reshape(chunks, n // chunks, *a.shape[1:])  # noqa: E731
+    iota = jnp.arange(head.shape[0])
+
+    def chunk(d_head, rows):
+        x_c, target, weight = rows  # [c, D], [c], [c]
+        z = softcap(jnp.einsum("RD,VD->RV", x_c, head, preferred_element_type=jnp.float32), cap)  # [c, V]
+        shifted = z - jnp.max(z, axis=-1, keepdims=True)
+        exps = jnp.exp(shifted)
+        sum_exp = jnp.sum(exps, axis=-1)
+        nll = jnp.log(sum_exp) - jnp.take_along_axis(shifted, target[:, None], axis=-1)[:, 0]  # [c]
+        d_z = weight[:, None] * (exps / sum_exp[:, None] - (iota == target[:, None]))  # softmax − one-hot
+        d_s = (d_z if cap is None else d_z * (1 - (z / cap) ** 2)).astype(x_c.dtype)  # through the soft-cap
+        d_x = jnp.einsum("RV,VD->RD", d_s, head, preferred_element_type=jnp.float32).astype(x_c.dtype)
+        if want_head:
+            d_head = d_head + jnp.einsum("RV,RD->VD", d_s, x_c, preferred_element_type=jnp.float32)
+        return d_head, (jnp.sum(weight * nll), d_x, nll)
+
+    d_head = jnp.zeros(head.shape, jnp.float32) if want_head else None
+    d_head, (losses, d_x, nll) = jax.lax.scan(chunk, d_head, (by_chunk(x), by_chunk(targets), by_chunk(weights)))
+    return jnp.sum(losses), (d_x.reshape(n, D), None if d_head is None else d_head.astype(head.dtype), nll.reshape(n))
+
+
+def _fused_nll_fwd(x, head, targets, weights, cap, chunks):  # symbolic zeros: head.perturbed says if it trains
+    return _nll_and_gradients(x.value, head.value, targets.value, weights.value, cap, chunks, head.perturbed)
+
+
+def _fused_nll_bwd(cap, chunks, residuals, g):
+    d_x, d_head, nll = residuals
+    if isinstance(g, SymbolicZero):
+        g = jnp.zeros((), d_x.dtype)
+    return g * d_x, None if d_head is None else g * d_head, None, g * nll
+
+
+_fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd, symbolic_zeros=True)

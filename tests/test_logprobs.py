@@ -1,0 +1,97 @@
+"""logprobs.py: chunked log-probs, entropy and their gradients equal the whole-vocabulary computation,
+and no [positions, V] float32 tensor is ever made (XLA's own buffer accounting)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import logprobs
+import model as model_lib
+from model import CONFIGS, Transformer
+
+
+def reference(x, head, targets, cap, temperature):
+    """The plain computation: whole logits, jax.nn.log_softmax, gather."""
+    logits = logprobs.softcap(jnp.einsum("...D,VD->...V", x, head, preferred_element_type=jnp.float32), cap)
+    logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
+    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+    return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+
+
+def inputs(B=3, T=37, D=32, V=1000, seed=0):
+    k = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k[0], (B, T, D)), 0.3 * jax.random.normal(k[1], (V, D)),
+            jax.random.randint(k[2], (B, T), 0, V))
+
+
+def max_rel(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 1000 * 8, 4 * 1000 * 13, 1 << 30])  # 14 chunks, 9 (padded), one
+@pytest.mark.parametrize("cap,temperature", [(None, 1.0), (5.0, 0.7)])
+def test_chunked_logps_entropy_and_gradients_equal_the_whole_vocabulary(chunk_bytes, cap, temperature):
+    x, head, targets = inputs()
+    chunks, rows = logprobs.chunk_rows(3 * 37, 1000, chunk_bytes)
+    assert (chunks > 1) == (chunk_bytes < 1 << 30) and chunks * rows >= 3 * 37
+    chunked = lambda x, head: logprobs.token_logps(x, head, targets, cap=cap, temperature=temperature,  # noqa: E731
+                                                   entropy=True, chunk_bytes=chunk_bytes)
+    plain = lambda x, head: reference(x, head, targets, cap, temperature)  # noqa: E731
+    for a, b in zip(jax.jit(chunked)(x, head), plain(x, head)):
+        assert a.shape == (3, 37) and max_rel(a, b) < 1e-5
+    w = jax.random.normal(jax.random.key(1), (2, 3, 37))  # weights on log-probs and entropies: any cotangent
+    loss = lambda f: lambda x, head: jnp.sum(jnp.stack(f(x, head)) * w)  # noqa: E731
+    for a, b in zip(jax.jit(jax.grad(loss(chunked), (0, 1)))(x, head), jax.grad(loss(plain), (0, 1))(x, head)):
+        assert max_rel(a, b) < 1e-5
+
+
+def test_bfloat16_hidden_states_give_float32_logps():
+    x, head, targets = inputs()
+    logp = logprobs.token_logps(x.astype(jnp.bfloat16), head.astype(jnp.bfloat16), targets, chunk_bytes=4 * 1000 * 8)
+    assert logp.dtype == jnp.float32
+    ref, _ = reference(x.astype(jnp.bfloat16), head.astype(jnp.bfloat16), targets, None, 1.0)
+    assert max_rel(logp, ref) < 1e-5
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-gemma2"])  # gemma2: the final soft-cap
+def test_model_token_logps_equal_the_log_softmax_of_its_logits(preset, monkeypatch):
+    """model.token_logps (chunked here: 6 chunks of 8 positions, the fewest a chunk holds) against the forward's
+    own logits, and its parameter gradients against the single-chunk program."""
+    model = Transformer(CONFIGS[preset], nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 259, (2, 24)), jnp.int32)
+    batch = {"tokens": tokens, "positions": jnp.broadcast_to(jnp.arange(24), (2, 24)),
+             "segment_ids": jnp.ones((2, 24), jnp.int32)}
+    graphdef, params = nnx.split(model)
+
+    def nll(params, temperature):
+        logp, entropy = model_lib.token_logps(nnx.merge(graphdef, params), batch, temperature=temperature, entropy=True)
+        return -jnp.sum(logp) + 0.1 * jnp.sum(entropy), (logp, entropy)
+
+    whole = jax.grad(nll, has_aux=True)(params, 0.8)
+    logits = model(tokens)[:, :-1]  # [B, T-1, V]
+    want = reference(logits, jnp.eye(259), tokens[:, 1:], None, 0.8)  # eye: the head is the identity on logits
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", 3 * 4 * 259)
+    assert logprobs.chunk_rows(2 * 23, 259) == (6, 8)
+    chunked = jax.grad(nll, has_aux=True)(params, 0.8)
+    for got in (whole, chunked):
+        assert all(max_rel(a, b) < 1e-5 for a, b in zip(got[1], want))
+    for a, b in zip(jax.tree.leaves(chunked[0]), jax.tree.leaves(whole[0])):
+        assert max_rel(a, b) < 1e-5
+
+
+def temp_bytes(rows, V=50_000, D=64, chunk_bytes=None):
+    """XLA's scratch memory for the gradient of a token NLL over `rows` positions (inputs/outputs aside)."""
+    x, head, targets = jnp.zeros((rows, D)), jnp.zeros((V, D)), jnp.zeros((rows,), jnp.int32)
+    loss = lambda x, head: -jnp.sum(logprobs.token_logps(x, head, targets, chunk_bytes=chunk_bytes))  # noqa: E731
+    return jax.jit(jax.grad(loss, (0, 1))).lower(x, head).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_the_vocabulary_costs_a_few_chunks_whatever_the_number_of_positions():
+    chunk = 1 << 22  # 4 MiB: 20 positions of a 50k vocabulary
+    whole_logits = 512 * 50_000 * 4  # one [512, V] float32 tensor: 102 MB
+    assert temp_bytes(512, chunk_bytes=1 << 40) >= whole_logits  # unchunked: at least one such tensor
+    head_grad = 50_000 * 64 * 4  # the head's gradient, summed over chunks, is the one V-sized buffer
+    for rows in (512, 1024, 2048):
+        assert temp_bytes(rows, chunk_bytes=chunk) < head_grad + 4 * chunk + rows * 64 * 4 * 4
+    assert temp_bytes(2048, chunk_bytes=chunk) - temp_bytes(512, chunk_bytes=chunk) < 1536 * 64 * 4 * 4
