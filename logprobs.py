@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 CHUNK_BYTES = 64 << 20  # float32 logits made at once: 64 positions of a 262k vocabulary, 512 of a 32k one
+MIN_ROWS, MAX_ROWS = 256, 1024  # weighted_nll: fewest rows a chunk of whole vocabulary rows has; most with blocks
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -81,58 +82,132 @@ def token_logps(x: jax.Array, head: jax.Array, targets: jax.Array, *, cap: float
     return out if entropy else out[0]
 
 
+def nll_tiles(n_rows: int, vocab: int, chunk_bytes: int | None = None) -> tuple[int, int, int]:
+    """How weighted_nll cuts n_rows x vocab logits into tiles of at most chunk_bytes (default CHUNK_BYTES):
+    (row chunks, rows per chunk, vocabulary blocks). Whole vocabulary rows while a chunk still holds
+    MIN_ROWS of them; past that (Gemma's 262k vocabulary) blocks of the vocabulary beside up to
+    MAX_ROWS rows: a matmul with a few dozen rows against the whole head runs at a third of the speed."""
+    budget = (chunk_bytes or CHUNK_BYTES) // 4
+    if n_rows * vocab <= budget or vocab * MIN_ROWS <= budget:
+        chunks, rows = chunk_rows(n_rows, vocab, chunk_bytes)
+        return chunks, rows, 1
+    chunks = math.ceil(n_rows / MAX_ROWS)
+    rows = math.ceil(n_rows / chunks)
+    return chunks, rows, math.ceil(vocab / max(1, budget // rows))
+
+
 def weighted_nll(x: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array, *, cap: float | None = None,
                  chunk_bytes: int | None = None) -> jax.Array:
     """Σ weights · (−log π(target)) over the positions of x [..., D], π = softmax(softcap(x · headᵀ)): the
     supervised loss (weights: the loss mask). Same value and gradients as
-    −Σ weights · token_logps(x, head, targets), for less work when there are several chunks: the
-    gradient is taken inside the forward pass, chunk by chunk (Liger's fused linear cross-entropy),
-    so no chunk's logits are made twice (three matmuls with the head, not four)."""
+    −Σ weights · token_logps(x, head, targets). With more than one tile (nll_tiles) the gradient is taken
+    inside the forward pass (Liger's fused linear cross-entropy): three matmuls with the head when
+    whole vocabulary rows fit a chunk; with vocabulary blocks, a first pass finds each position's
+    log-sum-exp and a second makes the gradients (four, as Cut Your Losses does)."""
     lead = x.shape[:-1]
     n = math.prod(lead)
-    chunks, size = chunk_rows(n, head.shape[0], chunk_bytes)
-    if chunks == 1:  # the plain program (autodiff keeps this one chunk's logits)
+    chunks, rows, blocks = nll_tiles(n, head.shape[0], chunk_bytes)
+    if chunks == blocks == 1:  # the plain program (autodiff keeps this one chunk's logits)
         return -jnp.sum(weights * token_logps(x, head, targets, cap=cap, chunk_bytes=chunk_bytes))
-    pad = lambda a: jnp.pad(a.reshape(n, *a.shape[len(lead):]), [(0, chunks * size - n)] + [(0, 0)] * (a.ndim - len(lead)))  # noqa: E731
-    return _fused_nll(pad(x), head, pad(targets), pad(weights), cap, chunks)
+    pad = lambda a: jnp.pad(a.reshape(n, *a.shape[len(lead):]), [(0, chunks * rows - n)] + [(0, 0)] * (a.ndim - len(lead)))  # noqa: E731
+    return _fused_nll(pad(x), head, pad(targets), pad(weights), cap, (chunks, blocks))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_nll(x, head, targets, weights, cap, chunks):  # x [n, D] etc., n = chunks · c, padding has weight 0
-    return _nll_and_gradients(x, head, targets, weights, cap, chunks, want_head=False)[0]
+def _fused_nll(x, head, targets, weights, cap, tiles):  # x [n, D] etc., n = chunks · rows, padding has weight 0
+    return _nll_and_gradients(x, head, targets, weights, cap, tiles, want_head=False)[0]
 
 
-def _nll_and_gradients(x, head, targets, weights, cap, chunks, want_head: bool):
-    """One scan over the chunks: the loss, d loss / dx per position, d loss / d head summed over chunks
-    (when want_head), and d loss / d weights = the positions' NLL."""
+def _nll_and_gradients(x, head, targets, weights, cap, tiles, want_head: bool):
+    """A scan over row chunks: the loss, d loss / dx per position, d loss / d head summed over chunks (when
+    want_head), and d loss / d weights = the positions' NLL. Each chunk: `whole_rows` or `vocab_blocks`."""
+    chunks, blocks = tiles
     n, D = x.shape
     by_chunk = lambda a: a.reshape(chunks, n // chunks, *a.shape[1:])  # noqa: E731
-    iota = jnp.arange(head.shape[0])
+    per_chunk = whole_rows if blocks == 1 else functools.partial(vocab_blocks, blocks=blocks)
 
     def chunk(d_head, rows):
         x_c, target, weight = rows  # [c, D], [c], [c]
-        z = softcap(jnp.einsum("RD,VD->RV", x_c, head, preferred_element_type=jnp.float32), cap)  # [c, V]
-        shifted = z - jnp.max(z, axis=-1, keepdims=True)
-        exps = jnp.exp(shifted)
-        sum_exp = jnp.sum(exps, axis=-1)
-        nll = jnp.log(sum_exp) - jnp.take_along_axis(shifted, target[:, None], axis=-1)[:, 0]  # [c]
-        d_z = weight[:, None] * (exps / sum_exp[:, None] - (iota == target[:, None]))  # softmax − one-hot
-        d_s = (d_z if cap is None else d_z * (1 - (z / cap) ** 2)).astype(x_c.dtype)  # through the soft-cap
-        d_x = jnp.einsum("RV,VD->RD", d_s, head, preferred_element_type=jnp.float32).astype(x_c.dtype)
-        if want_head:
-            d_head = d_head + jnp.einsum("RV,RD->VD", d_s, x_c, preferred_element_type=jnp.float32)
-        return d_head, (jnp.sum(weight * nll), d_x, nll)
+        nll, d_x, d_head_c = per_chunk(x_c, head, target, weight, cap, want_head)
+        return (d_head + d_head_c if want_head else None), (jnp.sum(weight * nll), d_x, nll)
 
     d_head = jnp.zeros(head.shape, jnp.float32) if want_head else None
     d_head, (losses, d_x, nll) = jax.lax.scan(chunk, d_head, (by_chunk(x), by_chunk(targets), by_chunk(weights)))
     return jnp.sum(losses), (d_x.reshape(n, D), None if d_head is None else d_head.astype(head.dtype), nll.reshape(n))
 
 
-def _fused_nll_fwd(x, head, targets, weights, cap, chunks):  # symbolic zeros: head.perturbed says if it trains
-    return _nll_and_gradients(x.value, head.value, targets.value, weights.value, cap, chunks, head.perturbed)
+def whole_rows(x_c, head, target, weight, cap, want_head):
+    """One chunk of rows against the whole vocabulary: logits [c, V] once, the NLL and its gradients."""
+    z = softcap(jnp.einsum("RD,VD->RV", x_c, head, preferred_element_type=jnp.float32), cap)  # [c, V]
+    shifted = z - jnp.max(z, axis=-1, keepdims=True)
+    exps = jnp.exp(shifted)
+    sum_exp = jnp.sum(exps, axis=-1)
+    nll = jnp.log(sum_exp) - jnp.take_along_axis(shifted, target[:, None], axis=-1)[:, 0]  # [c]
+    d_s = _d_logits(z, exps / sum_exp[:, None], jnp.arange(head.shape[0]) == target[:, None], weight, cap)
+    d_x = jnp.einsum("RV,VD->RD", d_s.astype(x_c.dtype), head, preferred_element_type=jnp.float32)
+    d_head = jnp.einsum("RV,RD->VD", d_s.astype(x_c.dtype), x_c, preferred_element_type=jnp.float32) \
+        if want_head else None
+    return nll, d_x.astype(x_c.dtype), d_head
 
 
-def _fused_nll_bwd(cap, chunks, residuals, g):
+def vocab_blocks(x_c, head, target, weight, cap, want_head, blocks: int):
+    """One chunk of rows against the vocabulary in `blocks` blocks of Vb columns (block b starts at
+    min(b·Vb, V − Vb); columns an earlier block covered are masked): pass 1 keeps a running max and
+    sum of exponentials per row (the log-sum-exp) and picks up the target's logit; pass 2 makes each
+    block's logits again and its gradients, writing the head's gradient block by block."""
+    V, c = head.shape[0], x_c.shape[0]
+    width = math.ceil(V / blocks)
+    columns = jnp.arange(width)
+
+    def logits(b):  # block b: its head rows, logits [c, Vb], which columns are its own, its first column
+        start = jnp.minimum(b * width, V - width)
+        head_b = jax.lax.dynamic_slice_in_dim(head, start, width)
+        z = softcap(jnp.einsum("RD,VD->RV", x_c, head_b, preferred_element_type=jnp.float32), cap)
+        return head_b, z, start + columns >= b * width, start
+
+    def log_sum_exp(carry, b):
+        top, total, target_z = carry  # [c] each
+        _, z, own, start = logits(b)
+        z = jnp.where(own, z, -jnp.inf)
+        new_top = jnp.maximum(top, jnp.max(z, axis=-1))
+        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(z - new_top[:, None]), axis=-1)
+        here = jnp.take_along_axis(z, jnp.clip(target - start, 0, width - 1)[:, None], axis=-1)[:, 0]
+        target_z = jnp.where((target >= start) & (target < start + width) & (target >= b * width), here, target_z)
+        return (new_top, total, target_z), None
+
+    start = (jnp.full((c,), -jnp.inf), jnp.zeros((c,)), jnp.zeros((c,)))
+    (top, total, target_z), _ = jax.lax.scan(log_sum_exp, start, jnp.arange(blocks))
+    lse = top + jnp.log(total)
+
+    def gradients(carry, b):
+        d_head, d_x = carry
+        head_b, z, own, start = logits(b)
+        p = jnp.where(own, jnp.exp(z - lse[:, None]), 0.0)
+        d_s = _d_logits(z, p, (start + columns == target[:, None]) & own, weight, cap).astype(x_c.dtype)
+        d_x = d_x + jnp.einsum("RV,VD->RD", d_s, head_b, preferred_element_type=jnp.float32)
+        if want_head:  # rows an earlier block wrote get zeros added
+            block = jnp.einsum("RV,RD->VD", d_s, x_c, preferred_element_type=jnp.float32)
+            d_head = jax.lax.dynamic_update_slice_in_dim(
+                d_head, jax.lax.dynamic_slice_in_dim(d_head, start, width) + block, start, 0)
+        return (d_head, d_x), None
+
+    d_head = jnp.zeros(head.shape, jnp.float32) if want_head else None
+    (d_head, d_x), _ = jax.lax.scan(gradients, (d_head, jnp.zeros(x_c.shape, jnp.float32)), jnp.arange(blocks))
+    return lse - target_z, d_x.astype(x_c.dtype), d_head
+
+
+def _d_logits(z, p, is_target, weight, cap):
+    """d (weight · NLL) / d s for the pre-cap logits s: weight (p − one-hot), times dz/ds = 1 − (z / cap)²
+    through the soft-cap z = cap · tanh(s / cap). z, p, is_target [c, V]; weight [c]."""
+    d_z = weight[:, None] * (p - is_target)
+    return d_z if cap is None else d_z * (1 - (z / cap) ** 2)
+
+
+def _fused_nll_fwd(x, head, targets, weights, cap, tiles):  # symbolic zeros: head.perturbed says if it trains
+    return _nll_and_gradients(x.value, head.value, targets.value, weights.value, cap, tiles, head.perturbed)
+
+
+def _fused_nll_bwd(cap, tiles, residuals, g):
     d_x, d_head, nll = residuals
     if isinstance(g, SymbolicZero):
         g = jnp.zeros((), d_x.dtype)

@@ -46,6 +46,36 @@ def test_chunked_logps_entropy_and_gradients_equal_the_whole_vocabulary(chunk_by
         assert max_rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("min_rows,max_rows,chunk_bytes", [
+    (8, 1024, 4 * 1000 * 20),  # 6 chunks of 19 whole vocabulary rows (the last padded)
+    (256, 1024, 4 * 1000 * 20),  # one chunk of 111 rows against 6 vocabulary blocks (the last overlaps)
+    (256, 40, 4 * 1000 * 20),  # 3 chunks of 37 rows x 2 blocks: both at once
+    (8, 1024, 1 << 30)])  # everything in one chunk: the plain program
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_the_supervised_loss_and_its_gradients_equal_the_whole_vocabulary(min_rows, max_rows, chunk_bytes, cap,
+                                                                          monkeypatch):
+    """weighted_nll takes its gradients inside the forward pass, tile by tile: value, d/dx, d/dhead and
+    d/dweights against autodiff of the plain log-softmax, and the head's gradient skipped when unused."""
+    monkeypatch.setattr(logprobs, "MIN_ROWS", min_rows)
+    monkeypatch.setattr(logprobs, "MAX_ROWS", max_rows)
+    x, head, targets = inputs()
+    weights = (jax.random.uniform(jax.random.key(2), (3, 37)) > 0.3).astype(jnp.float32)
+    tiles = logprobs.nll_tiles(3 * 37, 1000, chunk_bytes)
+    assert tiles == {(8, 1024): (6, 19, 1), (256, 1024): (1, 111, 6), (256, 40): (3, 37, 2)}.get(
+        (min_rows, max_rows), (1, 111, 1)) if chunk_bytes < 1 << 30 else tiles == (1, 111, 1)
+    fused = lambda x, head, w: logprobs.weighted_nll(x, head, targets, w, cap=cap, chunk_bytes=chunk_bytes)  # noqa: E731
+    plain = lambda x, head, w: -jnp.sum(w * reference(x, head, targets, cap, 1.0)[0])  # noqa: E731
+    assert max_rel(jax.jit(fused)(x, head, weights), plain(x, head, weights)) < 1e-6
+    grads = jax.jit(jax.grad(fused, (0, 1, 2)))(x, head, weights)
+    for a, b in zip(grads, jax.grad(plain, (0, 1, 2))(x, head, weights)):
+        assert max_rel(a, b) < 1e-5
+    d_x = jax.jit(jax.grad(fused))(x, head, weights)  # the head not differentiated: its matmul is not made
+    assert max_rel(d_x, grads[0]) < 1e-6
+    if tiles != (1, 111, 1):
+        assert jax.jit(jax.grad(fused)).lower(x, head, weights).as_text().count("dot_general") < \
+            jax.jit(jax.grad(fused, (0, 1))).lower(x, head, weights).as_text().count("dot_general")
+
+
 def test_bfloat16_hidden_states_give_float32_logps():
     x, head, targets = inputs()
     logp = logprobs.token_logps(x.astype(jnp.bfloat16), head.astype(jnp.bfloat16), targets, chunk_bytes=4 * 1000 * 8)
