@@ -52,7 +52,7 @@ def per_position(fn, x: jax.Array, head: jax.Array, *rows: jax.Array, cap: float
     n = math.prod(lead)
     flat = [a.reshape(n, *a.shape[len(lead):]) for a in (x, *rows)]
 
-    def chunk(x_c, *rows_c):
+    def chunk(x_c, *rows_c):  # the head is cast here, so its gradient comes back in its own dtype
         logits = jnp.einsum("RD,VD->RV", x_c, head.astype(x_c.dtype), preferred_element_type=jnp.float32)
         return tuple(fn(softcap(logits, cap), *rows_c))
 
@@ -138,6 +138,7 @@ def _nll_and_gradients(x, head, targets, weights, cap, tiles, want_head: bool):
 
 def whole_rows(x_c, head, target, weight, cap, want_head):
     """One chunk of rows against the whole vocabulary: logits [c, V] once, the NLL and its gradients."""
+    head = head.astype(x_c.dtype)
     z = softcap(jnp.einsum("RD,VD->RV", x_c, head, preferred_element_type=jnp.float32), cap)  # [c, V]
     shifted = z - jnp.max(z, axis=-1, keepdims=True)
     exps = jnp.exp(shifted)
@@ -161,7 +162,7 @@ def vocab_blocks(x_c, head, target, weight, cap, want_head, blocks: int):
 
     def logits(b):  # block b: its head rows, logits [c, Vb], which columns are its own, its first column
         start = jnp.minimum(b * width, V - width)
-        head_b = jax.lax.dynamic_slice_in_dim(head, start, width)
+        head_b = jax.lax.dynamic_slice_in_dim(head, start, width).astype(x_c.dtype)
         z = softcap(jnp.einsum("RD,VD->RV", x_c, head_b, preferred_element_type=jnp.float32), cap)
         return head_b, z, start + columns >= b * width, start
 

@@ -472,8 +472,9 @@ class Transformer(nnx.Module):
         out = x if hidden else self.logits(x)
         return out if cache is None else (out, KVCache(new_k, new_v, k_segments, start + T))
 
-    def head(self) -> jax.Array:  # the output head [V, D] in the compute dtype (the embedding when tied)
-        return self.table("embed" if self.cfg.tie_embeddings else "lm_head", jnp.dtype(self.cfg.dtype))
+    def head(self, dtype=None) -> jax.Array:
+        """The output head [V, D] (the embedding when tied) in `dtype`, default the compute dtype."""
+        return self.table("embed" if self.cfg.tie_embeddings else "lm_head", jnp.dtype(dtype or self.cfg.dtype))
 
     def logits(self, x) -> jax.Array:
         """Final-normed hidden states x [B, T, D] → logits [B, T, V] float32."""
@@ -561,7 +562,7 @@ def token_logps(model: Transformer, batch: dict, last: int | None = None, group:
     C = tokens.shape[1] - 1 if last is None else last
     x = next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], C, group, layers,
                           dropout_key)  # [B, C, D]
-    return logprobs.token_logps(x, model.head(), tokens[:, -C:], cap=model.cfg.final_softcap,
+    return logprobs.token_logps(x, model.head(model.cfg.param_dtype), tokens[:, -C:], cap=model.cfg.final_softcap,
                                 temperature=temperature, entropy=entropy)
 
 

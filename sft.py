@@ -95,7 +95,7 @@ def token_nll(model, batch, dropout_key=None, layers=None):
     x = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], T - 1, layers=layers,
                                     dropout_key=dropout_key)  # [B, T-1, D]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    nll = logprobs.weighted_nll(x, model.head(), tokens[:, 1:], mask, cap=model.cfg.final_softcap)
+    nll = logprobs.weighted_nll(x, model.head(model.cfg.param_dtype), tokens[:, 1:], mask, cap=model.cfg.final_softcap)
     return nll, jnp.sum(mask)
 
 

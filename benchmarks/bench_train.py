@@ -20,6 +20,12 @@ after; MFU = model FLOPs per step / step time / f32 roofline, with model FLOPs =
     python benchmarks/bench_train.py                               # all settings, full and LoRA
     python benchmarks/bench_train.py --settings mid --modes full --repeats 3
     python benchmarks/bench_train.py --settings gemma --dtypes float32,bfloat16 --systems nanotune
+    python benchmarks/bench_train.py --curve gemma      # scratch memory as batch x length doubles
+
+--curve compiles (does not run) nanotune's full SFT step at B x T = 4x128, 4x256, 8x256, 8x512 and
+reports XLA's own scratch-buffer size (memory_analysis().temp_size_in_bytes: everything the step
+allocates beside its inputs and outputs) with the head in chunks and, for comparison, as one chunk
+(logprobs.CHUNK_BYTES set past the whole [B, T, V] logits).
 """
 from __future__ import annotations
 
@@ -151,6 +157,42 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def scratch_curve(setting: str, shapes=((4, 128), (4, 256), (8, 256), (8, 512))):
+    """XLA's scratch bytes of the full SFT step per B x T, chunked head vs one chunk."""
+    sys.path.insert(0, str(ROOT))
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import logprobs
+    import run
+    import sft
+    from model import Transformer
+
+    cfg = model_config(setting)
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    tx, _ = run.adamw(sft.Config(), 1000)
+    opt_state = jax.eval_shape(tx.init, params)
+    chunked = logprobs.CHUNK_BYTES
+    print(f"{setting}: parameters + AdamW moments {3 * sum(x.size * 4 for x in jax.tree.leaves(params)) / 2**30:.2f} GiB "
+          f"(inputs and outputs of the step, donated)\n")
+    print("| B x T | logits [B, T, V] f32 (GiB) | scratch, chunked head (GiB) | scratch, one chunk (GiB) |")
+    print("| --- | --- | --- | --- |")
+    for B, T in shapes:
+        tokens = jax.ShapeDtypeStruct((1, B, T), jnp.int32)
+        batch = dict.fromkeys(("tokens", "loss_mask", "segment_ids", "positions"), tokens)
+        temps = []
+        for chunk_bytes in (chunked, 1 << 50):
+            logprobs.CHUNK_BYTES = chunk_bytes
+            step = jax.jit(sft.make_train_step(graphdef, tx), donate_argnums=(0, 1))
+            compiled = step.lower(params, opt_state, frozen, batch, jax.random.key(0)).compile()
+            temps.append(compiled.memory_analysis().temp_size_in_bytes / 2**30)
+        logprobs.CHUNK_BYTES = chunked
+        print(f"| {B} x {T} | {B * (T - 1) * cfg.vocab_size * 4 / 2**30:.2f} | {temps[0]:.2f} | {temps[1]:.2f} |",
+              flush=True)
+
+
 # ----------------------------------------------------------------------------- driver
 
 def measure(system: str, args, setting: str, mode: str, dtype: str) -> dict:
@@ -173,8 +215,12 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process (after one that compiles)")
     parser.add_argument("--repeats", type=int, default=2, help="processes per system and setting")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--curve", metavar="SETTING", help="scratch memory of the step as B x T doubles")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # setting,mode,dtype: run nanotune's step here
     args = parser.parse_args()
+    if args.curve:
+        scratch_curve(args.curve)
+        return
     if args.worker:
         args.setting, args.mode, args.dtype = args.worker.split(",")
         print(json.dumps(nanotune_worker(args)))
