@@ -125,3 +125,19 @@ def test_the_vocabulary_costs_a_few_chunks_whatever_the_number_of_positions():
     for rows in (512, 1024, 2048):
         assert temp_bytes(rows, chunk_bytes=chunk) < head_grad + 4 * chunk + rows * 64 * 4 * 4
     assert temp_bytes(2048, chunk_bytes=chunk) - temp_bytes(512, chunk_bytes=chunk) < 1536 * 64 * 4 * 4
+
+
+def test_the_supervised_loss_scratch_memory_is_a_few_tiles_whatever_the_number_of_positions(monkeypatch):
+    """weighted_nll's gradient (head included) with vocabulary blocks: XLA's scratch is the head's gradient
+    and a few [rows, block] tiles, so four times the positions cost only their own [rows, D] arrays."""
+    monkeypatch.setattr(logprobs, "MAX_ROWS", 256)
+    V, D, chunk = 50_000, 64, 1 << 22
+
+    def scratch(rows):
+        x, head, targets = jnp.zeros((rows, D)), jnp.zeros((V, D)), jnp.zeros((rows,), jnp.int32)
+        loss = lambda x, head: logprobs.weighted_nll(x, head, targets, jnp.ones((rows,)), chunk_bytes=chunk)  # noqa: E731
+        assert logprobs.nll_tiles(rows, V, chunk)[2] > 1  # vocabulary blocks
+        return jax.jit(jax.grad(loss, (0, 1))).lower(x, head).compile().memory_analysis().temp_size_in_bytes
+    head_grad = V * D * 4
+    assert scratch(512) < 2 * head_grad + 4 * chunk + 512 * D * 4 * 4
+    assert scratch(2048) - scratch(512) < 1536 * D * 4 * 4
