@@ -101,7 +101,7 @@ class Config:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     clip: float = 1.0  # global gradient-norm clip
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
-    remat: bool = False  # recompute activations in the backward pass (less memory)
+    remat: bool = False  # backward pass keeps only each block's input, recomputing the rest (least memory)
     # logging and checkpoints
     eval_every: int = 50  # steps between evaluations (and at the start and end)
     save_every: int = 100  # steps between train-state checkpoints
