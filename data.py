@@ -12,13 +12,13 @@ Chat templates are plain functions from [{"role", "content"}, ...] to text (no j
 """
 from __future__ import annotations
 
-import decimal
+import functools
 import json
 import pathlib
-import re
-import zlib
 
 import numpy as np
+
+import tasks
 
 
 class TokenizerError(ValueError):
@@ -243,115 +243,11 @@ def apply_chat_template(messages: list[dict], family: str, add_generation_prompt
     return CHAT_TEMPLATES[family](messages, add_generation_prompt, **kw)
 
 
-# ----------------------------------------------------------------------------- the built-in task
+# ----------------------------------------------------------------------------- JSONL datasets
 
 class DataError(ValueError):
     """Bad training data; the message names the file, the line and the problem."""
 
-
-class Arithmetic:
-    """A procedurally generated, exactly checkable task: fixed-width arithmetic.
-
-    "123*4=" → "0492". Operands and answers are zero-padded to a fixed width, which is
-    what lets a tiny model learn it in minutes (free-width answers barely learn, see
-    shared notes); the digit counts and the operator set the difficulty. A problem
-    belongs to the held-out split by a hash of its operands, so the splits never mix
-    whatever the seed. Wrong-but-plausible answers (one digit changed) make preference pairs.
-    """
-
-    def __init__(self, op: str = "*", a_digits: int = 3, b_digits: int = 1):
-        if op not in "+-*" or len(op) != 1 or not (1 <= a_digits <= 9 and 1 <= b_digits <= 9):
-            raise ValueError(f"task needs op in + - * and 1..9 digits, got {op!r} {a_digits} {b_digits}")
-        self.op, self.a_digits, self.b_digits = op, a_digits, b_digits
-        biggest = self.solve(10 ** a_digits - 1, 10 ** b_digits - 1 if op != "-" else 0)
-        self.width = len(str(biggest)) + (op == "-")  # "-" answers carry a sign column
-
-    def solve(self, a: int, b: int) -> int:
-        return a + b if self.op == "+" else a - b if self.op == "-" else a * b
-
-    def format_answer(self, c: int) -> str:
-        return (("-" if c < 0 else "+") if self.op == "-" else "") + str(abs(c)).zfill(self.width - (self.op == "-"))
-
-    def held_out(self, a: int, b: int) -> bool:
-        # 10% of all problems, fixed for every seed. A hash, not arithmetic on a and b: a rule like
-        # (7a + b) % 10 would hold out whole last-digit combinations the model then never sees.
-        return zlib.crc32(f"{a}{self.op}{b}".encode()) % 10 == 0
-
-    def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
-        """n problems of the split ("train" or "eval") as {"prompt", "completion"} rows."""
-        rng = np.random.default_rng([seed, split == "eval"])
-        rows = []
-        while len(rows) < n:
-            a, b = int(rng.integers(10 ** self.a_digits)), int(rng.integers(10 ** self.b_digits))
-            if self.held_out(a, b) == (split == "eval"):
-                prompt = f"{a:0{self.a_digits}d}{self.op}{b:0{self.b_digits}d}="
-                rows.append({"prompt": prompt, "completion": self.format_answer(self.solve(a, b))})
-        return rows
-
-    def answer(self, prompt: str) -> str:
-        a, b = prompt.rstrip("=").split(self.op, 1)
-        return self.format_answer(self.solve(int(a), int(b)))
-
-    def is_correct(self, prompt: str, completion: str) -> bool:
-        """Exact match of the completion (whitespace-stripped) with the answer."""
-        return completion.strip() == self.answer(prompt)
-
-    def rewards(self) -> list:
-        """GRPO's reward functions for the task: the exact answer, and the answer's fixed-width format."""
-        width = rf"[+-][0-9]{{{self.width - 1}}}" if self.op == "-" else rf"[0-9]{{{self.width}}}"
-
-        def accuracy_reward(prompts, completions, **columns):
-            return [float(self.is_correct(p, c)) for p, c in zip(prompts, completions)]
-
-        def format_reward(prompts, completions, **columns):
-            return [float(re.fullmatch(width, c) is not None) for c in completions]
-        return [accuracy_reward, format_reward]
-
-    def wrong_answer(self, prompt: str, rng: np.random.Generator) -> str:
-        """The right answer with one digit changed: a plausible mistake."""
-        right = list(self.answer(prompt))
-        digits = [i for i, ch in enumerate(right) if ch.isdigit()]
-        i = int(rng.choice(digits))
-        right[i] = str((int(right[i]) + int(rng.integers(1, 10))) % 10)
-        return "".join(right)
-
-
-# ----------------------------------------------------------------------------- rewards: verifiable checks of completions
-#
-# A reward function is plain Python, (prompts, completions, **columns) -> list[float], where columns are
-# the rows' other fields as lists (e.g. answer=[...]); grpo.py sums them with weights. Model output is
-# parsed, never evaluated.
-
-NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-TAG_FORMAT = re.compile(r"\s*(?:<think>.*?</think>\s*)?<answer>[^<]*</answer>\s*", re.DOTALL)
-
-
-def parse_number(text: str) -> decimal.Decimal | None:
-    """The last number in text ("1,234.5" → 1234.5) as an exact Decimal; None when there is none
-    or it has more than 64 characters (never an answer, and never converted)."""
-    found = NUMBER.findall(text)
-    number = found[-1].replace(",", "") if found else ""
-    return decimal.Decimal(number) if 0 < len(number) <= 64 else None
-
-
-def accuracy_reward(prompts, completions, answer, **columns) -> list[float]:
-    """1.0 when the number in the completion's last <answer>…</answer> (without tags: its last
-    number) equals the row's answer (after "####" if present, GSM8K's form) numerically."""
-    rewards = []
-    for completion, want in zip(completions, answer):
-        tags = ANSWER_TAG.findall(completion) if "</answer>" in completion else []
-        got, want = parse_number(tags[-1] if tags else completion), parse_number(str(want).split("####")[-1])
-        rewards.append(float(got is not None and got == want))
-    return rewards
-
-
-def format_reward(prompts, completions, **columns) -> list[float]:
-    """1.0 for "<think>…</think> <answer>…</answer>" (the think block optional), nothing else."""
-    return [float(TAG_FORMAT.fullmatch(c) is not None) for c in completions]
-
-
-# ----------------------------------------------------------------------------- JSONL datasets
 
 def read_jsonl(path, check=None) -> list[dict]:
     """Rows of a JSONL file in one of TRL's formats: {"prompt", "completion"}, {"messages"}
@@ -459,16 +355,66 @@ def tokenize(row: dict, tok, family: str | None = None) -> tuple[list[int], list
     return prompt + completion, [0] * len(prompt) + [1] * len(completion)
 
 
+# ----------------------------------------------------------------------------- preference pairs (dpo.py)
+
+def preference_row(row, where: str) -> dict:
+    """A row of TRL's preference formats: {"prompt", "chosen", "rejected"}, all text or all chat messages,
+    or {"chosen", "rejected"} whose shared start is the prompt (TRL's extract_prompt: whole messages, or
+    characters up to the first difference, a space before it going with the answers)."""
+    if not isinstance(row, dict) or not {"chosen", "rejected"} <= set(row):
+        raise DataError(f"{where}: expected keys 'chosen' and 'rejected' (and 'prompt', or a shared start)")
+    if "prompt" not in row and type(row["chosen"]) is type(row["rejected"]) and isinstance(row["chosen"], (str, list)):
+        c, r = row["chosen"], row["rejected"]
+        i = next((i for i in range(min(len(c), len(r))) if c[i] != r[i]), min(len(c), len(r)))
+        i -= isinstance(c, str) and i > 0 and c[i - 1] == " "
+        row = {"prompt": c[:i], "chosen": c[i:], "rejected": r[i:]}
+    kinds = {type(row.get(k)) for k in ("prompt", "chosen", "rejected")}
+    if kinds not in ({str}, {list}):
+        raise DataError(f"{where}: 'prompt', 'chosen' and 'rejected' must all be text or all chat messages")
+    for answer in ("chosen", "rejected") if kinds == {list} else ():
+        _check_row({"messages": row["prompt"] + row[answer]}, f"{where} (prompt + {answer})")
+    return row
+
+
+def tokenize_pair(row: dict, tok, family: str | None, where: str = "") -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) ids as TRL tokenizes a pair: prompt + answer as one text (chat: the
+    family's template; text: BOS … + EOS), cut where the prompt's own tokens end. A prompt whose tokens are
+    not a prefix of prompt + answer's is an error naming the row (TRL only warns, and trains on the shift)."""
+    if isinstance(row["prompt"], list):
+        if family is None:
+            raise DataError(f"{where}: chat pairs need a checkpoint of a known family (--ckpt)")
+        try:
+            prompt, *answers = [tok.encode(apply_chat_template(row["prompt"] + extra, family, not extra), add_bos=False)
+                                for extra in ([], row["chosen"], row["rejected"])]
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+    else:
+        prompt = tok.encode(row["prompt"])
+        answers = [tok.encode(row["prompt"] + row[k]) + [tok.eos_ids[0]] for k in ("chosen", "rejected")]
+    for name, ids in zip(("chosen", "rejected"), answers):
+        if ids[:len(prompt)] != prompt:
+            raise DataError(f"{where}: the prompt's tokens are not a prefix of prompt + {name}'s (the tokenizer "
+                            "or chat template joins them differently); fix the row or its template")
+    return prompt, answers[0][len(prompt):], answers[1][len(prompt):]
+
+
+def preference_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: int, seed: int):
+    """Preference pairs (dpo.py) as (prompt, chosen, rejected) ids for training and held-out evaluation:
+    from JSONL files in TRL's formats, else the built-in task (chosen: the answer; rejected: the answer
+    with one digit changed). Also the held-out task rows {"prompt", "completion"} for greedy eval/accuracy."""
+    def read(p):
+        return read_jsonl(p, lambda row, where: tokenize_pair(preference_row(row, where), tok, family, where))
+    arithmetic, rng = tasks.builtin_task(task), np.random.default_rng([seed, 7])
+
+    def task_pairs(rows):
+        return [tokenize_pair({"prompt": r["prompt"], "chosen": r["completion"],
+                               "rejected": arithmetic.wrong_answer(r["prompt"], rng)}, tok, None) for r in rows]
+    rows = [] if path else arithmetic.examples("eval", n_eval, seed)
+    train = read(path) if path else task_pairs(arithmetic.examples("train", n_train, seed))
+    return train, read(eval_path) if eval_path else task_pairs(rows), rows
+
+
 # ----------------------------------------------------------------------------- the scripts' datasets
-
-def builtin_task(spec: str) -> Arithmetic:
-    """--task "op,a,b" (e.g. "*,3,1") → the built-in task; ValueError naming the flag otherwise."""
-    try:
-        op, a, b = spec.split(",")
-        return Arithmetic(op, int(a), int(b))
-    except ValueError as e:
-        raise ValueError(f"bad --task {spec!r} (want e.g. *,3,1): {e}") from None
-
 
 def completion_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: int, seed: int):
     """Supervised data (sft.py, lora.py): tokenized training examples from `path` (TRL's formats), else
@@ -477,13 +423,13 @@ def completion_data(tok, family, path, eval_path, task: str, n_train: int, n_eva
     if path:
         train = [tokenize(row, tok, family) for row in read_jsonl(path)]
     else:
-        train = [tokenize(row, tok) for row in builtin_task(task).examples("train", n_train, seed)]
+        train = [tokenize(row, tok) for row in tasks.builtin_task(task).examples("train", n_train, seed)]
     if eval_path:
         evals = read_jsonl(eval_path)
         if any("prompt" not in row for row in evals):
             raise DataError(f"{eval_path}: eval rows need 'prompt' and 'completion'")
     else:
-        evals = [] if path else builtin_task(task).examples("eval", n_eval, seed)
+        evals = [] if path else tasks.builtin_task(task).examples("eval", n_eval, seed)
     return train, evals
 
 
@@ -492,15 +438,15 @@ def prompt_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: i
     task's splits), their prompt ids (the last max_prompt_len tokens), and the reward functions
     (GSM8K-style accuracy and format for files, the task's own checks for the task)."""
     if path:
-        train, funcs = read_jsonl(path, prompt_row), [accuracy_reward, format_reward]
+        train, funcs = read_jsonl(path, prompt_row), [tasks.accuracy_reward, tasks.format_reward]
     else:
-        rows, funcs = builtin_task(task).examples("train", n_train, seed), builtin_task(task).rewards()
+        rows, funcs = tasks.builtin_task(task).examples("train", n_train, seed), tasks.builtin_task(task).rewards()
         train = [{"prompt": r["prompt"], "answer": r["completion"]} for r in rows]
     if eval_path:
         evals = read_jsonl(eval_path, prompt_row)[:n_eval]
     else:
         evals = [] if path else [{"prompt": r["prompt"], "answer": r["completion"]}
-                                 for r in builtin_task(task).examples("eval", n_eval, seed)]
+                                 for r in tasks.builtin_task(task).examples("eval", n_eval, seed)]
     ids = [[encode_prompt(r["prompt"], tok, family, max_prompt_len) for r in rows] for rows in (train, evals)]
     return train, evals, ids[0], ids[1], funcs
 
@@ -513,6 +459,17 @@ def bucket_length(n: int, max_len: int, smallest: int = 16) -> int:
     while length < n:
         length *= 2
     return min(length, max_len)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def stream(n: int, seed: int, position: int, count: int) -> list[int]:
+    """Items position .. position + count − 1 of an endless stream over n items, each epoch a permutation
+    drawn from (seed, epoch): the position is all the state a resumed run needs to continue exactly."""
+    return [int(_epoch_order(n, seed, k // n)[k % n]) for k in range(position, position + count)]
 
 
 class Batches:
@@ -532,13 +489,9 @@ class Batches:
         self.examples = [(ids[:max_len], mask[:max_len]) for ids, mask in examples]
         self.batch_size, self.max_len, self.seed, self.pack = batch_size, max_len, seed, pack
         self.position, self.pad_id = position, pad_id
-        self._epoch, self._order = None, None
 
     def _example(self, k: int):
-        epoch, i = divmod(k, len(self.examples))
-        if self._epoch != epoch:  # one permutation per epoch, drawn from (seed, epoch)
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        return self.examples[self._order[i]]
+        return self.examples[stream(len(self.examples), self.seed, k, 1)[0]]
 
     def __iter__(self):
         return self

@@ -36,7 +36,7 @@ prompts; 800 GRPO steps then raise greedy held-out accuracy (eval/reward) from 0
         --max-completion-len 256 --prompts-per-step 16 --lr 1e-5 --beta 0.04 --dtype bfloat16 --tpu
 
 Data: JSONL of {"prompt", "answer"} (GSM8K's "… #### 72" reads 72); a prompt is text or chat messages.
-Rewards are plain functions (data.accuracy_reward, data.format_reward, Arithmetic.rewards), summed with
+Rewards are plain functions (tasks.accuracy_reward, tasks.format_reward, Arithmetic.rewards), summed with
 --reward-weights. Outputs in --out: metrics.jsonl (TRL's names: reward, reward_std, rewards/<function>,
 kl, clip_ratio, entropy, frac_reward_zero_std, completions/*, loss; eval/reward: the first reward on
 greedy completions of held-out prompts), checkpoints/ (--resume), hf/ (--lora: also adapter/, PEFT's).
@@ -62,6 +62,7 @@ import run
 import sample
 import sft
 import shard
+import tasks
 
 LOSS_TYPES, SCALINGS = ("grpo", "bnpo", "dr_grpo", "dapo"), ("group", "batch", "none")
 
@@ -145,7 +146,7 @@ class Config:
             self.weights = [float(w) for w in self.reward_weights.split(",")] if self.reward_weights else None
         except ValueError:
             raise ValueError(f"--reward-weights must be comma-separated numbers, got {self.reward_weights!r}") from None
-        data.builtin_task(self.task)  # a bad --task fails here, before anything loads
+        tasks.builtin_task(self.task)  # a bad --task fails here, before anything loads
         if self.warmup_sft_steps == -1:
             self.warmup_sft_steps = 0 if (self.ckpt or self.data) else 500
 
@@ -253,17 +254,6 @@ def rollout_batch(prompt_ids, completions, sampler_logps, eos_ids, pad_id: int, 
 
 # ----------------------------------------------------------------------------- one GRPO step, phase by phase
 
-def next_prompts(n_prompts: int, position: int, B: int, seed: int) -> list[int]:
-    """Prompts position..position+B-1 of an endless stream: each epoch a permutation from (seed, epoch)."""
-    orders, picked = {}, []
-    for k in range(position, position + B):
-        epoch, i = divmod(k, n_prompts)
-        if epoch not in orders:
-            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n_prompts)
-        picked.append(int(orders[epoch][i]))
-    return picked
-
-
 def rollout(policy, prompt_ids, cfg: Config, step: int, eos_ids):
     """1. Sample: completions and the sampler's log-probs; randomness from (seed, step) only, so a
     resumed run draws the same samples."""
@@ -328,16 +318,11 @@ def warmup_sft(model, cfg: Config, loaded, rows, ids, funcs, eos_ids, pad_id: in
           f"(at most {cfg.warmup_sft_steps}; GRPO learns only where a group's rewards differ)", file=sys.stderr)
     tok, n = loaded.tokenizer, cfg.eval_examples  # as many as eval/reward uses: the same compiled decode
     examples = [data.tokenize({"prompt": r["prompt"], "completion": str(r["answer"])}, tok) for r in rows]
-    model, steps, accuracy = sft.warm_up(
+    return sft.warm_up(
         model, examples, mesh, steps=cfg.warmup_sft_steps, lr=cfg.warmup_sft_lr, batch_size=cfg.warmup_sft_batch_size,
         max_len=cfg.max_prompt_len + cfg.max_completion_len, clip=cfg.clip, weight_decay=cfg.weight_decay,
-        seed=cfg.seed, pad_id=pad_id, target=cfg.warmup_sft_target,
+        seed=cfg.seed, pad_id=pad_id, target=cfg.warmup_sft_target, save_to=warm, loaded=loaded,
         accuracy=lambda m: evaluate(m, rows[:n], ids[:n], tok, funcs, eos_ids, cfg)["eval/reward"])
-    if shard.is_main_process():
-        ckpt.save_hf(model, warm)
-        run.copy_tokenizer(loaded, warm)
-        print(f"warm-up done: {steps} steps, training-prompt accuracy {accuracy:.3f}; saved {warm}", file=sys.stderr)
-    return model, {"warmup_sft/steps": steps, "warmup_sft/train_accuracy": accuracy}
 
 
 # ----------------------------------------------------------------------------- main
@@ -351,16 +336,6 @@ def learner(graphdef, tx, cfg: Config, mesh, param_sh, opt_sh):
     ref_logps = jax.jit(lambda ref_params, frozen, batch: jax.lax.map(
         lambda mb: policy_logps(nnx.merge(graphdef, ref_params, frozen), mb, cfg.temperature, group)[0], batch))
     return train_step, ref_logps
-
-
-def export(final, cfg: Config, loaded, seconds: float) -> None:
-    """The final policy as a Hugging Face checkpoint; with LoRA merged, and the adapters in PEFT's layout."""
-    out, saved = pathlib.Path(cfg.out), [pathlib.Path(cfg.out) / "hf"]
-    if cfg.lora:
-        run.export_peft(final, out / "adapter", loaded)
-        final, saved = adapters.merge_lora(final), saved + [out / "adapter"]
-    run.export_hf(final, out / "hf", loaded)
-    print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'} ({seconds:.0f} s)", file=sys.stderr)
 
 
 def stop_ids(tok, model, family) -> tuple[tuple[int, ...], int]:
@@ -426,7 +401,7 @@ def main(argv=None):
         bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
         t0, logged = time.perf_counter(), step
         while step < cfg.steps:
-            picked = next_prompts(len(train), position, B, cfg.seed)
+            picked = data.stream(len(train), cfg.seed, position, B)
             position += B
             rows = [train[i] for i in picked for _ in range(G)]  # each prompt G times, a group's rows adjacent
             prompt_ids = [train_ids[i] for i in picked for _ in range(G)]
@@ -455,7 +430,7 @@ def main(argv=None):
         bar.close()
 
     if shard.is_main_process():  # 6. export
-        export(policy(), cfg, loaded, time.perf_counter() - start)
+        run.export_policy(policy(), out, loaded, cfg.lora, time.perf_counter() - start)
 
 if __name__ == "__main__":
     main()

@@ -14,13 +14,14 @@ algorithm alone (its loss, its step, what it logs):
     the update   make_update: one jitted optimizer step over (params, frozen) with gradients
                  accumulated over micro-batches and normalised by the step's token count
 
-Arrows point down: scripts import run; run imports ckpt, data, sample and shard, never a script.
+Arrows point down: scripts import run; run imports adapters, ckpt, data, sample and shard, never a script.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import io
 import json
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import adapters
 import ckpt
 import data
 import sample
@@ -247,11 +249,11 @@ class MetricsLog:
 
 def evaluate_completions(model, evals, tok, eval_nll) -> dict:
     """What sft.py and lora.py log on held-out {"prompt", "completion"} rows: eval/loss, the script's loss
-    (eval_nll(batch) → summed loss, token count) over them in batches of 64, and eval/accuracy, greedy
-    completions equal to the reference (whitespace-stripped)."""
+    (eval_nll(batch) → summed loss, token count; None: not logged) over them in batches of 64, and
+    eval/accuracy, greedy completions equal to the reference (whitespace-stripped)."""
     if not evals:
         return {}
-    examples = [data.tokenize(row, tok) for row in evals]
+    examples = [data.tokenize(row, tok) for row in evals] if eval_nll else []
     nll = count = 0.0
     for i in range(0, len(examples), 64):
         chunk = [[ex] for ex in examples[i:i + 64]]
@@ -262,7 +264,7 @@ def evaluate_completions(model, evals, tok, eval_nll) -> dict:
     outs = sample.generate(model, [tok.encode(row["prompt"]) for row in evals], max_new_tokens=max_new,
                            eos_ids=tok.eos_ids)
     correct = [tok.decode(out).strip() == row["completion"].strip() for out, row in zip(outs, evals)]
-    return {"eval/loss": nll / max(count, 1.0), "eval/accuracy": float(np.mean(correct))}
+    return {**({"eval/loss": nll / max(count, 1.0)} if eval_nll else {}), "eval/accuracy": float(np.mean(correct))}
 
 
 # ----------------------------------------------------------------------------- export
@@ -291,6 +293,43 @@ def export_peft(model, path, loaded: Loaded) -> None:
     """The adapters alone, in PEFT's layout (`peft.PeftModel.from_pretrained(hf_model, path)`)."""
     ckpt.save_peft(model, path, base_model=str(loaded.directory) if loaded.directory else None)
     copy_tokenizer(loaded, path)
+
+
+def export_policy(final, out, loaded: Loaded, lora: bool, seconds: float) -> None:
+    """grpo.py's and dpo.py's final policy as a Hugging Face checkpoint in out/hf; with LoRA, merged, and
+    the adapters alone in PEFT's layout in out/adapter."""
+    out, saved = pathlib.Path(out), [pathlib.Path(out) / "hf"]
+    if lora:
+        export_peft(final, out / "adapter", loaded)
+        final, saved = adapters.merge_lora(final), saved + [out / "adapter"]
+    export_hf(final, out / "hf", loaded)
+    print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'} ({seconds:.0f} s)", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- a cache of computed arrays
+
+def cached_arrays(directory, key_parts, compute, what: str = "arrays") -> dict[str, np.ndarray]:
+    """compute() → {name: array}, stored once in directory/<sha256 of key_parts>.npz and read back on
+    later calls with the same key (dpo.py's reference log-probs): numpy arrays only, never pickles. The
+    file is written to a temporary name, then renamed, so a killed run never leaves half a cache. Says on
+    stderr (`what`) whether they were computed or read."""
+    digest = hashlib.sha256()
+    for part in key_parts:
+        digest.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
+        digest.update(b"\0")
+    path = pathlib.Path(directory).expanduser() / f"{digest.hexdigest()[:32]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as stored:
+            print(f"{what}: read from {path}", file=sys.stderr)
+            return {k: stored[k] for k in stored.files}
+    arrays = compute()
+    print(f"{what}: computed, cached in {path}", file=sys.stderr)
+    if shard.is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.npz")
+        np.savez(partial, **arrays)
+        partial.replace(path)
+    return arrays
 
 
 # ----------------------------------------------------------------------------- the update

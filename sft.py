@@ -32,11 +32,13 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+import ckpt
 import data
 import logprobs
 import model as model_lib
 import run
 import shard
+import tasks
 
 
 @dataclasses.dataclass
@@ -74,7 +76,7 @@ class Config:
     tpu: bool = False  # multi-host TPU start-up (jax.distributed)
 
     def __post_init__(self):
-        data.builtin_task(self.task)  # a bad --task fails here, before anything loads
+        tasks.builtin_task(self.task)  # a bad --task fails here, before anything loads
         run.check(run.positive(self, "steps", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "keep",
                                "log_every", "train_examples", "eval_examples") + [
             (self.batch_size % self.grad_accum == 0,
@@ -169,10 +171,11 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
 
 
 def warm_up(model, examples, mesh, *, steps: int, lr: float, batch_size: int, max_len: int, clip: float,
-            weight_decay: float, seed: int, pad_id: int, accuracy, target: float):
-    """A short supervised start for RL from a random model (grpo.py's demo): token_nll at a constant
+            weight_decay: float, seed: int, pad_id: int, accuracy, target: float, save_to=None, loaded=None):
+    """A short supervised start from a random model (grpo.py's and dpo.py's demos): token_nll at a constant
     rate after a 10-step ramp, stopped once accuracy(model) reaches target (checked every 10 steps) or
-    after `steps`. Returns the model, the steps run and the last accuracy."""
+    after `steps`; saved to save_to with loaded's tokenizer files. Returns the model and what the run's
+    step-0 record logs of the warm-up (its steps and last accuracy)."""
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     tx = optax.chain(run.clip_by_global_norm(clip),
                      optax.adamw(optax.linear_schedule(0.0, lr, 10), weight_decay=weight_decay))
@@ -195,7 +198,12 @@ def warm_up(model, examples, mesh, *, steps: int, lr: float, batch_size: int, ma
             if score >= target:
                 break
     bar.close()
-    return shard.shard_model(nnx.merge(graphdef, params, frozen), mesh), i, score
+    model = shard.shard_model(nnx.merge(graphdef, params, frozen), mesh)
+    if save_to and shard.is_main_process():
+        ckpt.save_hf(model, save_to)
+        run.copy_tokenizer(loaded, save_to)
+        print(f"warm-up done: {i} steps, training-prompt accuracy {score:.3f}; saved {save_to}", file=sys.stderr)
+    return model, {"warmup_sft/steps": i, "warmup_sft/train_accuracy": score}
 
 
 def main(argv=None):

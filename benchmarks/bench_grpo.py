@@ -105,8 +105,8 @@ def main():
             print(json.dumps(run(json.loads(line)["prompts"])), flush=True)
         return
     sys.path.insert(0, str(ROOT))
-    import data
-    task_prompts = [r["prompt"] for r in data.Arithmetic("*", 3, 1).examples("train", 4096, 0)]
+    import tasks
+    task_prompts = [r["prompt"] for r in tasks.Arithmetic("*", 3, 1).examples("train", 4096, 0)]
     tunix_python = HERE / ".tunix-venv" / "bin" / "python"
     if not tunix_python.exists():
         print("(no benchmarks/.tunix-venv: Tunix skipped)", file=sys.stderr)

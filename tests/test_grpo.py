@@ -25,6 +25,7 @@ import data
 import grpo
 import model as model_lib
 import sample
+import tasks
 from model import CONFIGS, Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -304,21 +305,21 @@ def test_rewards_on_adversarial_completions(monkeypatch):
     start = time.perf_counter()
     completions = [c for c, *_ in cases] + ADVERSARIAL
     answers = [a for _, a, *_ in cases] + ["7"] * len(ADVERSARIAL)
-    acc = data.accuracy_reward(["q"] * len(completions), completions, answer=answers)
-    fmt = data.format_reward(["q"] * len(completions), completions, answer=answers)
+    acc = tasks.accuracy_reward(["q"] * len(completions), completions, answer=answers)
+    fmt = tasks.format_reward(["q"] * len(completions), completions, answer=answers)
     assert acc[:len(cases)] == [float(c[2]) for c in cases]
     assert fmt[:len(cases)] == [float(c[3]) for c in cases]
     assert acc[len(cases):] == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert all(isinstance(r, float) for r in acc + fmt)
 
-    task = data.Arithmetic("*", 3, 1)
+    task = tasks.Arithmetic("*", 3, 1)
     accuracy, form = task.rewards()
     completions = ["0492", " 0492\n", "492", "04920", "٠٤٩٢", "0492<answer>"] + ADVERSARIAL
     prompts = ["123*4="] * len(completions)
     assert accuracy(prompts, completions) == [1.0, 1.0] + [0.0] * (len(completions) - 2)
     assert form(prompts, completions) == [1.0] + [0.0] * (len(completions) - 1)
-    minus, = [f for f in data.Arithmetic("-", 2, 2).rewards() if f.__name__ == "format_reward"]
-    assert data.Arithmetic("-", 2, 2).answer("05-10=") == "-05"
+    minus, = [f for f in tasks.Arithmetic("-", 2, 2).rewards() if f.__name__ == "format_reward"]
+    assert tasks.Arithmetic("-", 2, 2).answer("05-10=") == "-05"
     assert minus(["05-10="] * 4, ["-05", "+07", "05", "+005"]) == [1.0, 1.0, 0.0, 0.0]
     assert time.perf_counter() - start < 2.0
     scores = grpo.score([accuracy, form], prompts, completions, [{"prompt": p, "answer": "x"} for p in prompts])

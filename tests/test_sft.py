@@ -17,6 +17,7 @@ from flax import nnx
 
 import data
 import sft
+import tasks
 from model import CONFIGS, Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def test_default_run_learns_the_task(tmp_path):
 # ----------------------------------------------------------------------------- the loss
 
 def tiny_examples(n=8, seed=0):
-    task, tok = data.Arithmetic("+", 3, 3), data.ByteTokenizer()
+    task, tok = tasks.Arithmetic("+", 3, 3), data.ByteTokenizer()
     rows = task.examples("train", n, seed)
     rows[1]["completion"] += "   extra"  # unequal lengths: token counts differ between micro-batches
     return [data.tokenize(row, tok) for row in rows]

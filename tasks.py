@@ -1,0 +1,125 @@
+"""tasks.py — built-in verifiable tasks and the reward functions that check completions.
+
+The demos train on a task whose every answer can be checked exactly, so a tiny model shows in
+minutes whether an algorithm learns: Arithmetic ("123*4=" → "0492"), with its held-out split fixed
+by a hash, its GRPO rewards and a plausible wrong answer for DPO's pairs. accuracy_reward and
+format_reward check free-form completions against a dataset's answers (GSM8K's "#### 72" form).
+"""
+from __future__ import annotations
+
+import decimal
+import re
+import zlib
+
+import numpy as np
+
+
+class Arithmetic:
+    """A procedurally generated, exactly checkable task: fixed-width arithmetic.
+
+    "123*4=" → "0492". Operands and answers are zero-padded to a fixed width, which is
+    what lets a tiny model learn it in minutes (free-width answers barely learn, see
+    shared notes); the digit counts and the operator set the difficulty. A problem
+    belongs to the held-out split by a hash of its operands, so the splits never mix
+    whatever the seed. Wrong-but-plausible answers (one digit changed) make preference pairs.
+    """
+
+    def __init__(self, op: str = "*", a_digits: int = 3, b_digits: int = 1):
+        if op not in "+-*" or len(op) != 1 or not (1 <= a_digits <= 9 and 1 <= b_digits <= 9):
+            raise ValueError(f"task needs op in + - * and 1..9 digits, got {op!r} {a_digits} {b_digits}")
+        self.op, self.a_digits, self.b_digits = op, a_digits, b_digits
+        biggest = self.solve(10 ** a_digits - 1, 10 ** b_digits - 1 if op != "-" else 0)
+        self.width = len(str(biggest)) + (op == "-")  # "-" answers carry a sign column
+
+    def solve(self, a: int, b: int) -> int:
+        return a + b if self.op == "+" else a - b if self.op == "-" else a * b
+
+    def format_answer(self, c: int) -> str:
+        return (("-" if c < 0 else "+") if self.op == "-" else "") + str(abs(c)).zfill(self.width - (self.op == "-"))
+
+    def held_out(self, a: int, b: int) -> bool:
+        # 10% of all problems, fixed for every seed. A hash, not arithmetic on a and b: a rule like
+        # (7a + b) % 10 would hold out whole last-digit combinations the model then never sees.
+        return zlib.crc32(f"{a}{self.op}{b}".encode()) % 10 == 0
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
+        """n problems of the split ("train" or "eval") as {"prompt", "completion"} rows."""
+        rng = np.random.default_rng([seed, split == "eval"])
+        rows = []
+        while len(rows) < n:
+            a, b = int(rng.integers(10 ** self.a_digits)), int(rng.integers(10 ** self.b_digits))
+            if self.held_out(a, b) == (split == "eval"):
+                prompt = f"{a:0{self.a_digits}d}{self.op}{b:0{self.b_digits}d}="
+                rows.append({"prompt": prompt, "completion": self.format_answer(self.solve(a, b))})
+        return rows
+
+    def answer(self, prompt: str) -> str:
+        a, b = prompt.rstrip("=").split(self.op, 1)
+        return self.format_answer(self.solve(int(a), int(b)))
+
+    def is_correct(self, prompt: str, completion: str) -> bool:
+        """Exact match of the completion (whitespace-stripped) with the answer."""
+        return completion.strip() == self.answer(prompt)
+
+    def rewards(self) -> list:
+        """GRPO's reward functions for the task: the exact answer, and the answer's fixed-width format."""
+        width = rf"[+-][0-9]{{{self.width - 1}}}" if self.op == "-" else rf"[0-9]{{{self.width}}}"
+
+        def accuracy_reward(prompts, completions, **columns):
+            return [float(self.is_correct(p, c)) for p, c in zip(prompts, completions)]
+
+        def format_reward(prompts, completions, **columns):
+            return [float(re.fullmatch(width, c) is not None) for c in completions]
+        return [accuracy_reward, format_reward]
+
+    def wrong_answer(self, prompt: str, rng: np.random.Generator) -> str:
+        """The right answer with one digit changed: a plausible mistake."""
+        right = list(self.answer(prompt))
+        digits = [i for i, ch in enumerate(right) if ch.isdigit()]
+        i = int(rng.choice(digits))
+        right[i] = str((int(right[i]) + int(rng.integers(1, 10))) % 10)
+        return "".join(right)
+
+
+# ----------------------------------------------------------------------------- rewards: checks of completions
+#
+# A reward function is plain Python, (prompts, completions, **columns) -> list[float], where columns are
+# the rows' other fields as lists (e.g. answer=[...]); grpo.py sums them with weights. Model output is
+# parsed, never evaluated.
+
+NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+TAG_FORMAT = re.compile(r"\s*(?:<think>.*?</think>\s*)?<answer>[^<]*</answer>\s*", re.DOTALL)
+
+
+def parse_number(text: str) -> decimal.Decimal | None:
+    """The last number in text ("1,234.5" → 1234.5) as an exact Decimal; None when there is none
+    or it has more than 64 characters (never an answer, and never converted)."""
+    found = NUMBER.findall(text)
+    number = found[-1].replace(",", "") if found else ""
+    return decimal.Decimal(number) if 0 < len(number) <= 64 else None
+
+
+def accuracy_reward(prompts, completions, answer, **columns) -> list[float]:
+    """1.0 when the number in the completion's last <answer>…</answer> (without tags: its last
+    number) equals the row's answer (after "####" if present, GSM8K's form) numerically."""
+    rewards = []
+    for completion, want in zip(completions, answer):
+        tags = ANSWER_TAG.findall(completion) if "</answer>" in completion else []
+        got, want = parse_number(tags[-1] if tags else completion), parse_number(str(want).split("####")[-1])
+        rewards.append(float(got is not None and got == want))
+    return rewards
+
+
+def format_reward(prompts, completions, **columns) -> list[float]:
+    """1.0 for "<think>…</think> <answer>…</answer>" (the think block optional), nothing else."""
+    return [float(TAG_FORMAT.fullmatch(c) is not None) for c in completions]
+
+
+def builtin_task(spec: str) -> Arithmetic:
+    """--task "op,a,b" (e.g. "*,3,1") → the built-in task; ValueError naming the flag otherwise."""
+    try:
+        op, a, b = spec.split(",")
+        return Arithmetic(op, int(a), int(b))
+    except ValueError as e:
+        raise ValueError(f"bad --task {spec!r} (want e.g. *,3,1): {e}") from None
