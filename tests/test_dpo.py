@@ -17,11 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import adapters
 import data
 import dpo
 import logprobs
-import model as model_lib
 import tasks
 from model import CONFIGS, Transformer
 
