@@ -28,6 +28,7 @@ import json
 import pathlib
 import shutil
 import sys
+import textwrap
 import tokenize
 import typing
 from typing import NamedTuple
@@ -71,6 +72,11 @@ def config_comments(config_class) -> tuple[dict[str, str], dict[str, str]]:
     return {k: v for k, v in helps.items() if k in fields}, {k: v for k, v in groups.items() if k in fields}
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def _split_lines(self, text, width):  # wrap at spaces only: "built-in" stays one word
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit status 2 (not usage + message)
         fail(f"{message} (see --help)", status=2)
@@ -81,7 +87,7 @@ def parse_flags(config_class, argv=None):
     then, with --tpu, the multi-host start-up. Bad flags and out-of-range values (the Config's
     __post_init__ raises ValueError) end in one line on stderr and exit status 2."""
     module = sys.modules[config_class.__module__]
-    parser = _Parser(description=(module.__doc__ or "").strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=(module.__doc__ or "").strip(), formatter_class=_Formatter)
     helps, groups = config_comments(config_class)
     hints = typing.get_type_hints(config_class)
     sections = {}
