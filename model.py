@@ -157,6 +157,8 @@ CONFIGS.update({
     "tiny-llama3": Config(**{**_LLAMA3, **_TINY, "rope_original_max_len": 256}, rope_factor=8.0),
     "tiny-qwen2": Config(**_TINY, family="qwen2", qkv_bias=True, rope_theta=1e6),
     "tiny-qwen3": Config(**_TINY, family="qwen3", qk_norm=True, rope_theta=1e6),
+    "tiny-qwen3-small": Config(**{**_TINY, "dim": 64, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 192}, family="qwen3",
+                               qk_norm=True, rope_theta=1e6),  # distill.py's demo student
     "tiny-gemma": Config(**{**_GEMMA, **_TINY}, family="gemma"),
     "tiny-gemma2": Config(**{**_GEMMA, **_TINY}, family="gemma2", post_norms=True,
                           query_scale=24 ** -0.5, attn_softcap=50.0, final_softcap=30.0,

@@ -16,7 +16,7 @@ import pytest
 import run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCRIPTS = ["sft", "lora", "grpo", "dpo"]
+SCRIPTS = ["sft", "lora", "grpo", "dpo", "distill"]
 
 
 def help_text(script: str) -> str:

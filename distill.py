@@ -1,0 +1,394 @@
+"""distill.py — knowledge distillation: a student learns the teacher's next-token distributions.
+
+At every completion token the student's distribution p_S is pulled toward the teacher's p_T by a
+divergence D, both softmax(logits / τ) (--temperature), in float32 whatever the models' dtype:
+
+    L(θ) = Σ_t m_t [ kd_ratio · D(p_T, p_S) + (1 − kd_ratio) · (−log p_S(x_t)) ]  /  Σ_t m_t
+
+(m: completion tokens of the whole accumulated batch, as sft.py normalises). --loss picks D (table
+in `divergences`): jsd, the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024,
+arXiv 2306.13649) exactly as TRL computes it, the mixture M = β p_T + (1 − β) p_S in log space and
+β = 0 / 1 the exact forward KL(p_T ‖ p_S) / reverse KL(p_S ‖ p_T); symmetric_kl (1 − β)·forward + β·reverse;
+tv, total variation; DistiLLM's skew KLs (Ko et al. 2024), KL(p_T ‖ α p_T + (1 − α) p_S) and
+KL(p_S ‖ α p_S + (1 − α) p_T) with α = --skew-alpha; sampled_reverse_kl, the on-policy estimator that
+needs only the teacher's log-prob of each sampled token, −sg(log p_T(y) − log p_S(y)) · log p_S(y).
+
+Where the peers differ this file follows TRL: --temperature scales the loss's logits (TRL's
+DistillationTrainer; its GKDTrainer uses it for sampling only, here --sampling-temperature), with no
+τ² factor unless --tau-squared (Hinton's, Tunix's LogitStrategy default). torchtune's
+SymmetricKLLoss(sym_kd_ratio=r) is symmetric_kl with β = 1 − r; its kd_ratio defaults to 0.5 (here
+1.0: pure distillation, as TRL). Tunix averages over every position, padding included; here only
+completion tokens count.
+
+Data, off- and on-policy (GKD): each step, with probability --lmbda the student samples the
+completions of the batch's prompts (sample.py) and the teacher scores them; otherwise, with
+--seq-kd, the teacher generates them; otherwise the dataset's completions are used. The teacher
+runs without gradients, is never in the optimizer state and may be kept in bf16 (--teacher-dtype);
+teacher and student may differ in size and family when their tokenizers agree (vocabularies padded
+past the tokenizer are cut to the common size). The head's numbers of both models are made a chunk
+of positions at a time (logprobs.per_position): never a [B, T, V] float32 pair.
+
+With no arguments: the built-in task ("123*4=" → "0492"). The teacher, tiny-qwen3 (0.43M
+parameters), is trained on it first (supervised, printed, saved to <out>/teacher; or reused from
+runs/sft/hf when `python sft.py` has run); the student, tiny-qwen3-small (0.11M), learns from
+scratch by distillation alone: held-out forward KL (eval/kl) 6.3 → 0.23 and greedy accuracy 0 → 0.84
+against the teacher's 0.95, in about three minutes on 2 CPU cores:
+
+    python distill.py
+    python distill.py --teacher path/to/qwen3-1.7b --ckpt path/to/qwen3-0.6b --data train.jsonl --lr 1e-5 --lmbda 0.5
+    python distill.py --teacher DIR --teacher-dtype bfloat16 --ckpt DIR --data train.jsonl --lora --loss jsd --beta 0
+
+Data: sft.py's JSONL formats ({"prompt", "completion"}, {"messages"}, {"text"}). Outputs in --out:
+metrics.jsonl (loss, kd_loss, nll_loss, kl/forward, kl/reverse, top1_agreement, teacher_nll,
+completions/mean_length; eval/kl and the same under eval/, eval/accuracy, eval/teacher_accuracy),
+checkpoints/ (--resume), hf/ (--lora: also adapter/).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+import adapters
+import ckpt
+import data
+import logprobs
+import model as model_lib
+import run
+import sample
+import sft
+import shard
+import tasks
+
+DIVERGENCES = ("jsd", "symmetric_kl", "tv", "skew_forward_kl", "skew_reverse_kl", "sampled_reverse_kl")
+
+
+@dataclasses.dataclass
+class Config:
+    # student, teacher and data
+    model: str = "tiny-qwen3-small"  # the student: preset or family alias (ignored when --ckpt is given)
+    ckpt: str | None = None  # the student's Hugging Face checkpoint directory
+    teacher: str = ""  # the teacher's checkpoint directory or preset (default: trained on the built-in task)
+    teacher_dtype: str = "float32"  # the teacher's weights and compute: float32 or bfloat16
+    data: str | None = None  # JSONL in sft.py's formats; default: the built-in arithmetic task
+    eval_data: str | None = None  # JSONL of {"prompt","completion"} for eval; default: held-out task problems
+    task: str = "*,3,1"  # built-in task: operator, digits of a, digits of b
+    train_examples: int = 50_000  # built-in task: size of the training set
+    eval_examples: int = 256  # held-out examples for eval/kl and eval/accuracy
+    max_len: int = 512  # longest sequence; longer examples are truncated
+    # the divergence (TRL's names)
+    loss: str = "jsd"  # jsd | symmetric_kl | tv | skew_forward_kl | skew_reverse_kl | sampled_reverse_kl
+    beta: float = 0.5  # jsd: 0 is forward KL(teacher ‖ student), 1 reverse KL; symmetric_kl: reverse's weight
+    skew_alpha: float = 0.1  # DistiLLM's skew α
+    temperature: float = 1.0  # softmax temperature of both models in the loss
+    tau_squared: bool = False  # multiply the divergence by temperature² (Hinton)
+    kd_ratio: float = 1.0  # loss = kd_ratio · divergence + (1 − kd_ratio) · NLL of the data's tokens
+    # on-policy data (GKD)
+    lmbda: float = 0.0  # fraction of steps whose completions the student samples
+    seq_kd: bool = False  # the other steps: the teacher generates the completions (else the dataset's)
+    sampling_temperature: float = 0.9  # temperature of the sampled completions (GKD's default)
+    top_p: float = 1.0  # nucleus sampling of the sampled completions
+    max_new_tokens: int = 128  # longest sampled completion
+    # optimisation
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 128  # sequences per optimizer step (all micro-batches together)
+    grad_accum: int = 1  # micro-batches per step; the loss normalised by the step's completion tokens
+    lr: float = 3e-3  # peak learning rate (tiny demo; real models: ~1e-5)
+    warmup: float = 0.03  # fraction of steps of linear warmup, then cosine decay to 0
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    clip: float = 1.0  # global gradient-norm clip
+    dtype: str = "float32"  # the student's compute dtype: float32 or bfloat16 (params stay float32)
+    remat: bool = False  # backward pass keeps only each block's input, recomputing the rest (least memory)
+    # logging and checkpoints
+    eval_every: int = 200  # steps between evaluations (and at the start and end)
+    save_every: int = 250  # steps between train-state checkpoints
+    keep: int = 2  # checkpoints kept
+    log_every: int = 10  # steps between metrics.jsonl lines
+    out: str = "runs/distill"  # output directory
+    resume: bool = False  # continue from the newest checkpoint in --out
+    seed: int = 0  # data order, sampling and initialisation
+    # devices
+    mesh: str = ""  # device mesh, e.g. data=1,fsdp=-1,tp=1 (default: all devices on fsdp)
+    tpu: bool = False  # multi-host TPU start-up (jax.distributed)
+    # the demo's teacher (no --teacher: tiny-qwen3 trained on the built-in task first)
+    teacher_steps: int = 1500  # most supervised steps for the demo's teacher
+    teacher_target: float = 0.95  # they stop once its greedy accuracy on training prompts reaches this
+    # LoRA (the student)
+    lora: bool = False  # train LoRA adapters on the student only
+    lora_rank: int = 8  # LoRA r
+    lora_alpha: float = 16.0  # LoRA scale numerator (alpha / r)
+
+    def __post_init__(self):
+        tasks.builtin_task(self.task)  # a bad --task fails here, before anything loads
+        run.check(run.positive(self, "steps", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "keep",
+                               "log_every", "train_examples", "eval_examples", "max_new_tokens", "lora_rank") + [
+            (self.loss in DIVERGENCES, f"--loss must be one of {', '.join(DIVERGENCES)}, got {self.loss!r}"),
+            (0 <= self.beta <= 1 and 0 < self.skew_alpha < 1, "need 0 <= --beta <= 1 and 0 < --skew-alpha < 1"),
+            (self.temperature > 0 and self.sampling_temperature > 0 and 0 < self.top_p <= 1,
+             "need --temperature > 0, --sampling-temperature > 0 and 0 < --top-p <= 1"),
+            (0 <= self.kd_ratio <= 1 and 0 <= self.lmbda <= 1, "need 0 <= --kd-ratio <= 1 and 0 <= --lmbda <= 1"),
+            (self.batch_size % self.grad_accum == 0,
+             f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}"),
+            (self.lr > 0 and 0 <= self.warmup < 1 and self.clip > 0 and self.weight_decay >= 0,
+             "need --lr > 0, 0 <= --warmup < 1, --clip > 0, --weight-decay >= 0"),
+            (self.dtype in ("float32", "bfloat16") and self.teacher_dtype in ("float32", "bfloat16"),
+             "--dtype and --teacher-dtype must be float32 or bfloat16")])
+
+
+# ----------------------------------------------------------------------------- the divergences
+
+def kl(log_p, log_q):
+    """KL(p ‖ q) = Σ_v p (log p − log q) per position, from log-probs [c, V]."""
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def mixture(log_p, w: float, log_q):
+    """log(w·p + (1 − w)·q), in log space (TRL's GKD mixture)."""
+    return jax.nn.logsumexp(jnp.stack([log_p + jnp.log(w), log_q + jnp.log1p(-w)]), axis=0)
+
+
+def divergences(log_s, log_t, target, cfg: Config) -> dict:
+    """Each divergence per position [c] of the student's and teacher's log-probs [c, V] (as functions:
+    only the chosen one runs). target [c]: the token that came next (sampled, on-policy)."""
+    b, a = cfg.beta, cfg.skew_alpha
+    picked = lambda lp: jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0]  # noqa: E731
+    return {
+        # GKD: β KL(p_T ‖ M) + (1 − β) KL(p_S ‖ M), M = β p_T + (1 − β) p_S; the endpoints exact
+        "jsd": lambda: kl(log_t, log_s) if b == 0 else kl(log_s, log_t) if b == 1 else (
+            b * kl(log_t, mixture(log_t, b, log_s)) + (1 - b) * kl(log_s, mixture(log_t, b, log_s))),
+        "symmetric_kl": lambda: (1 - b) * kl(log_t, log_s) + b * kl(log_s, log_t),
+        "tv": lambda: 0.5 * jnp.sum(jnp.abs(jnp.exp(log_t) - jnp.exp(log_s)), axis=-1),
+        "skew_forward_kl": lambda: kl(log_t, mixture(log_t, a, log_s)),  # KL(p_T ‖ α p_T + (1 − α) p_S)
+        "skew_reverse_kl": lambda: kl(log_s, mixture(log_s, a, log_t)),  # KL(p_S ‖ α p_S + (1 − α) p_T)
+        # a policy-gradient estimate of reverse KL from the sampled token alone
+        "sampled_reverse_kl": lambda: -jax.lax.stop_gradient(picked(log_t) - picked(log_s)) * picked(log_s),
+    }
+
+
+def token_terms(student, teacher, batch, cfg: Config, layers=None):
+    """Per target position [B, T − 1]: the divergence, the student's and the teacher's NLL of the token,
+    forward and reverse KL at temperature 1, and whether the two argmaxes agree. The teacher's hidden
+    states are made without gradients; both heads run a chunk of positions at a time, the teacher's
+    logits inside the student's chunk, cut to the vocabularies' common size."""
+    tokens, T = batch["tokens"], batch["tokens"].shape[1]
+    x = model_lib.next_token_hidden(student, tokens, batch["positions"], batch["segment_ids"], T - 1, layers=layers)
+    x_t = jax.lax.stop_gradient(model_lib.next_token_hidden(teacher, tokens, batch["positions"], batch["segment_ids"],
+                                                            T - 1, layers=model_lib.unrolled_if_small(teacher)))
+    head_t, cap_t = jax.lax.stop_gradient(teacher.head(teacher.cfg.param_dtype)), teacher.cfg.final_softcap
+    V = min(student.cfg.vocab_size, teacher.cfg.vocab_size)
+
+    def per_token(logits, target, x_t):  # [c, V_s], [c], [c, D_t]
+        t_logits = logprobs.softcap(jnp.einsum("RD,VD->RV", x_t, head_t.astype(x_t.dtype),
+                                               preferred_element_type=jnp.float32), cap_t)[:, :V]
+        s_logits = logits[:, :V]
+        log_s, log_t = (jax.nn.log_softmax(z / cfg.temperature, axis=-1) for z in (s_logits, t_logits))
+        kd = divergences(log_s, log_t, target, cfg)[cfg.loss]() * (cfg.temperature ** 2 if cfg.tau_squared else 1.0)
+        s1, t1 = jax.nn.log_softmax(s_logits, axis=-1), jax.nn.log_softmax(t_logits, axis=-1)
+        nll = -jnp.take_along_axis(s1, target[:, None], axis=-1)[:, 0]
+        s1 = jax.lax.stop_gradient(s1)
+        return (kd, nll, -jnp.take_along_axis(t1, target[:, None], axis=-1)[:, 0], kl(t1, s1), kl(s1, t1),
+                (jnp.argmax(s1, axis=-1) == jnp.argmax(t1, axis=-1)).astype(jnp.float32))
+    return logprobs.per_position(per_token, x, student.head(student.cfg.param_dtype), tokens[:, 1:], x_t,
+                                 cap=student.cfg.final_softcap)
+
+
+METRICS = ("kd_loss", "nll_loss", "teacher_nll", "kl/forward", "kl/reverse", "top1_agreement")
+
+
+def distill_loss(student, teacher, batch, cfg: Config, layers=None):
+    """Σ over completion tokens of kd_ratio · divergence + (1 − kd_ratio) · NLL (make_update divides by the
+    step's token count), and the sums of what is logged, with "tokens", their count."""
+    terms = token_terms(student, teacher, batch, cfg, layers)
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    sums = {name: jnp.sum(term * mask) for name, term in zip(METRICS, terms)}
+    return cfg.kd_ratio * sums["kd_loss"] + (1 - cfg.kd_ratio) * sums["nll_loss"], {**sums, "tokens": jnp.sum(mask)}
+
+
+# ----------------------------------------------------------------------------- the train step
+
+def make_train_step(graphdef, teacher_graphdef, tx, cfg: Config):
+    """step(params, opt_state, (frozen, teacher_state), batch [grad_accum, b, T], key) → params, opt_state,
+    metrics, aux sums [A]: only the student's trained params are differentiated and updated."""
+    def loss_fn(params, frozen, micro_batch, key):
+        student = nnx.merge(graphdef, params, frozen[0])
+        return distill_loss(student, nnx.merge(teacher_graphdef, frozen[1]), micro_batch, cfg,
+                            model_lib.unrolled_if_small(student))
+    return run.make_update(loss_fn, tx)
+
+
+# ----------------------------------------------------------------------------- data, off- and on-policy
+
+def prompt_of(example) -> list[int]:
+    """An example's prompt: its ids before the first target token."""
+    ids, mask = example
+    return ids[:next((i for i, m in enumerate(mask) if m), len(ids))]
+
+
+def step_examples(examples, picked, student, teacher, tok, cfg: Config, step: int, eos_ids):
+    """The step's examples, as GKD draws them: with probability lmbda the student's samples for the
+    picked prompts, else (seq_kd) the teacher's, else the dataset's; seeded by (seed, step). → examples,
+    the sampled completions' lengths (None when off-policy)."""
+    draw = np.random.default_rng([cfg.seed, step, 1])
+    on_policy = draw.random() < cfg.lmbda
+    if not on_policy and not cfg.seq_kd:
+        return [examples[i] for i in picked], None
+    prompts = [prompt_of(examples[i]) for i in picked]
+    outs = sample.generate(student if on_policy else teacher, prompts, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=int(draw.integers(2**31)),
+                           eos_ids=eos_ids)
+    return [(p + o, [0] * len(p) + [1] * len(o)) for p, o in zip(prompts, outs)], [len(o) for o in outs]
+
+
+def device_batch(examples, cfg: Config, pad_id: int, mesh, micro_batches: int):
+    """Examples → data.collate's arrays, this host's rows as [micro_batches, b, T] on the mesh."""
+    batch = data.collate([[ex] for ex in examples], data.bucket_length(max(len(ids) for ids, _ in examples),
+                                                                       cfg.max_len), pad_id)
+    rows = shard.host_rows(len(examples))
+    return {k: shard.global_batch(v[rows].reshape(micro_batches, -1, v.shape[-1]), mesh, axis=1)
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+def load_teacher(cfg: Config, loaded, mesh, train_rows):
+    """The frozen teacher: --teacher (a directory or a preset), else runs/sft/hf when there, else tiny-qwen3
+    trained on the task's examples now (saved to <out>/teacher, reused on --resume). Its vocabulary must
+    be the student's, up to padding rows past both tokenizers' ids."""
+    path, saved = cfg.teacher, pathlib.Path(cfg.out) / "teacher"
+    if not path:
+        path = next((str(p) for p in (saved, pathlib.Path("runs/sft/hf")) if (p / "config.json").is_file()), "")
+    with run.user_errors():
+        directory = pathlib.Path(path) if path and pathlib.Path(path).is_dir() else None
+        teacher, _, directory = ckpt.load_model(path or "tiny-qwen3", ckpt=directory, dtype=cfg.teacher_dtype,
+                                                param_dtype=cfg.teacher_dtype, seed=cfg.seed + 1)
+        tok_t = data.load_tokenizer(directory)
+    teacher = shard.shard_model(teacher, mesh)
+    if not path:
+        print(f"teacher: tiny-qwen3 trained on the built-in task first (until {cfg.teacher_target} greedy accuracy "
+              f"on training prompts, at most {cfg.teacher_steps} steps)", file=sys.stderr)
+        teacher, _ = sft.warm_up(teacher, train_rows, mesh, steps=cfg.teacher_steps, lr=3e-3, batch_size=128,
+                                 max_len=cfg.max_len, clip=1.0, weight_decay=0.01, seed=cfg.seed + 1,
+                                 pad_id=loaded.tokenizer.pad_id, target=cfg.teacher_target, save_to=saved,
+                                 loaded=loaded, accuracy=lambda m: run.evaluate_completions(
+                                     m, training_rows(train_rows, loaded.tokenizer, 256), loaded.tokenizer,
+                                     None)["eval/accuracy"])
+    else:
+        print(f"teacher: {path}", file=sys.stderr)
+    V_s, V_t, tok_s = loaded.model.cfg.vocab_size, teacher.cfg.vocab_size, loaded.tokenizer
+    same = type(tok_s) is type(tok_t) and getattr(tok_s, "vocab_size", 259) == getattr(tok_t, "vocab_size", 259)
+    if V_s != V_t and not (same and getattr(tok_s, "vocab_size", 259) <= min(V_s, V_t)):
+        run.fail(f"the teacher's vocabulary ({V_t} rows, tokenizer of {getattr(tok_t, 'vocab_size', '?')} ids) and "
+                 f"the student's ({V_s} rows, {getattr(tok_s, 'vocab_size', '?')} ids) differ beyond padding: "
+                 "distillation needs the same tokenizer")
+    return teacher
+
+
+def training_rows(examples, tok, n: int) -> list[dict]:
+    """The first n examples as {"prompt", "completion"} text rows (greedy accuracy on training prompts)."""
+    return [{"prompt": tok.decode(prompt_of(ex)), "completion": tok.decode(ex[0][len(prompt_of(ex)):])}
+            for ex in examples[:n]]
+
+
+# ----------------------------------------------------------------------------- eval
+
+def evaluate(eval_loss, params, frozen, evals, eval_examples, tok, pad_id, policy, teacher_accuracy) -> dict:
+    """eval/kl (forward KL at temperature 1, per completion token) and the logged terms on held-out
+    examples, eval/accuracy of the student's greedy completions and the teacher's (computed once)."""
+    totals = None
+    for i in range(0, len(eval_examples), 64):
+        chunk = eval_examples[i:i + 64]
+        batch = data.collate([[ex] for ex in chunk], data.bucket_length(max(len(ids) for ids, _ in chunk), 1 << 20),
+                             pad_id)
+        sums = jax.device_get(eval_loss(params, frozen, {k: jnp.asarray(v) for k, v in batch.items()}))
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+    record = {} if totals is None else {f"eval/{k}": float(totals[k]) / max(float(totals["tokens"]), 1.0)
+                                        for k in METRICS}
+    if totals is not None:
+        record["eval/kl"] = record["eval/kl/forward"]
+    return {**record, **run.evaluate_completions(policy(), evals, tok, None), **teacher_accuracy}
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    cfg = run.parse_flags(Config, argv)
+    out, start = pathlib.Path(cfg.out), time.perf_counter()
+    with run.user_errors():
+        loaded = run.load(cfg)
+        tok = loaded.tokenizer
+        train, evals = data.completion_data(tok, loaded.family, cfg.data, cfg.eval_data, cfg.task,
+                                            cfg.train_examples, cfg.eval_examples, cfg.seed)
+        manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
+    pad_id, eos_ids = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0], tok.eos_ids
+    teacher = load_teacher(cfg, loaded, mesh, train)
+    eval_examples = [data.tokenize(row, tok, loaded.family) for row in evals]
+    teacher_accuracy = {k.replace("accuracy", "teacher_accuracy"): v
+                        for k, v in run.evaluate_completions(teacher, evals, tok, None).items()}
+    student = loaded.model
+    if cfg.lora:
+        adapters.add_lora(student, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+    trained = adapters.LoRA if cfg.lora else nnx.Param
+    graphdef, params, frozen = nnx.split(shard.shard_model(student, mesh), trained, ...)  # trained | the rest
+    teacher_graphdef, teacher_state = nnx.split(teacher)
+    tx, schedule = run.adamw(cfg, cfg.steps)
+    opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
+    train_step = jax.jit(make_train_step(graphdef, teacher_graphdef, tx, cfg), donate_argnums=(0, 1),
+                         out_shardings=(param_sh, opt_sh, None, None))
+    eval_loss = jax.jit(lambda p, f, b: distill_loss(nnx.merge(graphdef, p, f[0]), nnx.merge(teacher_graphdef, f[1]),
+                                                     b, cfg)[1])
+    step, state, position = run.resume(cfg, manager, {"params": params, "opt_state": opt_state},
+                                       {"params": param_sh, "opt_state": opt_sh})
+    params, opt_state = state["params"], state["opt_state"]
+    frozen = (frozen, teacher_state)
+    run.announce(loaded, params, mesh, f"{len(train)} training examples, loss {cfg.loss}")
+    policy = lambda: nnx.merge(graphdef, params, frozen[0])  # noqa: E731 (the student at the current params)
+    evaluate_now = lambda: evaluate(eval_loss, params, frozen, evals, eval_examples, tok, pad_id,  # noqa: E731
+                                    policy, teacher_accuracy)
+
+    with run.MetricsLog(out) as log:
+        if step == 0:
+            record = evaluate_now()
+            log.write({"step": 0, **record})
+            print(f"step 0: eval/kl {record.get('eval/kl', float('nan')):.3f}, eval/accuracy "
+                  f"{record.get('eval/accuracy', float('nan')):.3f} (teacher "
+                  f"{record.get('eval/teacher_accuracy', float('nan')):.3f})", file=sys.stderr)
+        bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
+        t0, logged, lengths = time.perf_counter(), step, []
+        while step < cfg.steps:
+            picked = data.stream(len(train), cfg.seed, position, cfg.batch_size)
+            position += cfg.batch_size
+            examples, sampled = step_examples(train, picked, policy(), teacher, tok, cfg, step, eos_ids)
+            lengths += sampled or []
+            batch = device_batch(examples, cfg, pad_id, mesh, cfg.grad_accum)
+            params, opt_state, metrics, aux = train_step(params, opt_state, frozen, batch, None)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                tokens = max(float(np.sum(aux["tokens"])), 1.0)
+                record = {"step": step, "loss": float(metrics["loss"]),
+                          **{k: float(np.sum(aux[k])) / tokens for k in METRICS if k != "nll_loss" or cfg.kd_ratio < 1},
+                          **({"completions/mean_length": float(np.mean(lengths))} if lengths else {}),
+                          "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
+                          "seconds_per_step": (time.perf_counter() - t0) / (step - logged)}
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    record.update(evaluate_now())
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=record.get("eval/accuracy", ""))
+                t0, logged, lengths = time.perf_counter(), step, []
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                run.save(cfg, manager, step, {"params": params, "opt_state": opt_state}, position)
+            bar.update(1)
+        bar.close()
+
+    if shard.is_main_process():
+        run.export_policy(policy(), out, loaded, cfg.lora, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""distill.py: every divergence equals a numpy reference (masking and temperature included; JSD at
+β = 0 and 1 the two KLs), the teacher gets no gradient and no optimizer state, on-policy steps
+sample from the student reproducibly, vocabularies padded differently still distil and different
+tokenizers stop with one line, chunked numbers equal unchunked, the run resumes exactly, and the
+default run learns (slow)."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import data
+import distill
+import logprobs
+import sample
+from model import CONFIGS, Transformer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_distill(*args, timeout=600):
+    return subprocess.run([sys.executable, "distill.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "XLA_FLAGS": ""})
+
+
+def by_step(out, key) -> dict[int, float]:
+    rows = [json.loads(line) for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {m["step"]: m[key] for m in rows if key in m}
+
+
+# ----------------------------------------------------------------------------- the divergences
+
+def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def reference(name, s_logits, t_logits, target, beta, alpha, temperature):
+    """Each divergence per position from its definition, in float64: p_S, p_T = softmax(logits / τ)."""
+    ls, lt = log_softmax(s_logits / temperature), log_softmax(t_logits / temperature)
+    ps, pt = np.exp(ls), np.exp(lt)
+    KL = lambda p, q: (p * (np.log(p) - np.log(q))).sum(-1)  # noqa: E731
+    if name == "jsd":  # TRL's GKD: β KL(p_T ‖ M) + (1 − β) KL(p_S ‖ M), M = β p_T + (1 − β) p_S
+        if beta == 0:
+            return KL(pt, ps)
+        if beta == 1:
+            return KL(ps, pt)
+        m = beta * pt + (1 - beta) * ps
+        return beta * KL(pt, m) + (1 - beta) * KL(ps, m)
+    if name == "symmetric_kl":
+        return (1 - beta) * KL(pt, ps) + beta * KL(ps, pt)
+    if name == "tv":
+        return 0.5 * np.abs(pt - ps).sum(-1)
+    if name == "skew_forward_kl":  # DistiLLM: KL(p_T ‖ α p_T + (1 − α) p_S)
+        return KL(pt, alpha * pt + (1 - alpha) * ps)
+    if name == "skew_reverse_kl":  # KL(p_S ‖ α p_S + (1 − α) p_T)
+        return KL(ps, alpha * ps + (1 - alpha) * pt)
+    picked_s, picked_t = ls[np.arange(len(target)), target], lt[np.arange(len(target)), target]
+    return -(picked_t - picked_s) * picked_s  # sampled_reverse_kl's value
+
+
+def cfg_for(**kw):
+    return distill.Config(**kw)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name,beta", [("jsd", 0.0), ("jsd", 0.5), ("jsd", 0.9), ("jsd", 1.0), ("symmetric_kl", 0.3),
+                                       ("tv", 0.5), ("skew_forward_kl", 0.5), ("skew_reverse_kl", 0.5),
+                                       ("sampled_reverse_kl", 0.5)])
+def test_every_divergence_is_its_definition(name, beta, temperature):
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(0, 2, (7, 11)), rng.normal(0, 2, (7, 11))
+    target = rng.integers(0, 11, 7)
+    cfg = cfg_for(loss=name, beta=beta, skew_alpha=0.2, temperature=temperature)
+    ls, lt = (jax.nn.log_softmax(jnp.asarray(z, jnp.float32) / temperature) for z in (s, t))
+    got = distill.divergences(ls, lt, jnp.asarray(target), cfg)[name]()
+    np.testing.assert_allclose(got, reference(name, s, t, target, beta, 0.2, temperature), rtol=2e-5, atol=1e-6)
+
+
+def test_jsd_tends_to_the_two_kls_at_its_ends():
+    rng = np.random.default_rng(1)
+    s, t = (jax.nn.log_softmax(jnp.asarray(rng.normal(0, 1, (5, 9)), jnp.float32)) for _ in range(2))
+    forward, reverse = distill.kl(t, s), distill.kl(s, t)
+    for beta, want in ((0.0, forward), (1.0, reverse)):
+        got = distill.divergences(s, t, jnp.zeros(5, jnp.int32), cfg_for(beta=beta))["jsd"]()
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    # near the ends the generalized JSD is ~β·(its KL): a strength knob, not only a direction (TRL's own caveat)
+    near = distill.divergences(s, t, jnp.zeros(5, jnp.int32), cfg_for(beta=1e-3))["jsd"]()
+    assert float(jnp.max(near)) < 0.01 * float(jnp.max(forward)) + 1e-6
+
+
+# ----------------------------------------------------------------------------- the models
+
+def models(teacher_vocab=None):
+    student = Transformer(CONFIGS["tiny-qwen3-small"], nnx.Rngs(0))
+    teacher_cfg = CONFIGS["tiny-qwen3"].replace(vocab_size=teacher_vocab or 259)
+    return student, Transformer(teacher_cfg, nnx.Rngs(1))
+
+
+def task_batch(n=6):
+    tok = data.ByteTokenizer()
+    rows = [data.tokenize(r, tok) for r in distill.tasks.builtin_task("*,3,1").examples("train", n)]
+    return {k: jnp.asarray(v) for k, v in data.collate([[r] for r in rows], 16, tok.pad_id).items()}
+
+
+def test_loss_is_the_masked_mean_and_chunks_change_nothing(monkeypatch):
+    """distill_loss sums kd_ratio·D + (1 − kd_ratio)·NLL over completion tokens only; with the head in
+    chunks of 8 positions the value and gradients are the same."""
+    student, teacher = models()
+    batch = task_batch()
+    cfg = cfg_for(kd_ratio=0.7, beta=0.3, temperature=1.5)
+    graphdef, params = nnx.split(student)
+
+    def loss(p):
+        return distill.distill_loss(nnx.merge(graphdef, p), teacher, batch, cfg)
+    (value, sums), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    # by hand: full logits of both models
+    s_logits = np.asarray(student(batch["tokens"][:, :-1]), np.float64)
+    t_logits = np.asarray(teacher(batch["tokens"][:, :-1]), np.float64)
+    mask = np.asarray(batch["loss_mask"][:, 1:]) > 0
+    target = np.asarray(batch["tokens"][:, 1:])[mask]
+    kd = reference("jsd", s_logits[mask], t_logits[mask], target, 0.3, 0.1, 1.5).sum()
+    nll = -log_softmax(s_logits[mask])[np.arange(mask.sum()), target].sum()
+    np.testing.assert_allclose(value, 0.7 * kd + 0.3 * nll, rtol=1e-4)
+    assert float(sums["tokens"]) == mask.sum()
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", 8 * 259 * 4)
+    (value_c, _), grads_c = jax.value_and_grad(loss, has_aux=True)(params)
+    np.testing.assert_allclose(value_c, value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c)):
+        np.testing.assert_allclose(b, a, atol=1e-5 * float(jnp.max(jnp.abs(a))) + 1e-7)
+
+
+def test_the_teacher_gets_no_gradient_and_no_optimizer_state():
+    student, teacher = models()
+    batch = task_batch()
+    graphdef, params, frozen = nnx.split(student, nnx.Param, ...)
+    t_graphdef, t_state = nnx.split(teacher)
+    grads = jax.grad(lambda ts: distill.distill_loss(student, nnx.merge(t_graphdef, ts), batch, cfg_for())[0])(t_state)
+    assert all(not jnp.any(g) for g in jax.tree.leaves(grads))
+    import run
+    cfg = cfg_for()
+    tx, _ = run.adamw(cfg, 10)
+    opt_state = tx.init(params)
+    step = jax.jit(distill.make_train_step(graphdef, t_graphdef, tx, cfg))
+    b = {k: v[None] for k, v in batch.items()}
+    new_params, new_opt, metrics, _ = step(params, opt_state, (frozen, t_state), b, None)
+    n_student = sum(x.size for x in jax.tree.leaves(params))
+    assert sum(x.size for x in jax.tree.leaves(new_opt)) <= 2 * n_student + 8  # AdamW's two moments (+ counts)
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_on_policy_steps_sample_from_the_student_reproducibly():
+    student, teacher = models()
+    tok = data.ByteTokenizer()
+    examples = [data.tokenize(r, tok) for r in distill.tasks.builtin_task("*,3,1").examples("train", 8)]
+    cfg = cfg_for(lmbda=1.0, max_new_tokens=5)
+    a, lengths = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 3, tok.eos_ids)
+    b, _ = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 3, tok.eos_ids)
+    assert a == b and lengths and all(1 <= n <= 5 for n in lengths)
+    prompts = [distill.prompt_of(ex) for ex in examples]
+    assert all(ids[:len(p)] == p and mask == [0] * len(p) + [1] * (len(ids) - len(p))
+               for (ids, mask), p in zip(a, prompts))
+    assert a != distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 4, tok.eos_ids)[0]
+    offline, none = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg_for(), 3, tok.eos_ids)
+    assert offline == examples and none is None
+    seq_kd, _ = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg_for(seq_kd=True,
+                                      max_new_tokens=5), 3, tok.eos_ids)
+    draw = np.random.default_rng([0, 3, 1])
+    draw.random()
+    teacher_outs = sample.generate(teacher, prompts, max_new_tokens=5, temperature=0.9, seed=int(draw.integers(2**31)),
+                                   eos_ids=tok.eos_ids)
+    assert [ids[len(p):] for (ids, _), p in zip(seq_kd, prompts)] == teacher_outs
+
+
+def test_a_padded_teacher_vocabulary_is_cut_to_the_common_size():
+    """A teacher whose vocabulary has rows past the tokenizer's ids (here: large logits that would swamp
+    its softmax) distils exactly as the same teacher without them."""
+    student, teacher = models()
+    _, padded = models(teacher_vocab=300)
+    weights = nnx.state(teacher).to_pure_dict()
+    extra = jnp.full((41, weights["embed"].shape[1]), 3.0)  # rows 259..299: never a real token
+    state = nnx.state(padded)
+    state.replace_by_pure_dict({**weights, "embed": jnp.concatenate([weights["embed"], extra])})
+    nnx.update(padded, state)
+    batch = task_batch()
+    a = distill.distill_loss(student, teacher, batch, cfg_for())[0]
+    b = distill.distill_loss(student, padded, batch, cfg_for())[0]
+    assert padded.cfg.vocab_size == 300
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- runs
+
+SMALL = ["--teacher", "tiny-qwen3", "--train-examples", "200", "--eval-examples", "16", "--batch-size", "8",
+         "--steps", "8", "--log-every", "1", "--eval-every", "4", "--save-every", "4"]
+
+
+def test_kill_and_resume_continue_the_same_run(tmp_path):
+    args = [*SMALL, "--lmbda", "0.5", "--max-new-tokens", "6"]
+    full = run_distill(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "distill.py", *args, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "XLA_FLAGS": ""})
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "4").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = run_distill(*args, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step" in resumed.stderr
+    for key in ("loss", "kd_loss", "kl/forward", "top1_agreement", "grad_norm", "eval/kl", "eval/accuracy"):
+        want, got = by_step(tmp_path / "full", key), by_step(out, key)
+        assert got == want and len(want) >= 2, key
+    assert by_step(tmp_path / "full", "completions/mean_length")  # some steps were on-policy
+
+
+def error_line(capsys, tmp_path, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        distill.main([*args, "--train-examples", "50", "--out", str(tmp_path / "run")])
+    assert e.value.code not in (0, None)
+    message = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+    lines = message.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), message
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--loss", "kl"], "--loss must be one of jsd"),
+    (["--beta", "2"], "0 <= --beta <= 1"),
+    (["--kd-ratio", "1.5"], "0 <= --kd-ratio <= 1"),
+    (["--teacher", "gpt5"], "unknown model preset 'gpt5'"),
+    (["--teacher", "tiny-qwen3", "--data", "MISSING"], "no such file"),
+])
+def test_bad_input_is_one_clear_line(capsys, tmp_path, args, message):
+    args = [str(tmp_path / "missing.jsonl") if a == "MISSING" else a for a in args]
+    assert message in error_line(capsys, tmp_path, *args)
+
+
+def test_a_teacher_with_another_tokenizer_is_one_clear_line(capsys, tmp_path, gemma3_dir):
+    line = error_line(capsys, tmp_path, "--teacher", str(gemma3_dir))
+    assert "distillation needs the same tokenizer" in line and "262144" in line
+
+
+@pytest.mark.slow
+def test_default_run_learns_from_the_teacher(tmp_path):
+    start = time.time()
+    r = run_distill("--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    kl, accuracy = by_step(tmp_path / "run", "eval/kl"), by_step(tmp_path / "run", "eval/accuracy")
+    teacher = by_step(tmp_path / "run", "eval/teacher_accuracy")[0]
+    print(f"\ndefault distill: eval/kl {kl[0]:.3f} -> {kl[max(kl)]:.3f}, eval/accuracy {accuracy[max(accuracy)]} "
+          f"(teacher {teacher}) in {time.time() - start:.0f} s")
+    assert kl[max(kl)] <= 0.5 * kl[0], kl
+    assert accuracy[max(accuracy)] >= 0.8 * teacher, (accuracy, teacher)
