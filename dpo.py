@@ -7,7 +7,7 @@ log-ratio to a frozen reference policy π_ref, and the loss is the logistic loss
     ρ± = log π_θ(y±|x) − log π_ref(y±|x)      (log-probs summed over the answer's tokens)
     L  = −log σ(β (ρ⁺ − ρ⁻))                   (--loss-type sigmoid; the mean over pairs)
 
---loss-type takes a comma list of TRL v1's losses, summed with --loss-weights (table LOSSES, each
+--loss-type takes a comma list of TRL v1's losses, summed with --loss-weights (pair_losses below, each
 formula beside its line): sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot
 aot_unpaired apo_zero apo_down discopop sft sigmoid_norm; or one reference-free loss (no π_ref at
 all): simpo and cpo (TRL's CPOTrainer), orpo (TRL's ORPOTrainer). Modifiers, as TRL v1:
@@ -27,7 +27,7 @@ sums kept on disk (--ref-cache) under a hash of the reference's weights and the 
 rerun or a LoRA sweep skips it. TR-DPO (--sync-ref-model) moves π_ref toward π_θ every few steps.
 
 With no arguments: the built-in task ("123*4=" → "0492"; the rejected answer has one digit changed)
-on the tiny Qwen 3, on a laptop CPU in about three minutes. A supervised warm-up (printed, saved to
+on the tiny Qwen 3, on a laptop CPU in about two minutes. A supervised warm-up (printed, saved to
 <out>/warmup_sft) stops at 30% training accuracy, leaving an unsure policy; 500 DPO steps then take
 held-out greedy accuracy (eval/accuracy; step 0 is the starting policy) from ~0.27 to ~0.59 and tell
 held-out pairs apart (eval/rewards/accuracies ~0.96). The task's loss is apo_zero (D'Oosterlinck et
