@@ -224,6 +224,20 @@ def test_kill_and_resume_continue_the_same_run(tmp_path):
     assert by_step(tmp_path / "full", "completions/mean_length")  # some steps were on-policy
 
 
+@pytest.mark.parametrize("args", [["--lora"], ["--teacher-dtype", "bfloat16", "--loss", "skew_reverse_kl"],
+                                  ["--seq-kd", "--loss", "sampled_reverse_kl", "--max-new-tokens", "6"],
+                                  ["--kd-ratio", "0.5", "--tau-squared", "--temperature", "2", "--grad-accum", "2"]])
+def test_the_other_modes_run_end_to_end(tmp_path, args):
+    r = run_distill(*SMALL, "--steps", "2", *args, "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = by_step(tmp_path / "run", "loss")
+    assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
+    assert (tmp_path / "run" / "hf" / "config.json").is_file()
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file() == ("--lora" in args)
+    assert ("nll_loss" in json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])) == (
+        "--kd-ratio" in args)
+
+
 def error_line(capsys, tmp_path, *args) -> str:
     with pytest.raises(SystemExit) as e:
         distill.main([*args, "--train-examples", "50", "--out", str(tmp_path / "run")])
