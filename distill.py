@@ -240,10 +240,12 @@ def step_examples(examples, picked, student, teacher, tok, cfg: Config, step: in
     if not on_policy and not cfg.seq_kd:
         return [examples[i] for i in picked], None
     prompts = [prompt_of(examples[i]) for i in picked]
-    outs = sample.generate(student if on_policy else teacher, prompts, max_new_tokens=cfg.max_new_tokens,
+    room = max(1, min(cfg.max_new_tokens, cfg.max_len - max(map(len, prompts))))  # rows stay within max_len
+    outs = sample.generate(student if on_policy else teacher, prompts, max_new_tokens=room,
                            temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=int(draw.integers(2**31)),
                            eos_ids=eos_ids)
-    return [(p + o, [0] * len(p) + [1] * len(o)) for p, o in zip(prompts, outs)], [len(o) for o in outs]
+    return [((p + o)[:cfg.max_len], ([0] * len(p) + [1] * len(o))[:cfg.max_len]) for p, o in zip(prompts, outs)], \
+        [len(o) for o in outs]
 
 
 def device_batch(examples, cfg: Config, pad_id: int, mesh, micro_batches: int):
@@ -327,8 +329,10 @@ def main(argv=None):
                                             cfg.train_examples, cfg.eval_examples, cfg.seed)
         manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
     pad_id, eos_ids = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0], tok.eos_ids
+    train = [(ids[:cfg.max_len], mask[:cfg.max_len]) for ids, mask in train]  # longer examples are truncated
     teacher = load_teacher(cfg, loaded, mesh, train)
-    eval_examples = [data.tokenize(row, tok, loaded.family) for row in evals]
+    eval_examples = [(ids[:cfg.max_len], mask[:cfg.max_len]) for ids, mask in
+                     (data.tokenize(row, tok, loaded.family) for row in evals)]
     teacher_accuracy = {k.replace("accuracy", "teacher_accuracy"): v
                         for k, v in run.evaluate_completions(teacher, evals, tok, None).items()}
     student = loaded.model

@@ -226,7 +226,8 @@ def test_kill_and_resume_continue_the_same_run(tmp_path):
 
 @pytest.mark.parametrize("args", [["--lora"], ["--teacher-dtype", "bfloat16", "--loss", "skew_reverse_kl"],
                                   ["--seq-kd", "--loss", "sampled_reverse_kl", "--max-new-tokens", "6"],
-                                  ["--kd-ratio", "0.5", "--tau-squared", "--temperature", "2", "--grad-accum", "2"]])
+                                  ["--kd-ratio", "0.5", "--tau-squared", "--temperature", "2", "--grad-accum", "2"],
+                                  ["--max-len", "9", "--lmbda", "1", "--max-new-tokens", "6"]])  # rows cut to 9
 def test_the_other_modes_run_end_to_end(tmp_path, args):
     r = run_distill(*SMALL, "--steps", "2", *args, "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
