@@ -24,6 +24,9 @@ Data, off- and on-policy (GKD): each step, with probability --lmbda the student 
 completions of the batch's prompts (sample.py) and the teacher scores them; otherwise, with
 --seq-kd, the teacher generates them; otherwise the dataset's completions are used. The teacher
 runs without gradients, is never in the optimizer state and may be kept in bf16 (--teacher-dtype);
+with --teacher-topk K its top-K log-probs of the data are made once, cached on disk (--teacher-cache,
+under a hash of its weights and the tokens), and training runs from them with no teacher in it: both
+distributions become the K ids plus one bucket for the rest (K = V gives the full divergence back);
 teacher and student may differ in size and family when their tokenizers agree (vocabularies padded
 past the tokenizer are cut to the common size). The head's numbers of both models are made a chunk
 of positions at a time (logprobs.per_position): never a [B, T, V] float32 pair.
@@ -90,6 +93,8 @@ class Config:
     temperature: float = 1.0  # softmax temperature of both models in the loss
     tau_squared: bool = False  # multiply the divergence by temperature² (Hinton)
     kd_ratio: float = 1.0  # loss = kd_ratio · divergence + (1 − kd_ratio) · NLL of the data's tokens
+    teacher_topk: int = 0  # K > 0: the teacher's top-K log-probs of the data, made once and cached; no teacher after
+    teacher_cache: str = "~/.cache/nanotune/teacher_topk"  # directory of --teacher-topk caches
     # on-policy data (GKD)
     lmbda: float = 0.0  # fraction of steps whose completions the student samples
     seq_kd: bool = False  # the other steps: the teacher generates the completions (else the dataset's)
@@ -136,6 +141,9 @@ class Config:
             (0 <= self.kd_ratio <= 1 and 0 <= self.lmbda <= 1, "need 0 <= --kd-ratio <= 1 and 0 <= --lmbda <= 1"),
             (self.batch_size % self.grad_accum == 0,
              f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}"),
+            (not self.teacher_topk or (self.teacher_topk > 0 and not self.lmbda and not self.seq_kd and
+                                       self.loss != "sampled_reverse_kl"),
+             "--teacher-topk K > 0 scores the dataset's completions: not with --lmbda, --seq-kd or sampled_reverse_kl"),
             (self.lr > 0 and 0 <= self.warmup < 1 and self.clip > 0 and self.weight_decay >= 0,
              "need --lr > 0, 0 <= --warmup < 1, --clip > 0, --weight-decay >= 0"),
             (self.dtype in ("float32", "bfloat16") and self.teacher_dtype in ("float32", "bfloat16"),
@@ -172,6 +180,12 @@ def divergences(log_s, log_t, target, cfg: Config) -> dict:
     }
 
 
+def bucketed(top):
+    """Log-probs of K tokens [c, K] → K + 1 buckets: the K, and all the others as one (its mass floored)."""
+    rest = jnp.log(jnp.maximum(1.0 - jnp.sum(jnp.exp(top), axis=-1), 1e-12))
+    return jnp.concatenate([top, rest[:, None]], axis=-1)
+
+
 def token_terms(student, teacher, batch, cfg: Config, layers=None):
     """Per target position [B, T − 1]: the divergence, the student's and the teacher's NLL of the token,
     forward and reverse KL at temperature 1, and whether the two argmaxes agree. The teacher's hidden
@@ -179,6 +193,8 @@ def token_terms(student, teacher, batch, cfg: Config, layers=None):
     logits inside the student's chunk, cut to the vocabularies' common size."""
     tokens, T = batch["tokens"], batch["tokens"].shape[1]
     x = model_lib.next_token_hidden(student, tokens, batch["positions"], batch["segment_ids"], T - 1, layers=layers)
+    if teacher is None:  # --teacher-topk: the teacher's top-K log-probs from the cache, in K + 1 buckets
+        return topk_terms(student, x, batch, cfg)
     x_t = jax.lax.stop_gradient(model_lib.next_token_hidden(teacher, tokens, batch["positions"], batch["segment_ids"],
                                                             T - 1, layers=model_lib.unrolled_if_small(teacher)))
     head_t, cap_t = jax.lax.stop_gradient(teacher.head(teacher.cfg.param_dtype)), teacher.cfg.final_softcap
@@ -199,6 +215,25 @@ def token_terms(student, teacher, batch, cfg: Config, layers=None):
                                  cap=student.cfg.final_softcap)
 
 
+def topk_terms(student, x, batch, cfg: Config):
+    """token_terms against cached teacher numbers: batch["topk_ids"], ["topk_logps"] [B, T − 1, K], the
+    teacher's K most likely tokens and their log-probs at --temperature. Both distributions become K + 1
+    buckets (sparse KL with the tail as one more bucket: with K = V, the full divergence); the KLs are
+    logged over those buckets, the teacher's NLL where the token is one of the K."""
+    tau2 = cfg.temperature ** 2 if cfg.tau_squared else 1.0
+
+    def per_token(logits, target, ids, top):  # [c, V], [c], [c, K], [c, K]
+        log_s = jax.nn.log_softmax(logits[:, :student.cfg.vocab_size] / cfg.temperature, axis=-1)
+        s_b, t_b = bucketed(jnp.take_along_axis(log_s, ids, axis=-1)), bucketed(top)
+        kd = divergences(s_b, t_b, target, cfg)[cfg.loss]() * tau2
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), target[:, None], axis=-1)[:, 0]
+        s_b, hit = jax.lax.stop_gradient(s_b), ids == target[:, None]
+        return (kd, nll, -jnp.where(jnp.any(hit, -1), jnp.sum(top * hit, -1), t_b[:, -1]), kl(t_b, s_b), kl(s_b, t_b),
+                (jnp.argmax(logits, axis=-1) == ids[:, 0]).astype(jnp.float32))
+    return logprobs.per_position(per_token, x, student.head(student.cfg.param_dtype), batch["tokens"][:, 1:],
+                                 batch["topk_ids"], batch["topk_logps"], cap=student.cfg.final_softcap)
+
+
 METRICS = ("kd_loss", "nll_loss", "teacher_nll", "kl/forward", "kl/reverse", "top1_agreement")
 
 
@@ -213,14 +248,15 @@ def distill_loss(student, teacher, batch, cfg: Config, layers=None):
 
 # ----------------------------------------------------------------------------- the train step
 
-def make_train_step(graphdef, teacher_graphdef, tx, cfg: Config):
+def make_train_step(graphdef, teacher_graphdef, tx, cfg: Config, loss_only: bool = False):
     """step(params, opt_state, (frozen, teacher_state), batch [grad_accum, b, T], key) → params, opt_state,
-    metrics, aux sums [A]: only the student's trained params are differentiated and updated."""
+    metrics, aux sums [A]: only the student's trained params are differentiated and updated. The teacher's
+    state is None with --teacher-topk (the batch holds its numbers). loss_only: the loss function itself."""
     def loss_fn(params, frozen, micro_batch, key):
         student = nnx.merge(graphdef, params, frozen[0])
-        return distill_loss(student, nnx.merge(teacher_graphdef, frozen[1]), micro_batch, cfg,
-                            model_lib.unrolled_if_small(student))
-    return run.make_update(loss_fn, tx)
+        teacher = None if frozen[1] is None else nnx.merge(teacher_graphdef, frozen[1])
+        return distill_loss(student, teacher, micro_batch, cfg, model_lib.unrolled_if_small(student))
+    return loss_fn if loss_only else run.make_update(loss_fn, tx)
 
 
 # ----------------------------------------------------------------------------- data, off- and on-policy
@@ -248,12 +284,23 @@ def step_examples(examples, picked, student, teacher, tok, cfg: Config, step: in
         [len(o) for o in outs]
 
 
-def device_batch(examples, cfg: Config, pad_id: int, mesh, micro_batches: int):
-    """Examples → data.collate's arrays, this host's rows as [micro_batches, b, T] on the mesh."""
+def device_batch(examples, cfg: Config, pad_id: int, mesh, micro_batches: int, topk=None):
+    """Examples → data.collate's arrays (+ topk: each example's cached teacher rows, ids and log-probs
+    [n_i, K], placed at its target positions), this host's rows as [micro_batches, b, T] on the mesh
+    (mesh None: one micro-batch, unsharded)."""
     batch = data.collate([[ex] for ex in examples], data.bucket_length(max(len(ids) for ids, _ in examples),
                                                                        cfg.max_len), pad_id)
+    if topk is not None:
+        B, T = batch["tokens"].shape
+        batch["topk_ids"] = np.zeros((B, T - 1, cfg.teacher_topk), np.int32)
+        batch["topk_logps"] = np.zeros((B, T - 1, cfg.teacher_topk), np.float32)
+        for r, (ids, top) in enumerate(topk):
+            where = np.flatnonzero(batch["loss_mask"][r, 1:])
+            batch["topk_ids"][r, where], batch["topk_logps"][r, where] = ids, top
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
     rows = shard.host_rows(len(examples))
-    return {k: shard.global_batch(v[rows].reshape(micro_batches, -1, v.shape[-1]), mesh, axis=1)
+    return {k: shard.global_batch(v[rows].reshape(micro_batches, -1, *v.shape[1:]), mesh, axis=1)
             for k, v in batch.items()}
 
 
@@ -292,6 +339,50 @@ def load_teacher(cfg: Config, loaded, mesh, train_rows):
     return teacher
 
 
+def teacher_topk(teacher, splits: dict, cfg: Config, pad_id: int, V: int) -> dict:
+    """The teacher's top-K log-probs (at --temperature) of every target token of each split's examples:
+    {split/ids, split/logps [tokens, K], split/offsets [n + 1]}, made once and kept in --teacher-cache
+    under a hash of the teacher's weights, the examples' tokens and K, τ, V."""
+    def top(logits):  # [c, V_t] → [c, K] log-probs and ids, most likely first
+        values, ids = jax.lax.top_k(jax.nn.log_softmax(logits[:, :V] / cfg.temperature, axis=-1), cfg.teacher_topk)
+        return values, ids
+    graphdef, state = nnx.split(teacher)
+
+    @jax.jit
+    def score(state, b):  # [B, T - 1, K] of a collated batch
+        model = nnx.merge(graphdef, state)
+        x = model_lib.next_token_hidden(model, b["tokens"], b["positions"], b["segment_ids"], b["tokens"].shape[1] - 1)
+        return logprobs.per_position(top, x, model.head(model.cfg.param_dtype), cap=model.cfg.final_softcap)
+
+    def compute():
+        out = {}
+        for split, examples in splits.items():
+            ids, logps, offsets = [], [], [0]
+            for i in range(0, len(examples), 64):
+                chunk = examples[i:i + 64]
+                b = data.collate([[ex] for ex in chunk], data.bucket_length(max(len(e[0]) for e in chunk), 1 << 20),
+                                 pad_id)
+                values, top_ids = jax.device_get(score(state, {k: jnp.asarray(v) for k, v in b.items()}))
+                for r in range(len(chunk)):
+                    where = np.flatnonzero(b["loss_mask"][r, 1:])
+                    ids.append(top_ids[r, where])
+                    logps.append(values[r, where])
+                    offsets.append(offsets[-1] + len(where))
+            out.update({f"{split}/ids": np.concatenate(ids).astype(np.int32), f"{split}/offsets": np.array(offsets),
+                        f"{split}/logps": np.concatenate(logps).astype(np.float32)})
+        return out
+    key = ["distill teacher top-k v1", cfg.teacher_topk, cfg.temperature, V, *splits,
+           *[np.asarray(x) for x in jax.tree.leaves(state)],
+           *[np.array([len(ids) for ids, _ in ex] + [t for ids, m in ex for t in ids + m]) for ex in splits.values()]]
+    return run.cached_arrays(cfg.teacher_cache, key, compute, f"teacher top-{cfg.teacher_topk}")
+
+
+def cached_rows(cache: dict, split: str, indices) -> list:
+    """The cached (ids, log-probs) of examples `indices` of a split."""
+    o = cache[f"{split}/offsets"]
+    return [(cache[f"{split}/ids"][o[i]:o[i + 1]], cache[f"{split}/logps"][o[i]:o[i + 1]]) for i in indices]
+
+
 def training_rows(examples, tok, n: int) -> list[dict]:
     """The first n examples as {"prompt", "completion"} text rows (greedy accuracy on training prompts)."""
     return [{"prompt": tok.decode(prompt_of(ex)), "completion": tok.decode(ex[0][len(prompt_of(ex)):])}
@@ -300,15 +391,16 @@ def training_rows(examples, tok, n: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- eval
 
-def evaluate(eval_loss, params, frozen, evals, eval_examples, tok, pad_id, policy, teacher_accuracy) -> dict:
-    """eval/kl (forward KL at temperature 1, per completion token) and the logged terms on held-out
-    examples, eval/accuracy of the student's greedy completions and the teacher's (computed once)."""
+def evaluate(eval_loss, params, frozen, evals, eval_examples, eval_topk, tok, pad_id, cfg, policy,
+             teacher_accuracy) -> dict:
+    """eval/kl (forward KL per completion token: at temperature 1; over the K + 1 buckets at --temperature
+    with --teacher-topk) and the logged terms on held-out examples, eval/accuracy of the student's greedy
+    completions and the teacher's (computed once)."""
     totals = None
     for i in range(0, len(eval_examples), 64):
-        chunk = eval_examples[i:i + 64]
-        batch = data.collate([[ex] for ex in chunk], data.bucket_length(max(len(ids) for ids, _ in chunk), 1 << 20),
-                             pad_id)
-        sums = jax.device_get(eval_loss(params, frozen, {k: jnp.asarray(v) for k, v in batch.items()}))
+        topk = None if eval_topk is None else eval_topk[i:i + 64]
+        sums = jax.device_get(eval_loss(params, frozen, device_batch(eval_examples[i:i + 64], cfg, pad_id, None, 1,
+                                                                     topk)))
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     record = {} if totals is None else {f"eval/{k}": float(totals[k]) / max(float(totals["tokens"]), 1.0)
                                         for k in METRICS}
@@ -335,26 +427,31 @@ def main(argv=None):
                      (data.tokenize(row, tok, loaded.family) for row in evals)]
     teacher_accuracy = {k.replace("accuracy", "teacher_accuracy"): v
                         for k, v in run.evaluate_completions(teacher, evals, tok, None).items()}
+    cache = teacher_topk(teacher, {"train": train, "eval": eval_examples}, cfg, pad_id,
+                         min(teacher.cfg.vocab_size, loaded.model.cfg.vocab_size)) if cfg.teacher_topk else None
     student = loaded.model
     if cfg.lora:
         adapters.add_lora(student, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     trained = adapters.LoRA if cfg.lora else nnx.Param
     graphdef, params, frozen = nnx.split(shard.shard_model(student, mesh), trained, ...)  # trained | the rest
     teacher_graphdef, teacher_state = nnx.split(teacher)
+    if cache is not None:  # the teacher's numbers are in the cache: it takes no part in training
+        teacher, teacher_state = None, None
     tx, schedule = run.adamw(cfg, cfg.steps)
     opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
     train_step = jax.jit(make_train_step(graphdef, teacher_graphdef, tx, cfg), donate_argnums=(0, 1),
                          out_shardings=(param_sh, opt_sh, None, None))
-    eval_loss = jax.jit(lambda p, f, b: distill_loss(nnx.merge(graphdef, p, f[0]), nnx.merge(teacher_graphdef, f[1]),
-                                                     b, cfg)[1])
+    eval_loss = jax.jit(lambda p, f, b: make_train_step(graphdef, teacher_graphdef, None, cfg, loss_only=True)(
+        p, f, b, None)[1])
     step, state, position = run.resume(cfg, manager, {"params": params, "opt_state": opt_state},
                                        {"params": param_sh, "opt_state": opt_sh})
     params, opt_state = state["params"], state["opt_state"]
     frozen = (frozen, teacher_state)
     run.announce(loaded, params, mesh, f"{len(train)} training examples, loss {cfg.loss}")
     policy = lambda: nnx.merge(graphdef, params, frozen[0])  # noqa: E731 (the student at the current params)
-    evaluate_now = lambda: evaluate(eval_loss, params, frozen, evals, eval_examples, tok, pad_id,  # noqa: E731
-                                    policy, teacher_accuracy)
+    eval_topk = None if cache is None else cached_rows(cache, "eval", range(len(eval_examples)))
+    evaluate_now = lambda: evaluate(eval_loss, params, frozen, evals, eval_examples, eval_topk, tok,  # noqa: E731
+                                    pad_id, cfg, policy, teacher_accuracy)
 
     with run.MetricsLog(out) as log:
         if step == 0:
@@ -370,7 +467,8 @@ def main(argv=None):
             position += cfg.batch_size
             examples, sampled = step_examples(train, picked, policy(), teacher, tok, cfg, step, eos_ids)
             lengths += sampled or []
-            batch = device_batch(examples, cfg, pad_id, mesh, cfg.grad_accum)
+            batch = device_batch(examples, cfg, pad_id, mesh, cfg.grad_accum,
+                                 None if cache is None else cached_rows(cache, "train", picked))
             params, opt_state, metrics, aux = train_step(params, opt_state, frozen, batch, None)
             step += 1
             if step % cfg.log_every == 0 or step == cfg.steps:

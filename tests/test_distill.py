@@ -197,6 +197,40 @@ def test_a_padded_teacher_vocabulary_is_cut_to_the_common_size():
     np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
+def cached_batch(teacher, batch, K, temperature=1.0):
+    """The batch with the teacher's top-K log-probs at its target positions, as the cache gives them."""
+    logits = teacher(batch["tokens"][:, :-1])[..., :259] / temperature
+    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), K)
+    return {**batch, "topk_ids": ids, "topk_logps": values}
+
+
+@pytest.mark.parametrize("loss,beta", [("jsd", 0.0), ("jsd", 0.5), ("tv", 0.5), ("skew_forward_kl", 0.5)])
+def test_the_top_k_cache_with_k_equal_v_is_the_live_teacher(loss, beta):
+    student, teacher = models()
+    batch = task_batch()
+    cfg = cfg_for(loss=loss, beta=beta, temperature=1.5, teacher_topk=259)
+    live, live_sums = distill.distill_loss(student, teacher, batch, cfg)
+    cached, cached_sums = distill.distill_loss(student, None, cached_batch(teacher, batch, 259, 1.5), cfg)
+    np.testing.assert_allclose(cached, live, rtol=1e-4)
+    np.testing.assert_allclose(cached_sums["nll_loss"], live_sums["nll_loss"], rtol=1e-5)
+
+
+def test_the_top_k_loss_is_the_k_plus_one_bucket_divergence():
+    """K < V: both distributions become the K ids plus one bucket for the rest (TRL's loss_add_tail)."""
+    student, teacher = models()
+    batch = task_batch()
+    cfg = cfg_for(loss="jsd", beta=0.0, teacher_topk=5)
+    cached = cached_batch(teacher, batch, 5)
+    got = distill.distill_loss(student, None, cached, cfg)[0]
+    ls = log_softmax(np.asarray(student(batch["tokens"][:, :-1]), np.float64))
+    mask = np.asarray(batch["loss_mask"][:, 1:]) > 0
+    ids, top = np.asarray(cached["topk_ids"])[mask], np.asarray(cached["topk_logps"], np.float64)[mask]
+    s_top = np.take_along_axis(ls[mask], ids, axis=-1)
+    pt = np.concatenate([np.exp(top), 1 - np.exp(top).sum(-1, keepdims=True)], -1)
+    ps = np.concatenate([np.exp(s_top), 1 - np.exp(s_top).sum(-1, keepdims=True)], -1)
+    np.testing.assert_allclose(got, (pt * (np.log(pt) - np.log(ps))).sum(), rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- runs
 
 SMALL = ["--teacher", "tiny-qwen3", "--train-examples", "200", "--eval-examples", "16", "--batch-size", "8",
@@ -239,6 +273,23 @@ def test_the_other_modes_run_end_to_end(tmp_path, args):
         "--kd-ratio" in args)
 
 
+def test_a_cache_trained_run_equals_the_live_teacher_run(tmp_path):
+    cache = ["--teacher-cache", str(tmp_path / "cache")]
+    args = [*SMALL, "--steps", "3", "--eval-every", "3", "--save-every", "3"]
+    live = run_distill(*args, "--out", str(tmp_path / "live"))
+    first = run_distill(*args, *cache, "--teacher-topk", "259", "--out", str(tmp_path / "cached"))
+    again = run_distill(*args, *cache, "--teacher-topk", "259", "--out", str(tmp_path / "again"))
+    for r in (live, first, again):
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "teacher top-259: computed" in first.stderr and "teacher top-259: read from" in again.stderr
+    for key in ("loss", "kd_loss", "grad_norm", "eval/kd_loss"):
+        want = by_step(tmp_path / "live", key)
+        for name in ("cached", "again"):
+            got = by_step(tmp_path / name, key)
+            assert got.keys() == want.keys() and want, key
+            np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-4, atol=1e-6)
+
+
 def error_line(capsys, tmp_path, *args) -> str:
     with pytest.raises(SystemExit) as e:
         distill.main([*args, "--train-examples", "50", "--out", str(tmp_path / "run")])
@@ -255,6 +306,7 @@ def error_line(capsys, tmp_path, *args) -> str:
     (["--kd-ratio", "1.5"], "0 <= --kd-ratio <= 1"),
     (["--teacher", "gpt5"], "unknown model preset 'gpt5'"),
     (["--teacher", "tiny-qwen3", "--data", "MISSING"], "no such file"),
+    (["--teacher-topk", "8", "--lmbda", "0.5"], "--teacher-topk K > 0 scores the dataset's completions"),
 ])
 def test_bad_input_is_one_clear_line(capsys, tmp_path, args, message):
     args = [str(tmp_path / "missing.jsonl") if a == "MISSING" else a for a in args]
