@@ -1,0 +1,185 @@
+"""The distillation step at two sizes: nanotune's distill.py step vs Tunix's DistillationTrainer, side by side.
+
+One step = the frozen teacher's forward over the batch, then the student's forward, the
+forward KL(p_T ‖ p_S) at temperature 1 over every next-token position (pure distillation: no
+hard-label term, no τ² at τ = 1), backward, global norm and AdamW update, float32 parameters,
+one device, teacher and student of different random weights. B rows of T random tokens (numpy
+seed 0, the same tokens on both sides), every token real, every target counted. Settings:
+
+    tiny   teacher tiny-qwen3 (vocab 259, dim 128, 2 layers, 0.43M), student tiny-qwen3-small
+           (dim 64, 2 layers, 0.11M), 16 x 64
+    mid    teacher the Qwen 3 of 41.6M parameters of bench_train.py (8 layers, dim 512, FFN 1536,
+           8 heads / 4 KV heads of 64, vocab 32000, tied), student the same with 4 layers (29.0M),
+           4 x 256
+
+nanotune (a worker process of this file, nanotune's venv): distill.py's own step as its main()
+builds it: `distill.Config(teacher="tiny-qwen3", batch_size=B, lr=1e-5, loss="jsd", beta=0.0,
+max_len=T)` (β 0 = the exact forward KL, Tunix's divergence), both models sharded on
+`shard.make_mesh("")`, the student split into trained params and the rest, `run.adamw` +
+`run.init_optimizer`, the jitted `distill.make_train_step` (params and optimizer state donated,
+out_shardings as main()'s). Per step `step(params, opt_state, (frozen, teacher_state), batch,
+None)`, one XLA program holding the teacher's forward, timed until the loss and params are
+ready; the batch (`distill.device_batch` of (ids, loss_mask) examples, the mask 1 on every token
+but the first) is built once before the timer. Tunix (benchmarks/tunix_distill_worker.py,
+Tunix's venv): per step `DistillationTrainer._prepare_inputs` (eager positions and mask, the
+teacher's nnx.jit forward to full logits), `shard_input`, and the jitted `_train_step` of
+`LogitStrategy(temperature=1, alpha=1)` with optax.adamw(1e-5), timed until the loss and student
+params are ready; its TrainingInput is put on the device before the timer. Neither side times
+host-side batch building; both time the teacher forward.
+
+What differs beside speed: Tunix averages the KL over all B(T − 1) positions with no mask (the
+same here: every target counts) and materialises both models' [B, T − 1, V] float32 logits, the
+one-hot labels, and the student's and teacher's cross-entropies it logs even at alpha 1;
+nanotune's head runs a chunk of positions at a time inside the step (logprobs.per_position) and
+also logs reverse KL, both NLLs and top-1 agreement. nanotune's AdamW follows run.adamw (global-
+norm clip 1.0, weight decay 0.01, warmup-cosine schedule), Tunix's is plain optax.adamw(1e-5).
+
+Every measurement is a fresh process (its peak resident memory is counted from the end of
+building through compilation and the timed steps; both processes hold the teacher, the student
+and its AdamW moments), systems alternating A B A B. The first step compiles and is left out;
+a process's step time is the median of the others, a system's the median over its processes.
+
+    python benchmarks/bench_distill.py                                  # tiny and mid, both systems
+    python benchmarks/bench_distill.py --settings mid --repeats 3 --steps 5
+    python benchmarks/bench_distill.py --systems nanotune
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+TUNIX_PYTHON = HERE / ".tunix-venv" / "bin" / "python"
+SHAPES = {"tiny": (16, 64), "mid": (4, 256)}  # rows, length
+
+
+def random_examples(vocab: int, rows: int, length: int) -> list[tuple[list, list]]:
+    """tunix_distill_worker.py's tokens (numpy seed 0) as distill.py's (ids, loss_mask) examples: every
+    token a target but the first, which has nothing before it."""
+    import numpy as np
+    tokens = np.random.default_rng(0).integers(0, vocab, (rows, length), dtype=np.int32)
+    return [(row.tolist(), [0] + [1] * (length - 1)) for row in tokens]
+
+
+# ----------------------------------------------------------------------------- workers (own process)
+
+def nanotune_worker(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import jax
+    from flax import nnx
+
+    import distill
+    import run
+    import shard
+    from bench_train import model_config, peak_rss, reset_peak
+    from model import CONFIGS, Transformer
+
+    B, T = SHAPES[args.setting]
+    teacher_cfg = model_config(args.setting)  # float32 compute and params
+    student_cfg = CONFIGS["tiny-qwen3-small"] if args.setting == "tiny" else teacher_cfg.replace(n_layers=4)
+    # forward KL at τ 1, no τ², kd_ratio 1; lr as Tunix's (distill.py's schedule: a 3-step ramp from 0, then cosine)
+    cfg = distill.Config(teacher="tiny-qwen3", batch_size=B, lr=1e-5, loss="jsd", beta=0.0, max_len=T)
+    mesh = shard.make_mesh("")
+    student = Transformer(student_cfg, nnx.Rngs(0))
+    teacher = Transformer(teacher_cfg, nnx.Rngs(1))
+    graphdef, params, frozen = nnx.split(shard.shard_model(student, mesh), nnx.Param, ...)
+    teacher_graphdef, teacher_state = nnx.split(shard.shard_model(teacher, mesh))
+    tx, _ = run.adamw(cfg, 100)
+    opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
+    step = jax.jit(distill.make_train_step(graphdef, teacher_graphdef, tx, cfg), donate_argnums=(0, 1),
+                   out_shardings=(param_sh, opt_sh, None, None))
+    batch = distill.device_batch(random_examples(teacher_cfg.vocab_size, B, T), cfg, pad_id=0, mesh=mesh,
+                                 micro_batches=1)
+    assert batch["tokens"].shape == (1, B, T), batch["tokens"].shape  # no bucket padding
+    frozen = (frozen, teacher_state)
+    del student, teacher
+    reset_peak()
+    times = []
+    for _ in range(args.steps + 1):  # the first compiles
+        start = time.perf_counter()
+        params, opt_state, metrics, aux = step(params, opt_state, frozen, batch, None)
+        jax.block_until_ready((params, metrics["loss"]))
+        times.append(time.perf_counter() - start)
+        tokens = float(aux["tokens"].sum())
+        print(f"nanotune {args.setting} loss {float(metrics['loss']):.4f} grad_norm {float(metrics['grad_norm']):.4f} "
+              f"student NLL {float(aux['nll_loss'].sum()) / tokens:.4f} teacher NLL "
+              f"{float(aux['teacher_nll'].sum()) / tokens:.4f} {times[-1]:.3f}s", file=sys.stderr, flush=True)
+    return {"step_s": times, "peak_rss_bytes": peak_rss(), "params": sum(x.size for x in jax.tree.leaves(params)),
+            "teacher_params": sum(x.size for x in jax.tree.leaves(teacher_state))}
+
+
+def tunix_worker(args) -> dict:
+    B, T = SHAPES[args.setting]
+    config = {"model": args.setting, "batch": B, "len": T}
+    proc = subprocess.run([str(TUNIX_PYTHON), str(HERE / "tunix_distill_worker.py"), json.dumps(config)],
+                          input=json.dumps({"steps": args.steps + 1}) + "\n", capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- driver
+
+def measure(system: str, args, setting: str) -> dict:
+    if system == "tunix":
+        return tunix_worker(argparse.Namespace(**{**vars(args), "setting": setting}))
+    proc = subprocess.run([sys.executable, __file__, f"--steps={args.steps}", f"--worker={setting}"],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default="tiny,mid")
+    parser.add_argument("--systems", default="nanotune,tunix")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (after one that compiles)")
+    parser.add_argument("--repeats", type=int, default=2, help="processes per system and setting")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # setting: run nanotune's step here
+    args = parser.parse_args()
+    if args.worker:
+        args.setting = args.worker
+        print(json.dumps(nanotune_worker(args)))
+        return
+    systems = [s for s in args.systems.split(",") if s != "tunix" or TUNIX_PYTHON.exists()]
+    if len(systems) < len(args.systems.split(",")):
+        print("no benchmarks/.tunix-venv: Tunix skipped (benchmarks/RESULTS.md says how to install it)", file=sys.stderr)
+    rows = []
+    for setting in args.settings.split(","):
+        results = {s: [] for s in systems}
+        for r in range(args.repeats):
+            for system in systems:
+                try:
+                    out = measure(system, args, setting)
+                except RuntimeError as e:
+                    print(f"{system} {setting}: {e}", file=sys.stderr)
+                    continue
+                out["step"] = statistics.median(out["step_s"][1:])
+                results[system].append(out)
+                print(f"round {r + 1} {system} {setting}: step {out['step'] * 1e3:.1f} ms (first "
+                      f"{out['step_s'][0]:.1f}s), peak RSS {out['peak_rss_bytes'] / 2**30:.2f} GiB",
+                      file=sys.stderr, flush=True)
+        rows.append((setting, results))
+    print("\n| setting | system | step (ms) | tokens/s | peak RSS (GiB) | Tunix / nanotune |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for setting, results in rows:
+        B, T = SHAPES[setting]
+        step = {s: statistics.median(x["step"] for x in v) for s, v in results.items() if v}
+        for system, runs in results.items():
+            if not runs:
+                continue
+            ratio = f"**{step['tunix'] / step[system]:.2f}x**" if "tunix" in step and system != "tunix" else ""
+            rss = statistics.median(x["peak_rss_bytes"] for x in runs) / 2**30
+            print(f"| {setting} {B} x {T} | {system} | {step[system] * 1e3:.1f} | "
+                  f"{B * T / step[system]:.3g} | {rss:.2f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
