@@ -74,7 +74,7 @@ DIVERGENCES = ("jsd", "symmetric_kl", "tv", "skew_forward_kl", "skew_reverse_kl"
 
 
 @dataclasses.dataclass
-class Config:
+class Config(run.RunConfig):
     # student, teacher and data
     model: str = "tiny-qwen3-small"  # the student: preset or family alias (ignored when --ckpt is given)
     ckpt: str | None = None  # the student's Hugging Face checkpoint directory
@@ -108,20 +108,12 @@ class Config:
     lr: float = 3e-3  # peak learning rate (tiny demo; real models: ~1e-5)
     warmup: float = 0.03  # fraction of steps of linear warmup, then cosine decay to 0
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    clip: float = 1.0  # global gradient-norm clip
     dtype: str = "float32"  # the student's compute dtype: float32 or bfloat16 (params stay float32)
-    remat: bool = False  # backward pass keeps only each block's input, recomputing the rest (least memory)
     # logging and checkpoints
     eval_every: int = 200  # steps between evaluations (and at the start and end)
     save_every: int = 250  # steps between train-state checkpoints
-    keep: int = 2  # checkpoints kept
-    log_every: int = 10  # steps between metrics.jsonl lines
     out: str = "runs/distill"  # output directory
-    resume: bool = False  # continue from the newest checkpoint in --out
     seed: int = 0  # data order, sampling and initialisation
-    # devices
-    mesh: str = ""  # device mesh, e.g. data=1,fsdp=-1,tp=1 (default: all devices on fsdp)
-    tpu: bool = False  # multi-host TPU start-up (jax.distributed)
     # the demo's teacher (no --teacher: tiny-qwen3 trained on the built-in task first)
     teacher_steps: int = 1500  # most supervised steps for the demo's teacher
     teacher_target: float = 0.95  # they stop once its greedy accuracy on training prompts reaches this

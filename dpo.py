@@ -78,7 +78,7 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 
 
 @dataclasses.dataclass
-class Config:
+class Config(run.RunConfig):
     # model and data
     model: str = "tiny-qwen3"  # preset or family alias (ignored when --ckpt is given)
     ckpt: str | None = None  # Hugging Face checkpoint directory to start from (e.g. runs/sft/hf)
@@ -113,20 +113,11 @@ class Config:
     lr: float = 2e-3  # peak learning rate (tiny demo; real models: TRL's 1e-6, ~1e-5 with LoRA)
     warmup: float = 0.1  # fraction of steps of linear warmup, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    clip: float = 1.0  # global gradient-norm clip
-    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
-    remat: bool = False  # backward pass keeps only each block's input, recomputing the rest (least memory)
     # logging and checkpoints
     eval_every: int = 50  # steps between evaluations (and at the start and end)
     save_every: int = 100  # steps between train-state checkpoints
-    keep: int = 2  # checkpoints kept
-    log_every: int = 10  # steps between metrics.jsonl lines
     out: str = "runs/dpo"  # output directory
-    resume: bool = False  # continue from the newest checkpoint in --out
     seed: int = 0  # data order, pairs of the built-in task and initialisation
-    # devices
-    mesh: str = ""  # device mesh, e.g. data=1,fsdp=-1,tp=1 (default: all devices on fsdp)
-    tpu: bool = False  # multi-host TPU start-up (jax.distributed)
     # supervised warm-up (the built-in task from random weights)
     warmup_sft_steps: int = -1  # most supervised steps before DPO (-1: 500 on the task from scratch, else 0)
     warmup_sft_target: float = 0.3  # the warm-up stops once greedy accuracy on training prompts reaches this

@@ -72,6 +72,23 @@ def config_comments(config_class) -> tuple[dict[str, str], dict[str, str]]:
     return {k: v for k, v in helps.items() if k in fields}, {k: v for k, v in groups.items() if k in fields}
 
 
+@dataclasses.dataclass
+class RunConfig:
+    """The flags every script has, with the same meaning and default; a script's Config subclasses it and
+    adds its own (--help lists these last in their groups)."""
+    # optimisation
+    clip: float = 1.0  # global gradient-norm clip
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+    remat: bool = False  # backward pass keeps only each block's input, recomputing the rest (least memory)
+    # logging and checkpoints
+    keep: int = 2  # checkpoints kept
+    log_every: int = 10  # steps between metrics.jsonl lines
+    resume: bool = False  # continue from the newest checkpoint in --out
+    # devices
+    mesh: str = ""  # device mesh, e.g. data=1,fsdp=-1,tp=1 (default: all devices on fsdp)
+    tpu: bool = False  # multi-host TPU start-up (jax.distributed)
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def _split_lines(self, text, width):  # wrap at spaces only: "built-in" stays one word
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
@@ -91,7 +108,9 @@ def parse_flags(config_class, argv=None):
     helps, groups = config_comments(config_class)
     hints = typing.get_type_hints(config_class)
     sections = {}
-    for field in dataclasses.fields(config_class):
+    shared = {f.name for f in dataclasses.fields(RunConfig)}
+    fields = sorted(dataclasses.fields(config_class), key=lambda f: f.name in shared)  # the script's own first
+    for field in fields:
         name = groups.get(field.name, "options")
         section = sections.get(name) or sections.setdefault(name, parser.add_argument_group(name))
         flag, kind = "--" + field.name.replace("_", "-"), hints[field.name]

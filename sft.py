@@ -42,7 +42,7 @@ import tasks
 
 
 @dataclasses.dataclass
-class Config:
+class Config(run.RunConfig):
     # model and data
     model: str = "tiny-qwen3"  # preset or family alias (ignored when --ckpt is given)
     ckpt: str | None = None  # Hugging Face checkpoint directory to fine-tune
@@ -60,20 +60,11 @@ class Config:
     lr: float = 3e-3  # peak learning rate
     warmup: float = 0.03  # fraction of steps of linear warmup, then cosine decay to 0
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    clip: float = 1.0  # global gradient-norm clip
-    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
-    remat: bool = False  # backward pass keeps only each block's input, recomputing the rest (least memory)
     # logging and checkpoints
     eval_every: int = 200  # steps between evaluations (and at the start and end)
     save_every: int = 400  # steps between train-state checkpoints
-    keep: int = 2  # checkpoints kept
-    log_every: int = 10  # steps between metrics.jsonl lines
     out: str = "runs/sft"  # output directory
-    resume: bool = False  # continue from the newest checkpoint in --out
     seed: int = 0  # data order and initialisation
-    # devices
-    mesh: str = ""  # device mesh, e.g. data=1,fsdp=-1,tp=1 (default: all devices on fsdp)
-    tpu: bool = False  # multi-host TPU start-up (jax.distributed)
 
     def __post_init__(self):
         tasks.builtin_task(self.task)  # a bad --task fails here, before anything loads
