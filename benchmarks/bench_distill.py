@@ -45,17 +45,14 @@ a process's step time is the median of the others, a system's the median over it
 """
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
-import statistics
-import subprocess
 import sys
 import time
 
+from worker import side_by_side
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-TUNIX_PYTHON = HERE / ".tunix-venv" / "bin" / "python"
 SHAPES = {"tiny": (16, 64), "mid": (4, 256)}  # rows, length
 
 
@@ -69,7 +66,7 @@ def random_examples(vocab: int, rows: int, length: int) -> list[tuple[list, list
 
 # ----------------------------------------------------------------------------- workers (own process)
 
-def nanotune_worker(args) -> dict:
+def nanotune_worker(setting: str, steps: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import jax
     from flax import nnx
@@ -80,9 +77,9 @@ def nanotune_worker(args) -> dict:
     from bench_train import model_config, peak_rss, reset_peak
     from model import CONFIGS, Transformer
 
-    B, T = SHAPES[args.setting]
-    teacher_cfg = model_config(args.setting)  # float32 compute and params
-    student_cfg = CONFIGS["tiny-qwen3-small"] if args.setting == "tiny" else teacher_cfg.replace(n_layers=4)
+    B, T = SHAPES[setting]
+    teacher_cfg = model_config(setting)  # float32 compute and params
+    student_cfg = CONFIGS["tiny-qwen3-small"] if setting == "tiny" else teacher_cfg.replace(n_layers=4)
     # forward KL at τ 1, no τ², kd_ratio 1; lr as Tunix's (distill.py's schedule: a 3-step ramp from 0, then cosine)
     cfg = distill.Config(teacher="tiny-qwen3", batch_size=B, lr=1e-5, loss="jsd", beta=0.0, max_len=T)
     mesh = shard.make_mesh("")
@@ -101,85 +98,30 @@ def nanotune_worker(args) -> dict:
     del student, teacher
     reset_peak()
     times = []
-    for _ in range(args.steps + 1):  # the first compiles
+    for _ in range(steps + 1):  # the first compiles
         start = time.perf_counter()
         params, opt_state, metrics, aux = step(params, opt_state, frozen, batch, None)
         jax.block_until_ready((params, metrics["loss"]))
         times.append(time.perf_counter() - start)
         tokens = float(aux["tokens"].sum())
-        print(f"nanotune {args.setting} loss {float(metrics['loss']):.4f} grad_norm {float(metrics['grad_norm']):.4f} "
+        print(f"nanotune {setting} loss {float(metrics['loss']):.4f} grad_norm {float(metrics['grad_norm']):.4f} "
               f"student NLL {float(aux['nll_loss'].sum()) / tokens:.4f} teacher NLL "
               f"{float(aux['teacher_nll'].sum()) / tokens:.4f} {times[-1]:.3f}s", file=sys.stderr, flush=True)
     return {"step_s": times, "peak_rss_bytes": peak_rss(), "params": sum(x.size for x in jax.tree.leaves(params)),
             "teacher_params": sum(x.size for x in jax.tree.leaves(teacher_state))}
 
 
-def tunix_worker(args) -> dict:
-    B, T = SHAPES[args.setting]
-    config = {"model": args.setting, "batch": B, "len": T}
-    proc = subprocess.run([str(TUNIX_PYTHON), str(HERE / "tunix_distill_worker.py"), json.dumps(config)],
-                          input=json.dumps({"steps": args.steps + 1}) + "\n", capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # ----------------------------------------------------------------------------- driver
 
-def measure(system: str, args, setting: str) -> dict:
-    if system == "tunix":
-        return tunix_worker(argparse.Namespace(**{**vars(args), "setting": setting}))
-    proc = subprocess.run([sys.executable, __file__, f"--steps={args.steps}", f"--worker={setting}"],
-                          capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def tunix_config(setting: str) -> dict:  # the Tunix worker's model and shapes
+    B, T = SHAPES[setting]
+    return {"model": setting, "batch": B, "len": T}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="tiny,mid")
-    parser.add_argument("--systems", default="nanotune,tunix")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (after one that compiles)")
-    parser.add_argument("--repeats", type=int, default=2, help="processes per system and setting")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # setting: run nanotune's step here
-    args = parser.parse_args()
-    if args.worker:
-        args.setting = args.worker
-        print(json.dumps(nanotune_worker(args)))
-        return
-    systems = [s for s in args.systems.split(",") if s != "tunix" or TUNIX_PYTHON.exists()]
-    if len(systems) < len(args.systems.split(",")):
-        print("no benchmarks/.tunix-venv: Tunix skipped (benchmarks/RESULTS.md says how to install it)", file=sys.stderr)
-    rows = []
-    for setting in args.settings.split(","):
-        results = {s: [] for s in systems}
-        for r in range(args.repeats):
-            for system in systems:
-                try:
-                    out = measure(system, args, setting)
-                except RuntimeError as e:
-                    print(f"{system} {setting}: {e}", file=sys.stderr)
-                    continue
-                out["step"] = statistics.median(out["step_s"][1:])
-                results[system].append(out)
-                print(f"round {r + 1} {system} {setting}: step {out['step'] * 1e3:.1f} ms (first "
-                      f"{out['step_s'][0]:.1f}s), peak RSS {out['peak_rss_bytes'] / 2**30:.2f} GiB",
-                      file=sys.stderr, flush=True)
-        rows.append((setting, results))
-    print("\n| setting | system | step (ms) | tokens/s | peak RSS (GiB) | Tunix / nanotune |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for setting, results in rows:
-        B, T = SHAPES[setting]
-        step = {s: statistics.median(x["step"] for x in v) for s, v in results.items() if v}
-        for system, runs in results.items():
-            if not runs:
-                continue
-            ratio = f"**{step['tunix'] / step[system]:.2f}x**" if "tunix" in step and system != "tunix" else ""
-            rss = statistics.median(x["peak_rss_bytes"] for x in runs) / 2**30
-            print(f"| {setting} {B} x {T} | {system} | {step[system] * 1e3:.1f} | "
-                  f"{B * T / step[system]:.3g} | {rss:.2f} | {ratio} |")
+def describe(setting: str) -> tuple[str, int]:  # the table's row label, tokens per step
+    B, T = SHAPES[setting]
+    return f"{setting} {B} x {T}", B * T
 
 
 if __name__ == "__main__":
-    main()
+    side_by_side(__file__, nanotune_worker, HERE / "tunix_distill_worker.py", tunix_config, describe, "tokens")
