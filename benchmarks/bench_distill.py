@@ -49,7 +49,7 @@ import pathlib
 import sys
 import time
 
-from worker import side_by_side
+from worker import peak_rss, reset_peak, side_by_side
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -74,7 +74,7 @@ def nanotune_worker(setting: str, steps: int) -> dict:
     import distill
     import run
     import shard
-    from bench_train import model_config, peak_rss, reset_peak
+    from bench_train import model_config
     from model import CONFIGS, Transformer
 
     B, T = SHAPES[setting]

@@ -37,7 +37,7 @@ import pathlib
 import sys
 import time
 
-from worker import side_by_side
+from worker import peak_rss, reset_peak, side_by_side
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -65,7 +65,7 @@ def nanotune_worker(setting: str, steps: int) -> dict:
     import dpo
     import run
     import shard
-    from bench_train import model_config, peak_rss, reset_peak
+    from bench_train import model_config
     from model import Transformer
 
     B, P, C = SHAPES[setting]

@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+from worker import peak_rss, reset_peak
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 TUNIX_PYTHON = HERE / ".tunix-venv" / "bin" / "python"
@@ -143,18 +145,6 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: restart the peak-RSS count (VmHWM) here
-        f.write("5")
-
-
-def peak_rss() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def scratch_curve(setting: str, shapes=((4, 128), (4, 256), (8, 256), (8, 512))):

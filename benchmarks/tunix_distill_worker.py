@@ -73,6 +73,8 @@ from tunix.rl import reshard
 from tunix.sft import sharding_utils
 from tunix.sft import utils as sft_utils
 
+from worker import peak_rss, reset_peak
+
 warnings.filterwarnings("ignore", "`with mesh:`", DeprecationWarning)  # Tunix's own code uses it too
 TEACHERS = {  # tunix_train_worker.py's Qwen 3 shapes
     "tiny": dict(num_layers=2, vocab_size=259, embed_dim=128, hidden_dim=384, num_heads=4, head_dim=32,
@@ -129,14 +131,6 @@ def make_labels(vocab: int):
     return labels
 
 
-def peak_rss() -> int:
-    """Peak resident memory since the last clear_refs, from /proc/self/status."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -166,8 +160,7 @@ def main() -> None:
             trainer.config.data_sharding_axis)  # on the mesh, untimed
     log(f"tunix_distill_worker: {cfg['model']} built in {time.perf_counter() - start:.1f}s; student params "
         f"{total:,} ({total / 1e6:.2f}M), teacher {n_teacher:,} ({n_teacher / 1e6:.2f}M), lora={trainer._lora_enabled}")
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: restart the peak-RSS count (VmHWM) here
-        f.write("5")
+    reset_peak()  # the peak-RSS count restarts here
     for line in sys.stdin:
         if not line.strip():
             continue

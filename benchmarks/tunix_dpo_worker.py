@@ -66,6 +66,8 @@ from tunix.rl import reshard
 from tunix.sft import sharding_utils
 from tunix.sft.dpo import dpo_trainer
 
+from worker import peak_rss, reset_peak
+
 warnings.filterwarnings("ignore", "`with mesh:`", DeprecationWarning)  # Tunix's own code uses it too
 SHAPES = {  # tunix_train_worker.py's Qwen 3 shapes
     "tiny": dict(num_layers=2, vocab_size=259, embed_dim=128, hidden_dim=384, num_heads=4, head_dim=32,
@@ -106,14 +108,6 @@ def random_pairs(vocab: int, pairs: int, prompt_len: int, answer_len: int) -> dp
                                      chosen_mask=ones(chosen), rejected_ids=rejected, rejected_mask=ones(rejected))
 
 
-def peak_rss() -> int:
-    """Peak resident memory since the last clear_refs, from /proc/self/status."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -139,8 +133,7 @@ def main() -> None:
                                            trainer.config.data_sharding_axis)  # on the mesh, untimed
     log(f"tunix_dpo_worker: {cfg['model']} built in {time.perf_counter() - start:.1f}s; policy params {total:,} "
         f"({total / 1e6:.2f}M), reference {count(reference, nnx.Param):,}, lora={trainer._lora_enabled}")
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: restart the peak-RSS count (VmHWM) here
-        f.write("5")
+    reset_peak()  # the peak-RSS count restarts here
     for line in sys.stdin:
         if not line.strip():
             continue

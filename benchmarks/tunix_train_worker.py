@@ -64,6 +64,8 @@ from tunix.rl import reshard
 from tunix.sft import peft_trainer, sharding_utils
 from tunix.sft import utils as sft_utils
 
+from worker import peak_rss, reset_peak
+
 warnings.filterwarnings("ignore", "`with mesh:`", DeprecationWarning)  # Tunix's own code uses it too
 QWEN3_LORA = ".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj"
 GEMMA3_LORA = ".*q_einsum|.*kv_einsum|.*attn_vec_einsum|.*gate_proj|.*up_proj|.*down_proj"
@@ -111,14 +113,6 @@ def gen_model_input(x: peft_trainer.TrainingInput) -> dict:
             "attention_mask": sft_utils.make_causal_attn_mask(x.input_mask)}
 
 
-def peak_rss() -> int:
-    """Peak resident memory since the last clear_refs, from /proc/self/status."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -162,8 +156,7 @@ def main() -> None:
             trainer.config.data_sharding_axis)
     log(f"tunix_train_worker: built in {time.perf_counter() - start:.1f}s; params {total:,}, "
         f"trainable {n_trainable:,}, lora={trainer._lora_enabled}")
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: restart the peak-RSS count (VmHWM) here
-        f.write("5")
+    reset_peak()  # the peak-RSS count restarts here
     for line in sys.stdin:
         if not line.strip():
             continue

@@ -26,6 +26,20 @@ class Worker:
         self.proc.wait()
 
 
+def reset_peak() -> None:
+    """Linux: restart this process's peak-RSS count (VmHWM) here."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss() -> int:
+    """Peak resident memory since the last reset_peak, from /proc/self/status."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def last_json(argv, stdin: str | None = None) -> dict:
     """Run a worker process to its end; its last stdout line is its JSON answer (else RuntimeError with
     its last stderr line)."""
