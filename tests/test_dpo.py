@@ -5,7 +5,6 @@ learns, it resumes exactly, and bad input ends in one clear line."""
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from flax import nnx
 
 import data
+from scripts import kill_at_checkpoint
 import dpo
 import logprobs
 import tasks
@@ -417,13 +417,7 @@ def test_kill_and_resume_continue_the_same_run(tmp_path):
     full = run_dpo(*args, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "dpo.py", *args, "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "XLA_FLAGS": ""})
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "4").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)  # the hard way: no cleanup, maybe mid-save
-    proc.wait()
+    kill_at_checkpoint("dpo.py", args, out, 4)  # kill -9, maybe mid-save
     resumed = run_dpo(*args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step" in resumed.stderr

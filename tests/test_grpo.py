@@ -22,6 +22,7 @@ import pytest
 from flax import nnx
 
 import data
+from scripts import kill_at_checkpoint
 import grpo
 import model as model_lib
 import sample
@@ -343,14 +344,7 @@ def full_run(tmp_path_factory):
 
 def test_kill_and_resume_continue_the_same_run(tmp_path, full_run):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "grpo.py", *RESUME, "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "XLA_FLAGS": ""})
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "4").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)  # the hard way: no cleanup, maybe mid-save
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_at_checkpoint("grpo.py", RESUME, out, 4) == -signal.SIGKILL  # maybe mid-save
     resumed = run_grpo(*RESUME, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step" in resumed.stderr and "warm-up:" not in resumed.stderr  # its result is reused

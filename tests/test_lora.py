@@ -17,6 +17,7 @@ from flax import nnx
 
 import ckpt
 import data
+from scripts import kill_at_checkpoint
 import adapters
 import model as M
 import sft
@@ -275,14 +276,7 @@ def test_kill_and_resume_continue_the_same_run(tmp_path):
     full = run_lora(*args, "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "lora.py", *args, "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "XLA_FLAGS": ""})
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "20").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_at_checkpoint("lora.py", args, out, 20, poll=0.05) == -signal.SIGKILL  # maybe mid-save
     resumed = run_lora(*args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step" in resumed.stderr

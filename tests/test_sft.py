@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import data
+from scripts import kill_at_checkpoint
 import sft
 import tasks
 from model import CONFIGS, Transformer
@@ -129,14 +130,7 @@ def test_kill_and_resume_continue_the_same_run(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "sft.py", *args, "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "XLA_FLAGS": ""})
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "20").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)  # the hard way: no cleanup, maybe mid-save
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_at_checkpoint("sft.py", args, out, 20, poll=0.05) == -signal.SIGKILL  # maybe mid-save
     resumed = run_sft(*args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step" in resumed.stderr
