@@ -56,6 +56,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 from tqdm import tqdm
 
@@ -121,6 +122,12 @@ class Config(run.RunConfig):
     lora: bool = False  # train LoRA adapters on the student only
     lora_rank: int = 8  # LoRA r
     lora_alpha: float = 16.0  # LoRA scale numerator (alpha / r)
+    # intermediate layers (Tunix's feature and attention strategies)
+    hidden_layers: str = ""  # "S:T,...": the student's residual stream after S blocks pulled to the teacher's after T
+    hidden_loss: str = "mse"  # mse (through a learned [D_s, D_t] projection when widths differ) | cosine (wider pooled)
+    hidden_weight: float = 1.0  # weight of the hidden-state loss (summed over the pairs, per completion token)
+    attention_layers: str = ""  # "S:T,...": student layer S's head-averaged attention map pulled to teacher layer T's
+    attention_weight: float = 1.0  # weight of the attention maps' KL(teacher ‖ student) (summed over pairs and rows)
 
     def __post_init__(self):
         tasks.builtin_task(self.task)  # a bad --task fails here, before anything loads
@@ -139,7 +146,20 @@ class Config(run.RunConfig):
             (self.lr > 0 and 0 <= self.warmup < 1 and self.clip > 0 and self.weight_decay >= 0,
              "need --lr > 0, 0 <= --warmup < 1, --clip > 0, --weight-decay >= 0"),
             (self.dtype in ("float32", "bfloat16") and self.teacher_dtype in ("float32", "bfloat16"),
-             "--dtype and --teacher-dtype must be float32 or bfloat16")])
+             "--dtype and --teacher-dtype must be float32 or bfloat16"),
+            (self.hidden_loss in ("mse", "cosine") and self.hidden_weight >= 0 and self.attention_weight >= 0,
+             "--hidden-loss must be mse or cosine; --hidden-weight and --attention-weight >= 0"),
+            (not self.teacher_topk or not (self.hidden_layers or self.attention_layers),
+             "--hidden-layers and --attention-layers need the teacher itself: not with --teacher-topk")])
+        layer_pairs(self.hidden_layers, "hidden-layers"), layer_pairs(self.attention_layers, "attention-layers")
+
+
+def layer_pairs(text: str, flag: str) -> list[tuple[int, int]]:
+    """"2:4,4:8" → [(2, 4), (4, 8)]: (student layer, teacher layer) pairs."""
+    try:
+        return [(int(s), int(t)) for s, t in (pair.split(":") for pair in text.split(","))] if text.strip() else []
+    except ValueError:
+        raise ValueError(f"--{flag} takes student:teacher layer pairs like 2:4,4:8, got {text!r}") from None
 
 
 # ----------------------------------------------------------------------------- the divergences
@@ -178,17 +198,22 @@ def bucketed(top):
     return jnp.concatenate([top, rest[:, None]], axis=-1)
 
 
-def token_terms(student, teacher, batch, cfg: Config, layers=None):
+def token_terms(student, teacher, batch, cfg: Config, layers=None, projections=None):
     """Per target position [B, T − 1]: the divergence, the student's and the teacher's NLL of the token,
-    forward and reverse KL at temperature 1, and whether the two argmaxes agree. The teacher's hidden
-    states are made without gradients; both heads run a chunk of positions at a time, the teacher's
-    logits inside the student's chunk, cut to the vocabularies' common size."""
+    forward and reverse KL at temperature 1, and whether the two argmaxes agree; and {name: [B, T − 1]} of
+    the intermediate layers' losses. The teacher's hidden states are made without gradients; both heads
+    run a chunk of positions at a time, the teacher's logits inside the student's chunk, cut to the
+    vocabularies' common size."""
     tokens, T = batch["tokens"], batch["tokens"].shape[1]
-    x = model_lib.next_token_hidden(student, tokens, batch["positions"], batch["segment_ids"], T - 1, layers=layers)
+    taps = tuple(name for name, pairs in (("hidden", cfg.hidden_layers), ("attention", cfg.attention_layers)) if pairs)
+    x = model_lib.next_token_hidden(student, tokens, batch["positions"], batch["segment_ids"], T - 1, layers=layers,
+                                    taps=taps)
     if teacher is None:  # --teacher-topk: the teacher's top-K log-probs from the cache, in K + 1 buckets
-        return topk_terms(student, x, batch, cfg)
+        return topk_terms(student, x, batch, cfg), {}
     x_t = jax.lax.stop_gradient(model_lib.next_token_hidden(teacher, tokens, batch["positions"], batch["segment_ids"],
-                                                            T - 1, layers=model_lib.unrolled_if_small(teacher)))
+                                                            T - 1, layers=model_lib.unrolled_if_small(teacher),
+                                                            taps=taps))
+    (x, taps_s), (x_t, taps_t) = (x, x_t) if taps else ((x, None), (x_t, None))
     head_t, cap_t = jax.lax.stop_gradient(teacher.head(teacher.cfg.param_dtype)), teacher.cfg.final_softcap
     V = min(student.cfg.vocab_size, teacher.cfg.vocab_size)
 
@@ -204,7 +229,59 @@ def token_terms(student, teacher, batch, cfg: Config, layers=None):
         return (kd, nll, -jnp.take_along_axis(t1, target[:, None], axis=-1)[:, 0], kl(t1, s1), kl(s1, t1),
                 (jnp.argmax(s1, axis=-1) == jnp.argmax(t1, axis=-1)).astype(jnp.float32))
     return logprobs.per_position(per_token, x, student.head(student.cfg.param_dtype), tokens[:, 1:], x_t,
-                                 cap=student.cfg.final_softcap)
+                                 cap=student.cfg.final_softcap), layer_terms(taps_s, taps_t, projections, cfg)
+
+
+def layer_terms(taps_s, taps_t, projections: dict, cfg: Config) -> dict:
+    """The intermediate layers' losses per position [B, T − 1], each summed over its pairs (Tunix's feature
+    strategies, per token): hidden_loss, the squared error per unit of the teacher's state and the student's
+    (projected when widths differ), or with cosine 1 − cos between the two with the wider one average-pooled
+    to the narrower width (Tunix pools the teacher); attention_loss, KL(teacher's map ‖ student's) of each
+    query's row (Tunix's attention strategies match the attention block's output instead)."""
+    out = {}
+    for s, t in layer_pairs(cfg.hidden_layers, "hidden-layers"):
+        h_s, h_t = taps_s["hidden"][s].astype(jnp.float32), taps_t["hidden"][t].astype(jnp.float32)  # [B, T-1, D_*]
+        if cfg.hidden_loss == "mse":
+            h_s = h_s @ projections[f"s{s}_t{t}"] if h_s.shape[-1] != h_t.shape[-1] else h_s  # [B, T-1, D_t]
+            term = jnp.mean(jnp.square(h_s - h_t), axis=-1)
+        else:
+            width = min(h_s.shape[-1], h_t.shape[-1])
+            h_s, h_t = pooled(h_s, width), pooled(h_t, width)
+            term = 1 - jnp.sum(h_s * h_t, -1) / jnp.maximum(jnp.linalg.norm(h_s, axis=-1) *
+                                                            jnp.linalg.norm(h_t, axis=-1), 1e-8)
+        out["hidden_loss"] = out.get("hidden_loss", 0.0) + term
+    for s, t in layer_pairs(cfg.attention_layers, "attention-layers"):
+        a_s, a_t = taps_s["attention"][s], taps_t["attention"][t]  # [B, T-1, T-1], rows sum to 1
+        log = lambda a: jnp.log(jnp.maximum(a, 1e-30))  # noqa: E731 (masked keys have probability 0 in both)
+        out["attention_loss"] = out.get("attention_loss", 0.0) + jnp.sum(a_t * (log(a_t) - log(a_s)), axis=-1)
+    return out
+
+
+def pooled(h, width: int):
+    """h [..., D] average-pooled to [..., width] as Tunix's avg_pool_array_to_target_shape (VALID padding):
+    windows of D − (width − 1)·stride features every stride = D // width."""
+    D = h.shape[-1]
+    if D == width:
+        return h
+    stride = D // width
+    window, starts = D - (width - 1) * stride, jnp.arange(width) * stride
+    total = jnp.cumsum(jnp.pad(h, [(0, 0)] * (h.ndim - 1) + [(1, 0)]), axis=-1)  # [..., D + 1]
+    return (total[..., starts + window] - total[..., starts]) / window
+
+
+def make_projections(cfg: Config, student_cfg, teacher_cfg) -> dict:
+    """Checks the layer pairs against both models; → the learned projections [D_s, D_t] of --hidden-loss mse
+    when the widths differ (LeCun normal; trained with the student, saved with it)."""
+    key, out = jax.random.key(cfg.seed + 2), {}
+    for flag, pairs, top in (("hidden-layers", cfg.hidden_layers, 0), ("attention-layers", cfg.attention_layers, 1)):
+        for s, t in layer_pairs(pairs, flag):
+            if not (0 <= s <= student_cfg.n_layers - top and 0 <= t <= teacher_cfg.n_layers - top):
+                run.fail(f"--{flag} {s}:{t}: the student has layers 0..{student_cfg.n_layers - top} and the teacher "
+                         f"0..{teacher_cfg.n_layers - top} here")
+            if flag == "hidden-layers" and cfg.hidden_loss == "mse" and student_cfg.dim != teacher_cfg.dim:
+                out[f"s{s}_t{t}"] = student_cfg.dim ** -0.5 * jax.random.normal(
+                    jax.random.fold_in(key, len(out)), (student_cfg.dim, teacher_cfg.dim), jnp.float32)
+    return out
 
 
 def topk_terms(student, x, batch, cfg: Config):
@@ -229,25 +306,30 @@ def topk_terms(student, x, batch, cfg: Config):
 METRICS = ("kd_loss", "nll_loss", "teacher_nll", "kl/forward", "kl/reverse", "top1_agreement")
 
 
-def distill_loss(student, teacher, batch, cfg: Config, layers=None):
-    """Σ over completion tokens of kd_ratio · divergence + (1 − kd_ratio) · NLL (make_update divides by the
-    step's token count), and the sums of what is logged, with "tokens", their count."""
-    terms = token_terms(student, teacher, batch, cfg, layers)
+def distill_loss(student, teacher, batch, cfg: Config, layers=None, projections=None):
+    """Σ over completion tokens of kd_ratio · divergence + (1 − kd_ratio) · NLL (+ the weighted intermediate
+    layers' losses; make_update divides by the step's token count), and the sums of what is logged, with
+    "tokens", their count."""
+    terms, layer = token_terms(student, teacher, batch, cfg, layers, projections)
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    sums = {name: jnp.sum(term * mask) for name, term in zip(METRICS, terms)}
-    return cfg.kd_ratio * sums["kd_loss"] + (1 - cfg.kd_ratio) * sums["nll_loss"], {**sums, "tokens": jnp.sum(mask)}
+    sums = {name: jnp.sum(term * mask) for name, term in (*zip(METRICS, terms), *layer.items())}
+    loss = cfg.kd_ratio * sums["kd_loss"] + (1 - cfg.kd_ratio) * sums["nll_loss"] + \
+        cfg.hidden_weight * sums.get("hidden_loss", 0.0) + cfg.attention_weight * sums.get("attention_loss", 0.0)
+    return loss, {**sums, "tokens": jnp.sum(mask)}
 
 
 # ----------------------------------------------------------------------------- the train step
 
 def make_train_step(graphdef, teacher_graphdef, tx, cfg: Config, loss_only: bool = False):
     """step(params, opt_state, (frozen, teacher_state), batch [grad_accum, b, T], key) → params, opt_state,
-    metrics, aux sums [A]: only the student's trained params are differentiated and updated. The teacher's
+    metrics, aux sums [A]: only params ({"student": its trained part, "projections": those of the hidden-state
+    loss, when there are any}) are differentiated and updated. The teacher's
     state is None with --teacher-topk (the batch holds its numbers). loss_only: the loss function itself."""
     def loss_fn(params, frozen, micro_batch, key):
-        student = nnx.merge(graphdef, params, frozen[0])
+        student = nnx.merge(graphdef, params["student"], frozen[0])
         teacher = None if frozen[1] is None else nnx.merge(teacher_graphdef, frozen[1])
-        return distill_loss(student, teacher, micro_batch, cfg, model_lib.unrolled_if_small(student))
+        return distill_loss(student, teacher, micro_batch, cfg, model_lib.unrolled_if_small(student),
+                            params.get("projections"))
     return loss_fn if loss_only else run.make_update(loss_fn, tx)
 
 
@@ -394,8 +476,8 @@ def evaluate(eval_loss, params, frozen, evals, eval_examples, eval_topk, tok, pa
         sums = jax.device_get(eval_loss(params, frozen, device_batch(eval_examples[i:i + 64], cfg, pad_id, None, 1,
                                                                      topk)))
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
-    record = {} if totals is None else {f"eval/{k}": float(totals[k]) / max(float(totals["tokens"]), 1.0)
-                                        for k in METRICS}
+    record = {} if totals is None else {f"eval/{k}": float(v) / max(float(totals["tokens"]), 1.0)
+                                        for k, v in totals.items() if k != "tokens"}
     if totals is not None:
         record["eval/kl"] = record["eval/kl/forward"]
     return {**record, **run.evaluate_completions(policy(), evals, tok, None), **teacher_accuracy}
@@ -426,6 +508,8 @@ def main(argv=None):
         adapters.add_lora(student, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
     trained = adapters.LoRA if cfg.lora else nnx.Param
     graphdef, params, frozen = nnx.split(shard.shard_model(student, mesh), trained, ...)  # trained | the rest
+    projections = make_projections(cfg, student.cfg, teacher.cfg)
+    params = {"student": params, **({"projections": shard.shard_tree(projections, mesh)} if projections else {})}
     teacher_graphdef, teacher_state = nnx.split(teacher)
     if cache is not None:  # the teacher's numbers are in the cache: it takes no part in training
         teacher, teacher_state = None, None
@@ -440,7 +524,7 @@ def main(argv=None):
     params, opt_state = state["params"], state["opt_state"]
     frozen = (frozen, teacher_state)
     run.announce(loaded, params, mesh, f"{len(train)} training examples, loss {cfg.loss}")
-    policy = lambda: nnx.merge(graphdef, params, frozen[0])  # noqa: E731 (the student at the current params)
+    policy = lambda: nnx.merge(graphdef, params["student"], frozen[0])  # noqa: E731 (the student now)
     eval_topk = None if cache is None else cached_rows(cache, "eval", range(len(eval_examples)))
     evaluate_now = lambda: evaluate(eval_loss, params, frozen, evals, eval_examples, eval_topk, tok,  # noqa: E731
                                     pad_id, cfg, policy, teacher_accuracy)
@@ -466,7 +550,8 @@ def main(argv=None):
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tokens = max(float(np.sum(aux["tokens"])), 1.0)
                 record = {"step": step, "loss": float(metrics["loss"]),
-                          **{k: float(np.sum(aux[k])) / tokens for k in METRICS if k != "nll_loss" or cfg.kd_ratio < 1},
+                          **{k: float(np.sum(v)) / tokens for k, v in aux.items()
+                             if k != "tokens" and (k != "nll_loss" or cfg.kd_ratio < 1)},
                           **({"completions/mean_length": float(np.mean(lengths))} if lengths else {}),
                           "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
                           "seconds_per_step": (time.perf_counter() - t0) / (step - logged)}
@@ -481,6 +566,9 @@ def main(argv=None):
         bar.close()
 
     if shard.is_main_process():
+        if projections:  # the hidden-state projections, as trained
+            safetensors.numpy.save_file({k: np.asarray(v) for k, v in params["projections"].items()},
+                                        str(out / "projections.safetensors"))
         run.export_policy(policy(), out, loaded, cfg.lora, time.perf_counter() - start)
 
 

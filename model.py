@@ -234,8 +234,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(q, k, v, mask, scale: float, cap: float | None) -> jax.Array:
-    """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] (True = may attend)."""
+def attention(q, k, v, mask, scale: float, cap: float | None) -> tuple[jax.Array, jax.Array]:
+    """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] (True = may attend) → output
+    [B,T,N,H] and the attention map averaged over heads [B,T,S] (XLA drops it where it is not used)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
@@ -245,7 +246,7 @@ def attention(q, k, v, mask, scale: float, cap: float | None) -> jax.Array:
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # softmax in float32
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, H).astype(q.dtype)
+    return out.reshape(B, T, N, H).astype(q.dtype), jnp.mean(probs.astype(jnp.float32), axis=(1, 2))
 
 
 class KVCache(NamedTuple):
@@ -330,9 +331,10 @@ class Rope(NamedTuple):
     sin: jax.Array  # [B, T, H/2]
 
 
-def self_attention(p: dict, h, cfg: Config, rope: Rope, mask, kv, start, adapters) -> tuple[jax.Array, tuple]:
-    """Grouped-query self-attention of h [B, T, D] → [B, T, D]. kv: this layer's cached keys and values
-    [B, S, K, H] (None without a cache): this call's are written at slot `start`, then all are attended."""
+def self_attention(p: dict, h, cfg: Config, rope: Rope, mask, kv, start, adapters):
+    """Grouped-query self-attention of h [B, T, D] → [B, T, D], the keys and values, the head-averaged map
+    [B, T, S]. kv: this layer's cached keys and values [B, S, K, H] (None without a cache): this call's are
+    written at slot `start`, then all are attended."""
     eps = (cfg.norm_eps, cfg.norm_plus_one)
     q, k, v = projections(p, ("q", "k", "v"), h, cfg, adapters)  # [B, T, N, H], [B, T, K, H] x 2
     if cfg.qkv_bias:
@@ -346,8 +348,9 @@ def self_attention(p: dict, h, cfg: Config, rope: Rope, mask, kv, start, adapter
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
         k, v = cache_k.astype(h.dtype), cache_v.astype(h.dtype)
     scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
-    out, = projections(p, ("o",), attention(q, k, v, mask, scale, cfg.attn_softcap), cfg, adapters)
-    return out, (cache_k, cache_v)
+    heads, attention_map = attention(q, k, v, mask, scale, cfg.attn_softcap)
+    out, = projections(p, ("o",), heads, cfg, adapters)
+    return out, (cache_k, cache_v), attention_map
 
 
 def mlp(p: dict, h, cfg: Config, adapters) -> jax.Array:
@@ -358,13 +361,14 @@ def mlp(p: dict, h, cfg: Config, adapters) -> jax.Array:
 
 
 def block(x, p: dict, cfg: Config, rope: Rope, mask, kv, start, adapters):
-    """One pre-norm block on the residual stream x [B, T, D] (post norms: Gemma 2/3 only)."""
+    """One pre-norm block on the residual stream x [B, T, D] (post norms: Gemma 2/3 only) → x, the layer's
+    keys and values, its head-averaged attention map [B, T, S]."""
     norm = lambda y, name: rms_norm(y, p[name], cfg.norm_eps, cfg.norm_plus_one)  # noqa: E731
     post = lambda y, name: norm(y, name) if cfg.post_norms else y  # noqa: E731
-    out, kv = self_attention(p, norm(x, "attn_norm"), cfg, rope, mask, kv, start, adapters)
+    out, kv, attention_map = self_attention(p, norm(x, "attn_norm"), cfg, rope, mask, kv, start, adapters)
     x = x + post(out, "post_attn_norm")
     x = x + post(mlp(p, norm(x, "ffw_norm"), cfg, adapters), "post_ffw_norm")
-    return x, kv
+    return x, kv, attention_map
 
 
 # ----------------------------------------------------------------------------- the model
@@ -402,7 +406,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
                  last: int | None = None, layers: list[dict] | None = None, dropout_key: jax.Array | None = None,
-                 hidden: bool = False):
+                 hidden: bool = False, taps: tuple[str, ...] = ()):
         """tokens [B, T] int32 → logits [B, T, V] float32 (and the updated cache if one is given).
 
         positions [B, T]: RoPE positions (default 0..T-1; left-padded rows start at 0 after
@@ -416,6 +420,9 @@ class Transformer(nnx.Module):
         instead of scanned, at the price of compiling every layer: on CPU decoding is ~1.5x and a
         GRPO update ~1.7x faster that way (benchmarks/RESULTS.md).
         dropout_key: LoRA dropout on the adapters' inputs (training only; None: no dropout).
+        taps (no cache): also return {"hidden": the residual stream after 0..L blocks [L + 1, B, T, D] (HF's
+        hidden_states but the last, which is not final-normed here), "attention": each layer's attention map
+        averaged over heads [L, B, T, T]}, those named, as (out, taps); what distill.py matches layer by layer.
         """
         cfg, (B, T) = self.cfg, tokens.shape
         dtype = jnp.dtype(cfg.dtype)
@@ -449,7 +456,8 @@ class Transformer(nnx.Module):
             rope = Rope(*(jnp.where(is_sliding, a, b) for a, b in zip(local_rope, global_rope)))
             mask = jnp.where(is_sliding, sliding_mask, global_mask)
             adapters = Adapters(lora.scale, lora.dropout, drop_key) if lora else None
-            return block(x, p, cfg, rope, mask, (layer_k, layer_v), start, adapters)
+            y, kv, attention_map = block(x, p, cfg, rope, mask, (layer_k, layer_v), start, adapters)
+            return y, (kv, {name: a for name, a in (("hidden", x), ("attention", attention_map)) if name in taps})
 
         # The backward pass reads each block's projection outputs (matmuls without batch dimensions) from
         # the forward pass and recomputes the rest (norms, RoPE, attention, activations) from them: on
@@ -459,19 +467,27 @@ class Transformer(nnx.Module):
         layer_step = jax.checkpoint(layer_step, policy=policy)
         cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
         if layers is None:
-            x, (new_k, new_v) = jax.lax.scan(layer_step, x, (self.layers.arrays(), sliding, *cache_kv, drop_keys))
+            x, ((new_k, new_v), tapped) = jax.lax.scan(layer_step, x,
+                                                       (self.layers.arrays(), sliding, *cache_kv, drop_keys))
         else:
-            new_kv = []
+            new_kv, tapped = [], []
             for i, p in enumerate(layers):
-                x, kv = layer_step(x, (p, sliding[i], *(c if c is None else c[i] for c in (*cache_kv, drop_keys))))
+                per_layer = (c if c is None else c[i] for c in (*cache_kv, drop_keys))
+                x, (kv, tap) = layer_step(x, (p, sliding[i], *per_layer))
                 new_kv.append(kv)
+                tapped.append(tap)
+            tapped = jax.tree.map(lambda *a: jnp.stack(a), *tapped)
             new_k, new_v = (None, None) if cache is None else [  # a per-layer cache stays per layer
                 tuple(kvs) if isinstance(cache.k, tuple) else jnp.stack(kvs) for kvs in zip(*new_kv)]
+        if "hidden" in taps:
+            tapped["hidden"] = jnp.concatenate([tapped["hidden"], x[None]])
 
         if last is not None:
             x = x[:, -last:]
         x = rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_plus_one)
         out = x if hidden else self.logits(x)
+        if taps:
+            return out, tapped
         return out if cache is None else (out, KVCache(new_k, new_v, k_segments, start + T))
 
     def head(self, dtype=None) -> jax.Array:
@@ -536,16 +552,16 @@ def repeat_rows(cache: KVCache, group: int) -> KVCache:
 
 
 def next_token_hidden(model: Transformer, tokens, positions, segment_ids, last: int, group: int = 1, layers=None,
-                      dropout_key=None):
+                      dropout_key=None, taps: tuple[str, ...] = ()):
     """Final-normed hidden states [B, C, D] predicting the last C = `last` tokens of each row of tokens
     [B, T]: model(tokens[:, :-1], ..., last=C, hidden=True). group > 1: rows come in runs of `group` that
     share their first T - C tokens (a GRPO group's prompt); those run once per run, into a KV cache that
     the run's rows attend to, so the prompt's work is done once, not `group` times (gradients flow
-    through the cache: the run's contributions add up)."""
+    through the cache: the run's contributions add up). taps (group 1): also the model's taps of tokens[:, :-1]."""
     C, P = last, tokens.shape[1] - last
     if group == 1 or C == 1:
         return model(tokens[:, :-1], positions=positions[:, :-1], segment_ids=segment_ids[:, :-1], last=C,
-                     layers=layers, dropout_key=dropout_key, hidden=True)
+                     layers=layers, dropout_key=dropout_key, hidden=True, taps=taps)
     cache = KVCache.init(model.cfg, tokens.shape[0] // group, P + C)
     first, cache = model(tokens[::group, :P], positions=positions[::group, :P], segment_ids=segment_ids[::group, :P],
                          cache=cache, last=1, layers=layers, dropout_key=dropout_key, hidden=True)  # [B/G, 1, D]

@@ -97,6 +97,78 @@ def test_jsd_tends_to_the_two_kls_at_its_ends():
     assert float(jnp.max(near)) < 0.01 * float(jnp.max(forward)) + 1e-6
 
 
+# ----------------------------------------------------------------------------- intermediate layers
+
+def avg_pool_reference(h, width):
+    """Tunix's avg_pool_array_to_target_shape on the last axis, VALID padding, written out in numpy."""
+    D = h.shape[-1]
+    stride = D // width
+    window = D - (width - 1) * stride
+    return np.stack([h[..., i * stride:i * stride + window].mean(-1) for i in range(width)], -1)
+
+
+@pytest.mark.parametrize("D,width", [(128, 64), (100, 64), (96, 96), (7, 3)])
+def test_pooling_is_tunix_average_pooling(D, width):
+    h = np.random.default_rng(0).normal(size=(2, 5, D)).astype(np.float32)
+    np.testing.assert_allclose(distill.pooled(jnp.asarray(h), width), avg_pool_reference(h, width), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_layer_losses_are_their_definitions():
+    """hidden mse (projected to the teacher's width), cosine (the wider pooled), attention-map KL: each
+    per position against numpy, each summed over its pairs."""
+    rng = np.random.default_rng(1)
+    B, T, Ds, Dt = 2, 6, 8, 12
+    hidden_s, hidden_t = rng.normal(size=(3, B, T, Ds)), rng.normal(size=(4, B, T, Dt))
+    maps = lambda n: rng.dirichlet(np.ones(T), size=(n, B, T))  # noqa: E731 (rows sum to 1)
+    attn_s, attn_t = maps(2), maps(3)
+    attn_s[..., -1], attn_t[..., -1] = 0.0, 0.0  # a masked key: zero in both maps
+    attn_s, attn_t = attn_s / attn_s.sum(-1, keepdims=True), attn_t / attn_t.sum(-1, keepdims=True)
+    taps_s = {"hidden": jnp.asarray(hidden_s, jnp.float32), "attention": jnp.asarray(attn_s, jnp.float32)}
+    taps_t = {"hidden": jnp.asarray(hidden_t, jnp.float32), "attention": jnp.asarray(attn_t, jnp.float32)}
+    W = {"s1_t2": rng.normal(size=(Ds, Dt)), "s2_t3": rng.normal(size=(Ds, Dt))}
+    cfg = cfg_for(hidden_layers="1:2,2:3", attention_layers="0:1,1:2")
+    got = distill.layer_terms(taps_s, taps_t, {k: jnp.asarray(v, jnp.float32) for k, v in W.items()}, cfg)
+    mse = sum(((hidden_s[s] @ W[f"s{s}_t{t}"] - hidden_t[t]) ** 2).mean(-1) for s, t in [(1, 2), (2, 3)])
+    np.testing.assert_allclose(got["hidden_loss"], mse, rtol=1e-4)
+    kl = lambda p, q: np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(np.where(q > 0, q, 1))), 0).sum(-1)  # noqa
+    np.testing.assert_allclose(got["attention_loss"], kl(attn_t[1], attn_s[0]) + kl(attn_t[2], attn_s[1]), rtol=1e-4,
+                               atol=1e-6)
+    cosine = distill.layer_terms(taps_s, taps_t, {}, cfg_for(hidden_layers="1:2", hidden_loss="cosine"))
+    a, b = hidden_s[1], avg_pool_reference(hidden_t[2], Ds)
+    want = 1 - (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    np.testing.assert_allclose(cosine["hidden_loss"], want, rtol=1e-4, atol=1e-6)
+    assert set(cosine) == {"hidden_loss"}
+
+
+def test_projections_have_the_two_widths_and_are_trained():
+    """--hidden-loss mse between the 64-wide student and the 128-wide teacher: a [64, 128] projection per pair,
+    updated by the train step with the student (the teacher still gets nothing); equal widths need none."""
+    student, teacher = models()
+    cfg = cfg_for(hidden_layers="1:1,2:2", attention_layers="1:0")
+    projections = distill.make_projections(cfg, student.cfg, teacher.cfg)
+    assert {k: v.shape for k, v in projections.items()} == {"s1_t1": (64, 128), "s2_t2": (64, 128)}
+    assert distill.make_projections(cfg, teacher.cfg, teacher.cfg) == {}
+    assert distill.make_projections(cfg_for(hidden_layers="1:1", hidden_loss="cosine"), student.cfg, teacher.cfg) == {}
+    import run
+    graphdef, params, frozen = nnx.split(student, nnx.Param, ...)
+    t_graphdef, t_state = nnx.split(teacher)
+    params = {"student": params, "projections": projections}
+    tx, _ = run.adamw(cfg_for(warmup=0.0), 10)
+    step = jax.jit(distill.make_train_step(graphdef, t_graphdef, tx, cfg))
+    batch = {k: v[None] for k, v in task_batch().items()}
+    new, opt_state, metrics, aux = step(params, tx.init(params), (frozen, t_state), batch, None)
+    new, _, metrics, aux = step(new, opt_state, (frozen, t_state), batch, None)  # the schedule's first rate is 0
+    assert float(jnp.sum(aux["hidden_loss"])) > 0 and float(jnp.sum(aux["attention_loss"])) > 0
+    for name, w in projections.items():
+        assert new["projections"][name].shape == w.shape and not np.allclose(new["projections"][name], w)
+    # the loss is the weighted sum of its parts
+    cfg2 = cfg_for(hidden_layers="1:1,2:2", attention_layers="1:0", hidden_weight=0.5, attention_weight=2.0)
+    loss, sums = distill.distill_loss(student, teacher, task_batch(), cfg2, projections=projections)
+    np.testing.assert_allclose(loss, sums["kd_loss"] + 0.5 * sums["hidden_loss"] + 2.0 * sums["attention_loss"],
+                               rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- the models
 
 def models(teacher_vocab=None):
@@ -148,10 +220,10 @@ def test_the_teacher_gets_no_gradient_and_no_optimizer_state():
     import run
     cfg = cfg_for()
     tx, _ = run.adamw(cfg, 10)
-    opt_state = tx.init(params)
+    opt_state = tx.init({"student": params})
     step = jax.jit(distill.make_train_step(graphdef, t_graphdef, tx, cfg))
     b = {k: v[None] for k, v in batch.items()}
-    new_params, new_opt, metrics, _ = step(params, opt_state, (frozen, t_state), b, None)
+    new_params, new_opt, metrics, _ = step({"student": params}, opt_state, (frozen, t_state), b, None)
     n_student = sum(x.size for x in jax.tree.leaves(params))
     assert sum(x.size for x in jax.tree.leaves(new_opt)) <= 2 * n_student + 8  # AdamW's two moments (+ counts)
     assert np.isfinite(float(metrics["loss"]))
@@ -255,7 +327,8 @@ def test_kill_and_resume_continue_the_same_run(tmp_path):
 @pytest.mark.parametrize("args", [["--lora"], ["--teacher-dtype", "bfloat16", "--loss", "skew_reverse_kl"],
                                   ["--seq-kd", "--loss", "sampled_reverse_kl", "--max-new-tokens", "6"],
                                   ["--kd-ratio", "0.5", "--tau-squared", "--temperature", "2", "--grad-accum", "2"],
-                                  ["--max-len", "9", "--lmbda", "1", "--max-new-tokens", "6"]])  # rows cut to 9
+                                  ["--max-len", "9", "--lmbda", "1", "--max-new-tokens", "6"],  # rows cut to 9
+                                  ["--hidden-layers", "1:1,2:2", "--attention-layers", "1:1"]])
 def test_the_other_modes_run_end_to_end(tmp_path, args):
     r = run_distill(*SMALL, "--steps", "2", *args, "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -263,6 +336,12 @@ def test_the_other_modes_run_end_to_end(tmp_path, args):
     assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
     assert (tmp_path / "run" / "hf" / "config.json").is_file()
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file() == ("--lora" in args)
+    if "--hidden-layers" in args:  # the trained projections are saved; both layer losses logged
+        from safetensors.numpy import load_file
+        assert {k: v.shape for k, v in load_file(tmp_path / "run" / "projections.safetensors").items()} == {
+            "s1_t1": (64, 128), "s2_t2": (64, 128)}
+        last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["hidden_loss"] > 0 and last["eval/attention_loss"] > 0
     assert ("nll_loss" in json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])) == (
         "--kd-ratio" in args)
 
@@ -301,6 +380,9 @@ def error_line(capsys, tmp_path, *args) -> str:
     (["--teacher", "gpt5"], "unknown model preset 'gpt5'"),
     (["--teacher", "tiny-qwen3", "--data", "MISSING"], "no such file"),
     (["--teacher-topk", "8", "--lmbda", "0.5"], "--teacher-topk K > 0 scores the dataset's completions"),
+    (["--hidden-layers", "1-2"], "--hidden-layers takes student:teacher layer pairs"),
+    (["--teacher", "tiny-qwen3", "--attention-layers", "0:2"], "--attention-layers 0:2: the student has layers 0..1"),
+    (["--teacher-topk", "8", "--hidden-layers", "1:1"], "need the teacher itself"),
 ])
 def test_bad_input_is_one_clear_line(capsys, tmp_path, args, message):
     args = [str(tmp_path / "missing.jsonl") if a == "MISSING" else a for a in args]

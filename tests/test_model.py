@@ -170,3 +170,26 @@ def test_logits_of_the_last_positions_only():
     for last in (1, 7):
         assert model(x, last=last).shape == (2, last, 259)
         np.testing.assert_allclose(model(x, last=last), model(x)[:, -last:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_taps_match_transformers_hidden_states_and_attentions(family, tmp_path):
+    """model(..., taps=...) (distill.py's intermediate layers) against HF's output_hidden_states and
+    output_attentions (eager attention), scanned and unrolled."""
+    import torch
+    from model import unstack_layers
+    hf = make_hf_model(family, attn_implementation="eager")
+    model = ckpt.load_hf(save_hf_model(hf, tmp_path / family))
+    x = tokens()
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(x), output_hidden_states=True, output_attentions=True)
+    L = model.cfg.n_layers
+    for layers in (None, unstack_layers(model)):
+        logits, taps = model(jnp.asarray(x), layers=layers, taps=("hidden", "attention"))
+        assert taps["hidden"].shape == (L + 1, 2, SEQ, model.cfg.dim) and taps["attention"].shape == (L, 2, SEQ, SEQ)
+        for i in range(L):  # HF's last hidden state is final-normed; ours is the residual stream
+            assert rel_err(taps["hidden"][i], ref.hidden_states[i].numpy()) < 1e-4
+            assert rel_err(taps["attention"][i], ref.attentions[i].mean(1).numpy()) < 1e-4
+        assert rel_err(logits, ref.logits.numpy()) < 1e-4
+    _, only_hidden = model(jnp.asarray(x), taps=("hidden",))
+    assert set(only_hidden) == {"hidden"}
