@@ -6,7 +6,7 @@ what we save with the same logits. Loading never unpickles: safetensors only.
 
     model = load_hf("path/to/Qwen3-0.6B", dtype="bfloat16")
     save_hf(model, "runs/sft/hf")
-    model, source, directory = load_model("qwen3-0.6b")   # preset → local HF cache, else random weights
+    model, source, directory = load_model("qwen3-0.6b")   # a real preset: HF cache, else downloaded
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import mmap
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 from typing import NamedTuple
 
@@ -325,7 +324,13 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     dtype = dtype or "float32"
-    cfg = config_from_hf(read_config(path), dtype=dtype, param_dtype=param_dtype or dtype, **overrides)
+    hf_config = read_config(path)
+    try:
+        cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype or dtype, **overrides)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:  # a field missing, wrong
+        detail = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path / 'config.json'}: not a config this loader understands "
+                              f"({(detail.splitlines() or [''])[0][:200]})") from None
     table = name_table(cfg)
     files = tensor_index(path)
     expected = {hf.format(i=i) for hf, name, _ in table
@@ -360,9 +365,10 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
         var = flat[key]
         target = np.dtype(var.dtype)
         if "{i}" in hf:  # stack layer tensors into one [L, ...] array, filled in place
+            first = read(hf.format(i=0), var.shape[1:], n_in)  # its shape checked before the stack is allocated
             stacked = np.empty(var.shape, target)
             for i in range(cfg.n_layers):
-                stacked[i] = read(hf.format(i=i), var.shape[1:], n_in)  # casts on assignment
+                stacked[i] = read(hf.format(i=i), var.shape[1:], n_in) if i else first  # casts on assignment
         else:
             stacked = np.array(read(hf, var.shape, n_in), target)  # a copy: never alias the file map
         var.set_value(jnp.asarray(stacked))
@@ -476,8 +482,16 @@ def load_peft(model: Transformer, path) -> Transformer:
             raise CheckpointError(f"{path}: not a PEFT adapter directory (no {f.name})")
     try:
         config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+        return _attach_peft(model, config, config_file, weights)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        detail = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{config_file}: not an adapter config this loader understands "
+                              f"({(detail.splitlines() or [''])[0][:200]})") from None
+
+
+def _attach_peft(model: Transformer, config, config_file: pathlib.Path, weights: pathlib.Path) -> Transformer:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise CheckpointError(f"{config_file}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}, only LORA is supported")
     unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform")
@@ -490,8 +504,10 @@ def load_peft(model: Transformer, path) -> Transformer:
         modules = list(by_module)
     if not isinstance(modules, list) or not modules or any(m not in by_module for m in modules):
         raise CheckpointError(f"{config_file}: target_modules {modules!r}: need a list among {', '.join(by_module)}")
-    targets = tuple(by_module[m] for m in modules)
-    add_lora(model, int(config["r"]), float(config.get("lora_alpha", 8)), targets,
+    targets, rank = tuple(by_module[m] for m in modules), int(config["r"])
+    if not 1 <= rank <= model.cfg.dim:  # before anything of that size is allocated
+        raise CheckpointError(f"{config_file}: r = {rank} is not a rank of a {model.cfg.dim}-wide model")
+    add_lora(model, rank, float(config.get("lora_alpha", 8)), targets,
              dropout=float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora")))
     file = SafetensorsFile(weights)
     for name in model.lora.targets:
@@ -526,15 +542,29 @@ HF_REPOS = {
 }
 
 
-def hf_cache_dir(repo: str) -> pathlib.Path | None:
-    """The local snapshot of an HF hub repo (HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub)."""
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
-    root = pathlib.Path(hub) / f"models--{repo.replace('/', '--')}"
-    ref = root / "refs" / "main"
-    candidates = [root / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
-    candidates += sorted((root / "snapshots").glob("*")) if (root / "snapshots").is_dir() else []
-    return next((c for c in candidates if (c / "config.json").is_file()), None)
+def hub_repo(name: str) -> str | None:
+    """The Hub repository of a preset or family alias (None for the tiny presets)."""
+    cfg = get_config(name)
+    return HF_REPOS.get(next(k for k, v in CONFIGS.items() if v is cfg))
+
+
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
+             "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+
+
+def hub_snapshot(repo: str) -> pathlib.Path:
+    """A Hub repo's checkpoint through huggingface_hub: its local cache (HF_HOME, HF_HUB_CACHE), else a
+    download of the config, safetensors and tokenizer files only (HF_TOKEN for gated repos such as Gemma
+    and Llama; HF_HUB_OFFLINE=1: the cache only). Otherwise a CheckpointError saying how to get it."""
+    from huggingface_hub import snapshot_download
+    try:
+        return pathlib.Path(snapshot_download(repo, allow_patterns=HUB_FILES))
+    except Exception as e:  # not cached and offline, no network, gated without a token, no such repo
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{repo} is not in the Hugging Face cache and could not be downloaded ({type(e).__name__}"
+                              f"{': ' + why if why else ''}): run `hf download {repo}` where the Hub is reachable "
+                              "(gated repos: accept the license, set HF_TOKEN), pass --ckpt DIR, or --init random "
+                              "for random weights") from None
 
 
 class LoadedModel(NamedTuple):
@@ -544,22 +574,18 @@ class LoadedModel(NamedTuple):
 
 
 def load_model(name: str = "tiny", ckpt=None, dtype: str | None = None, seed: int = 0,
-               param_dtype: str | None = None, **overrides) -> LoadedModel:
-    """`--ckpt DIR` if given; else the preset's checkpoint from the local HF cache; else the
-    preset with random weights and a warning on stderr.
+               param_dtype: str | None = None, init: str = "pretrained", **overrides) -> LoadedModel:
+    """`--ckpt DIR` if given; else a real preset's checkpoint from the Hub (hub_snapshot: cached or
+    downloaded) unless init is "random"; tiny presets (no Hub repo) start from random weights.
     dtype: compute dtype; param_dtype: storage (default dtype; training keeps float32)."""
     if ckpt:
         return LoadedModel(load_hf(ckpt, dtype=dtype, param_dtype=param_dtype, **overrides), str(ckpt),
                            pathlib.Path(ckpt))
-    cfg = get_config(name)
+    cfg, repo = get_config(name), hub_repo(name)
     name = next(k for k, v in CONFIGS.items() if v is cfg)
-    repo = HF_REPOS.get(name)
-    local = hf_cache_dir(repo) if repo else None
-    if local:
+    if repo and init != "random":
+        local = hub_snapshot(repo)
         return LoadedModel(load_hf(local, dtype=dtype, param_dtype=param_dtype, **overrides), str(local), local)
-    if repo:
-        print(f"warning: {repo} is not in the local Hugging Face cache; {name} starts from random weights "
-              f"(pass --ckpt DIR to load a checkpoint)", file=sys.stderr)
     dtypes = {"dtype": dtype or cfg.dtype, "param_dtype": param_dtype or dtype or cfg.param_dtype}
     cfg = cfg.replace(**dtypes, **overrides)
     return LoadedModel(Transformer(cfg, nnx.Rngs(seed)), f"random {name}", None)

@@ -275,6 +275,46 @@ def read_jsonl(path, check=None) -> list[dict]:
     return rows
 
 
+def read_rows(source, check=None, split: str = "train") -> list[dict]:
+    """Rows of --data / --eval-data: a JSONL file (read_jsonl), a Parquet file, or a Hugging Face dataset
+    by name ("openai/gsm8k:main", a config after the colon; a local dataset directory too), its `split`,
+    through the `datasets` library (an optional install; HF_DATASETS_OFFLINE=1 reads its cache only).
+    Each row passes check(row, where) (default: TRL's formats), which may rename columns."""
+    path = pathlib.Path(source)
+    if path.suffix in (".jsonl", ".json") or (path.is_file() and path.suffix != ".parquet"):
+        return read_jsonl(path, check)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise DataError(f"{path}: reading Parquet needs `pip install pyarrow`") from None
+        try:
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's errors: not Parquet, truncated, unreadable
+            raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+    else:
+        rows = hub_dataset(str(source), split)
+    if not rows:
+        raise DataError(f"{source}: no rows")
+    return [(check or _check_row)(row, f"{source}: row {i}") for i, row in enumerate(rows, 1)]
+
+
+def hub_dataset(name: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name}: no such file; a Hugging Face dataset needs `pip install datasets`") from None
+    repo, _, config = name.partition(":")
+    try:
+        return list(datasets.load_dataset(repo, config or None, split=split))
+    except Exception as e:  # no such dataset or split, no network, not cached
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise DataError(f"{name}: no such file, and no Hugging Face dataset could be had ({type(e).__name__}"
+                        f"{': ' + why if why else ''})") from None
+
+
 def _check_row(row, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -305,7 +345,10 @@ def _check_row(row, where: str) -> dict:
 
 
 def prompt_row(row, where: str) -> dict:
-    """A row of --data / --eval-data: {"prompt": str | messages, "answer": ...} ("completion" serves too)."""
+    """A row of --data / --eval-data: {"prompt": str | messages, "answer": ...} ("completion" serves too;
+    GSM8K's own columns, "question" and "answer" ending in "#### 72", as they are)."""
+    if isinstance(row, dict) and "prompt" not in row and isinstance(row.get("question"), str):
+        row = {"prompt": row["question"], **row}
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)):
         raise DataError(f"{where}: expected an object with a 'prompt' (a string or chat messages)")
     if "answer" not in row and not isinstance(row.get("completion"), str):
@@ -402,8 +445,8 @@ def preference_data(tok, family, path, eval_path, task: str, n_train: int, n_eva
     """Preference pairs (dpo.py) as (prompt, chosen, rejected) ids for training and held-out evaluation:
     from JSONL files in TRL's formats, else the built-in task (chosen: the answer; rejected: the answer
     with one digit changed). Also the held-out task rows {"prompt", "completion"} for greedy eval/accuracy."""
-    def read(p):
-        return read_jsonl(p, lambda row, where: tokenize_pair(preference_row(row, where), tok, family, where))
+    def read(p, split="train"):  # a file, or a Hub dataset's split (read_rows)
+        return read_rows(p, lambda row, where: tokenize_pair(preference_row(row, where), tok, family, where), split)
     arithmetic, rng = tasks.builtin_task(task), np.random.default_rng([seed, 7])
 
     def task_pairs(rows):
@@ -411,7 +454,30 @@ def preference_data(tok, family, path, eval_path, task: str, n_train: int, n_eva
                                "rejected": arithmetic.wrong_answer(r["prompt"], rng)}, tok, None) for r in rows]
     rows = [] if path else arithmetic.examples("eval", n_eval, seed)
     train = read(path) if path else task_pairs(arithmetic.examples("train", n_train, seed))
-    return train, read(eval_path) if eval_path else task_pairs(rows), rows
+    evals = read(eval_path, "test") if eval_path else read(path, "test") if path and is_hub_dataset(path) else \
+        task_pairs(rows)
+    return train, evals, rows
+
+
+def prompt_of(example) -> list[int]:
+    """A tokenized example's prompt: its ids before the first target token."""
+    ids, mask = example
+    return ids[:next((i for i, m in enumerate(mask) if m), len(ids))]
+
+
+def as_rows(examples, tok) -> list[dict]:
+    """Tokenized examples back as {"prompt", "completion"} text rows (greedy accuracy on training prompts)."""
+    return [{"prompt": tok.decode(prompt_of(ex)), "completion": tok.decode(ex[0][len(prompt_of(ex)):])}
+            for ex in examples]
+
+
+def check_same_tokenizer(tok_s, rows_s: int, tok_t, rows_t: int) -> None:
+    """Two models may share log-probs when their tokenizers agree: embedding tables of different sizes
+    only when both go past the tokenizer's ids (padding rows). Otherwise a TokenizerError naming both."""
+    ids_s, ids_t = (getattr(t, "vocab_size", 259) for t in (tok_s, tok_t))
+    if rows_s != rows_t and not (type(tok_s) is type(tok_t) and ids_s == ids_t <= min(rows_s, rows_t)):
+        raise TokenizerError(f"the teacher's vocabulary ({rows_t} rows, tokenizer of {ids_t} ids) and the student's "
+                             f"({rows_s} rows, {ids_s} ids) differ beyond padding: distillation needs the same tokenizer")
 
 
 # ----------------------------------------------------------------------------- the scripts' datasets
@@ -421,11 +487,11 @@ def completion_data(tok, family, path, eval_path, task: str, n_train: int, n_eva
     the built-in task's training split; eval rows {"prompt", "completion"} from `eval_path`, else the
     task's held-out split (none for a training file without an eval file)."""
     if path:
-        train = [tokenize(row, tok, family) for row in read_jsonl(path)]
+        train = [tokenize(row, tok, family) for row in read_rows(path)]
     else:
         train = [tokenize(row, tok) for row in tasks.builtin_task(task).examples("train", n_train, seed)]
     if eval_path:
-        evals = read_jsonl(eval_path)
+        evals = read_rows(eval_path, split="test")
         if any("prompt" not in row for row in evals):
             raise DataError(f"{eval_path}: eval rows need 'prompt' and 'completion'")
     else:
@@ -433,22 +499,48 @@ def completion_data(tok, family, path, eval_path, task: str, n_train: int, n_eva
     return train, evals
 
 
-def prompt_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: int, seed: int, max_prompt_len: int):
-    """RL data (grpo.py): training and eval rows {"prompt", "answer", ...} (from files, or the built-in
-    task's splits), their prompt ids (the last max_prompt_len tokens), and the reward functions
-    (GSM8K-style accuracy and format for files, the task's own checks for the task)."""
+def prompt_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: int, seed: int, max_prompt_len: int,
+                system_prompt: str = "", chat: bool = False):
+    """RL data (grpo.py): training and eval rows {"prompt", "answer", ...} (from files or a Hub dataset, whose
+    test split is the eval rows unless eval_path says otherwise; or the built-in task's splits), their
+    prompt ids (the last max_prompt_len tokens), and the reward functions (GSM8K-style accuracy and format
+    for data, the task's own checks for the task). system_prompt: put before each prompt, as a system turn
+    of the family's chat template when `chat` (an instruct checkpoint), else as text and a blank line."""
     if path:
-        train, funcs = read_jsonl(path, prompt_row), [tasks.accuracy_reward, tasks.format_reward]
+        train, funcs = read_rows(path, prompt_row), [tasks.accuracy_reward, tasks.format_reward]
     else:
         rows, funcs = tasks.builtin_task(task).examples("train", n_train, seed), tasks.builtin_task(task).rewards()
         train = [{"prompt": r["prompt"], "answer": r["completion"]} for r in rows]
-    if eval_path:
-        evals = read_jsonl(eval_path, prompt_row)[:n_eval]
+    if eval_path or (path and is_hub_dataset(path)):
+        evals = read_rows(eval_path or path, prompt_row, split="test")[:n_eval]
     else:
         evals = [] if path else [{"prompt": r["prompt"], "answer": r["completion"]}
                                  for r in tasks.builtin_task(task).examples("eval", n_eval, seed)]
+    if system_prompt:
+        def with_system(prompt):
+            if chat or isinstance(prompt, list):
+                turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+                return [{"role": "system", "content": system_prompt}, *turns]
+            return f"{system_prompt}\n\n{prompt}\n"
+        train, evals = ([{**r, "prompt": with_system(r["prompt"])} for r in rows] for rows in (train, evals))
     ids = [[encode_prompt(r["prompt"], tok, family, max_prompt_len) for r in rows] for rows in (train, evals)]
     return train, evals, ids[0], ids[1], funcs
+
+
+def is_hub_dataset(source: str) -> bool:
+    """A --data value that names a Hugging Face dataset rather than a local file."""
+    return not pathlib.Path(source).is_file() and pathlib.Path(source).suffix not in (".jsonl", ".json", ".parquet")
+
+
+def has_chat_template(directory) -> bool:
+    """Whether a checkpoint ships a chat template (an instruct model): its prompts go through the family's."""
+    d = pathlib.Path(directory) if directory else None
+    if d is None or (d / "chat_template.jinja").is_file():
+        return d is not None
+    try:
+        return "chat_template" in json.loads((d / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------- batches

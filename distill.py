@@ -5,37 +5,39 @@ divergence D, both softmax(logits / τ) (--temperature), in float32 whatever the
 
     L(θ) = Σ_t m_t [ kd_ratio · D(p_T, p_S) + (1 − kd_ratio) · (−log p_S(x_t)) ]  /  Σ_t m_t
 
-(m: completion tokens of the whole accumulated batch, as sft.py normalises). --loss picks D (table
-in `divergences`): jsd, the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024,
-arXiv 2306.13649) exactly as TRL computes it, the mixture M = β p_T + (1 − β) p_S in log space and
-β = 0 / 1 the exact forward KL(p_T ‖ p_S) / reverse KL(p_S ‖ p_T); symmetric_kl (1 − β)·forward + β·reverse;
-tv, total variation; DistiLLM's skew KLs (Ko et al. 2024), KL(p_T ‖ α p_T + (1 − α) p_S) and
-KL(p_S ‖ α p_S + (1 − α) p_T) with α = --skew-alpha; sampled_reverse_kl, the on-policy estimator that
-needs only the teacher's log-prob of each sampled token, −sg(log p_T(y) − log p_S(y)) · log p_S(y).
+(m: completion tokens of the whole accumulated batch, as sft.py normalises). --loss picks D (table in
+`divergences`): jsd, GKD's generalized Jensen-Shannon divergence (Agarwal et al. 2024, arXiv 2306.13649)
+as TRL computes it, M = β p_T + (1 − β) p_S in log space, β = 0 / 1 exactly KL(p_T ‖ p_S) / KL(p_S ‖ p_T);
+symmetric_kl, (1 − β)·forward + β·reverse; tv, total variation; DistiLLM's skew KLs (Ko et al. 2024),
+KL(p_T ‖ α p_T + (1 − α) p_S) and KL(p_S ‖ α p_S + (1 − α) p_T), α = --skew-alpha; sampled_reverse_kl,
+the on-policy estimator that needs only the teacher's log-prob of each sampled token y,
+−sg(log p_T(y) − log p_S(y)) · log p_S(y). Where the peers differ this file follows TRL: --temperature
+scales the loss's logits (TRL's DistillationTrainer; its GKDTrainer samples with it: here
+--sampling-temperature), no τ² unless --tau-squared (Hinton's; Tunix's LogitStrategy has it).
+torchtune's SymmetricKLLoss(sym_kd_ratio=r) is symmetric_kl with β = 1 − r and its kd_ratio defaults to
+0.5 (here 1.0, as TRL); Tunix averages over every position, padding included (here completion tokens).
 
-Where the peers differ this file follows TRL: --temperature scales the loss's logits (TRL's
-DistillationTrainer; its GKDTrainer uses it for sampling only, here --sampling-temperature), with no
-τ² factor unless --tau-squared (Hinton's, Tunix's LogitStrategy default). torchtune's
-SymmetricKLLoss(sym_kd_ratio=r) is symmetric_kl with β = 1 − r; its kd_ratio defaults to 0.5 (here
-1.0: pure distillation, as TRL). Tunix averages over every position, padding included; here only
-completion tokens count.
+Intermediate layers (Tunix's feature and attention strategies, per completion token, added with their
+weights): --hidden-layers S:T,... pulls the student's residual stream after S blocks to the teacher's
+after T, by MSE through a learned projection when widths differ (trained with the student, saved to
+<out>/projections.safetensors) or, --hidden-loss cosine, 1 − cos with the wider average-pooled;
+--attention-layers S:T,... pulls layer S's head-averaged attention map to layer T's, KL per query row.
 
-Data, off- and on-policy (GKD): each step, with probability --lmbda the student samples the
-completions of the batch's prompts (sample.py) and the teacher scores them; otherwise, with
---seq-kd, the teacher generates them; otherwise the dataset's completions are used. The teacher
-runs without gradients, is never in the optimizer state and may be kept in bf16 (--teacher-dtype);
-with --teacher-topk K its top-K log-probs of the data are made once, cached on disk (--teacher-cache,
-under a hash of its weights and the tokens), and training runs from them with no teacher in it: both
-distributions become the K ids plus one bucket for the rest (K = V gives the full divergence back);
-teacher and student may differ in size and family when their tokenizers agree (vocabularies padded
-past the tokenizer are cut to the common size). The head's numbers of both models are made a chunk
-of positions at a time (logprobs.per_position): never a [B, T, V] float32 pair.
+Data, off- and on-policy (GKD): each step, with probability --lmbda the student samples the batch's
+completions (sample.py) and the teacher scores them; else, with --seq-kd, the teacher generates them;
+else the dataset's are used. The teacher runs without gradients, is never in the optimizer state and
+may be kept in bf16 (--teacher-dtype); with --teacher-topk K its top-K log-probs of the data are made
+once, cached on disk (--teacher-cache, under a hash of its weights and the tokens) and training runs
+with no teacher in memory: both distributions become the K ids plus one bucket for the rest (K = V is
+the full divergence). Teacher and student may differ in size and family when their tokenizers agree
+(vocabularies padded past the tokenizer are cut to the common size). Both heads run a chunk of
+positions at a time (logprobs.per_position): never a [B, T, V] float32 pair.
 
-With no arguments: the built-in task ("123*4=" → "0492"). The teacher, tiny-qwen3 (0.43M
-parameters), is trained on it first (supervised, printed, saved to <out>/teacher; or reused from
-runs/sft/hf when `python sft.py` has run); the student, tiny-qwen3-small (0.11M), learns from
-scratch by distillation alone: held-out forward KL (eval/kl) 6.3 → 0.23 and greedy accuracy 0 → 0.84
-against the teacher's 0.95, in about three minutes on 2 CPU cores:
+With no arguments: the built-in task ("123*4=" → "0492"). The teacher, tiny-qwen3 (0.43M parameters),
+is trained on it first (supervised, saved to <out>/teacher; or runs/sft/hf when `python sft.py` has
+run); the student, tiny-qwen3-small (0.11M), learns from scratch by distillation alone: held-out
+forward KL (eval/kl) 6.3 → 0.23 and greedy accuracy 0 → 0.84 against the teacher's 0.95, in about
+three minutes on 2 CPU cores:
 
     python distill.py
     python distill.py --teacher path/to/qwen3-1.7b --ckpt path/to/qwen3-0.6b --data train.jsonl --lr 1e-5 --lmbda 0.5
@@ -43,12 +45,13 @@ against the teacher's 0.95, in about three minutes on 2 CPU cores:
 
 Data: sft.py's JSONL formats ({"prompt", "completion"}, {"messages"}, {"text"}). Outputs in --out:
 metrics.jsonl (loss, kd_loss, nll_loss, kl/forward, kl/reverse, top1_agreement, teacher_nll,
-completions/mean_length; eval/kl and the same under eval/, eval/accuracy, eval/teacher_accuracy),
-checkpoints/ (--resume), hf/ (--lora: also adapter/).
+hidden_loss, attention_loss, completions/mean_length; eval/kl and the same under eval/,
+eval/accuracy, eval/teacher_accuracy), checkpoints/ (--resume), hf/ (--lora: also adapter/).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import pathlib
 import sys
 import time
@@ -58,7 +61,6 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from flax import nnx
-from tqdm import tqdm
 
 import adapters
 import ckpt
@@ -106,10 +108,10 @@ class Config(run.RunConfig):
     steps: int = 1000  # optimizer steps
     batch_size: int = 128  # sequences per optimizer step (all micro-batches together)
     grad_accum: int = 1  # micro-batches per step; the loss normalised by the step's completion tokens
-    lr: float = 3e-3  # peak learning rate (tiny demo; real models: ~1e-5)
+    lr: float | None = None  # peak learning rate (3e-3 for a random tiny student; 2e-5 pretrained)
     warmup: float = 0.03  # fraction of steps of linear warmup, then cosine decay to 0
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    dtype: str = "float32"  # the student's compute dtype: float32 or bfloat16 (params stay float32)
+    dtype: str = ""  # the student's compute dtype: float32 or bfloat16, params stay float32 ("": bfloat16 with --tpu)
     # logging and checkpoints
     eval_every: int = 200  # steps between evaluations (and at the start and end)
     save_every: int = 250  # steps between train-state checkpoints
@@ -122,6 +124,9 @@ class Config(run.RunConfig):
     lora: bool = False  # train LoRA adapters on the student only
     lora_rank: int = 8  # LoRA r
     lora_alpha: float = 16.0  # LoRA scale numerator (alpha / r)
+    # The defaults of the fields left None: (a random tiny student, a pretrained one); pretrained: TRL's GKDConfig
+    # learning_rate 2e-5 (SFTConfig's).
+    AUTO: ClassVar[dict] = {"lr": (3e-3, 2e-5)}
     # intermediate layers (Tunix's feature and attention strategies)
     hidden_layers: str = ""  # "S:T,...": the student's residual stream after S blocks pulled to the teacher's after T
     hidden_loss: str = "mse"  # mse (through a learned [D_s, D_t] projection when widths differ) | cosine (wider pooled)
@@ -130,6 +135,7 @@ class Config(run.RunConfig):
     attention_weight: float = 1.0  # weight of the attention maps' KL(teacher ‖ student) (summed over pairs and rows)
 
     def __post_init__(self):
+        run.fill_defaults(self)  # the fields left None: AUTO's value for this start
         tasks.builtin_task(self.task)  # a bad --task fails here, before anything loads
         run.check(run.positive(self, "steps", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "keep",
                                "log_every", "train_examples", "eval_examples", "max_new_tokens", "lora_rank") + [
@@ -335,12 +341,6 @@ def make_train_step(graphdef, teacher_graphdef, tx, cfg: Config, loss_only: bool
 
 # ----------------------------------------------------------------------------- data, off- and on-policy
 
-def prompt_of(example) -> list[int]:
-    """An example's prompt: its ids before the first target token."""
-    ids, mask = example
-    return ids[:next((i for i, m in enumerate(mask) if m), len(ids))]
-
-
 def step_examples(examples, picked, student, teacher, tok, cfg: Config, step: int, eos_ids):
     """The step's examples, as GKD draws them: with probability lmbda the student's samples for the
     picked prompts, else (seq_kd) the teacher's, else the dataset's; seeded by (seed, step). → examples,
@@ -349,7 +349,7 @@ def step_examples(examples, picked, student, teacher, tok, cfg: Config, step: in
     on_policy = draw.random() < cfg.lmbda
     if not on_policy and not cfg.seq_kd:
         return [examples[i] for i in picked], None
-    prompts = [prompt_of(examples[i]) for i in picked]
+    prompts = [data.prompt_of(examples[i]) for i in picked]
     room = max(1, min(cfg.max_new_tokens, cfg.max_len - max(map(len, prompts))))  # rows stay within max_len
     outs = sample.generate(student if on_policy else teacher, prompts, max_new_tokens=room,
                            temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=int(draw.integers(2**31)),
@@ -361,7 +361,7 @@ def step_examples(examples, picked, student, teacher, tok, cfg: Config, step: in
 def device_batch(examples, cfg: Config, pad_id: int, mesh, micro_batches: int, topk=None):
     """Examples → data.collate's arrays (+ topk: each example's cached teacher rows, ids and log-probs
     [n_i, K], placed at its target positions), this host's rows as [micro_batches, b, T] on the mesh
-    (mesh None: one micro-batch, unsharded)."""
+    (mesh None: unsharded)."""
     batch = data.collate([[ex] for ex in examples], data.bucket_length(max(len(ids) for ids, _ in examples),
                                                                        cfg.max_len), pad_id)
     if topk is not None:
@@ -371,11 +371,7 @@ def device_batch(examples, cfg: Config, pad_id: int, mesh, micro_batches: int, t
         for r, (ids, top) in enumerate(topk):
             where = np.flatnonzero(batch["loss_mask"][r, 1:])
             batch["topk_ids"][r, where], batch["topk_logps"][r, where] = ids, top
-    if mesh is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    rows = shard.host_rows(len(examples))
-    return {k: shard.global_batch(v[rows].reshape(micro_batches, -1, *v.shape[1:]), mesh, axis=1)
-            for k, v in batch.items()}
+    return shard.micro_batches(batch, mesh, micro_batches)
 
 
 # ----------------------------------------------------------------------------- the teacher
@@ -400,16 +396,12 @@ def load_teacher(cfg: Config, loaded, mesh, train_rows):
                                  max_len=cfg.max_len, clip=1.0, weight_decay=0.01, seed=cfg.seed + 1,
                                  pad_id=loaded.tokenizer.pad_id, target=cfg.teacher_target, save_to=saved,
                                  loaded=loaded, accuracy=lambda m: run.evaluate_completions(
-                                     m, training_rows(train_rows, loaded.tokenizer, 256), loaded.tokenizer,
+                                     m, data.as_rows(train_rows[:256], loaded.tokenizer), loaded.tokenizer,
                                      None)["eval/accuracy"])
     else:
         print(f"teacher: {path}", file=sys.stderr)
-    V_s, V_t, tok_s = loaded.model.cfg.vocab_size, teacher.cfg.vocab_size, loaded.tokenizer
-    same = type(tok_s) is type(tok_t) and getattr(tok_s, "vocab_size", 259) == getattr(tok_t, "vocab_size", 259)
-    if V_s != V_t and not (same and getattr(tok_s, "vocab_size", 259) <= min(V_s, V_t)):
-        run.fail(f"the teacher's vocabulary ({V_t} rows, tokenizer of {getattr(tok_t, 'vocab_size', '?')} ids) and "
-                 f"the student's ({V_s} rows, {getattr(tok_s, 'vocab_size', '?')} ids) differ beyond padding: "
-                 "distillation needs the same tokenizer")
+    with run.user_errors():
+        data.check_same_tokenizer(loaded.tokenizer, loaded.model.cfg.vocab_size, tok_t, teacher.cfg.vocab_size)
     return teacher
 
 
@@ -457,12 +449,6 @@ def cached_rows(cache: dict, split: str, indices) -> list:
     return [(cache[f"{split}/ids"][o[i]:o[i + 1]], cache[f"{split}/logps"][o[i]:o[i + 1]]) for i in indices]
 
 
-def training_rows(examples, tok, n: int) -> list[dict]:
-    """The first n examples as {"prompt", "completion"} text rows (greedy accuracy on training prompts)."""
-    return [{"prompt": tok.decode(prompt_of(ex)), "completion": tok.decode(ex[0][len(prompt_of(ex)):])}
-            for ex in examples[:n]]
-
-
 # ----------------------------------------------------------------------------- eval
 
 def evaluate(eval_loss, params, frozen, evals, eval_examples, eval_topk, tok, pad_id, cfg, policy,
@@ -485,85 +471,82 @@ def evaluate(eval_loss, params, frozen, evals, eval_examples, eval_topk, tok, pa
 
 # ----------------------------------------------------------------------------- main
 
+def prepare(cfg: Config):
+    """The student, the data (rows cut to --max-len), the teacher, the mesh and the checkpoint manager."""
+    with run.user_errors():
+        loaded = run.load(cfg)
+        train, evals = data.completion_data(loaded.tokenizer, loaded.family, cfg.data, cfg.eval_data, cfg.task,
+                                            cfg.train_examples, cfg.eval_examples, cfg.seed)
+        manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
+    cut = lambda examples: [(ids[:cfg.max_len], mask[:cfg.max_len]) for ids, mask in examples]  # noqa: E731
+    train, eval_examples = cut(train), cut(data.tokenize(row, loaded.tokenizer, loaded.family) for row in evals)
+    return loaded, train, evals, eval_examples, load_teacher(cfg, loaded, mesh, train), mesh, manager
+
+
 def main(argv=None):
     cfg = run.parse_flags(Config, argv)
     out, start = pathlib.Path(cfg.out), time.perf_counter()
-    with run.user_errors():
-        loaded = run.load(cfg)
-        tok = loaded.tokenizer
-        train, evals = data.completion_data(tok, loaded.family, cfg.data, cfg.eval_data, cfg.task,
-                                            cfg.train_examples, cfg.eval_examples, cfg.seed)
-        manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
-    pad_id, eos_ids = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0], tok.eos_ids
-    train = [(ids[:cfg.max_len], mask[:cfg.max_len]) for ids, mask in train]  # longer examples are truncated
-    teacher = load_teacher(cfg, loaded, mesh, train)
-    eval_examples = [(ids[:cfg.max_len], mask[:cfg.max_len]) for ids, mask in
-                     (data.tokenize(row, tok, loaded.family) for row in evals)]
+    loaded, train, evals, eval_examples, teacher, mesh, manager = prepare(cfg)
+    tok, student = loaded.tokenizer, loaded.model
+    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
     teacher_accuracy = {k.replace("accuracy", "teacher_accuracy"): v
                         for k, v in run.evaluate_completions(teacher, evals, tok, None).items()}
     cache = teacher_topk(teacher, {"train": train, "eval": eval_examples}, cfg, pad_id,
-                         min(teacher.cfg.vocab_size, loaded.model.cfg.vocab_size)) if cfg.teacher_topk else None
-    student = loaded.model
+                         min(teacher.cfg.vocab_size, student.cfg.vocab_size)) if cfg.teacher_topk else None
     if cfg.lora:
         adapters.add_lora(student, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
-    trained = adapters.LoRA if cfg.lora else nnx.Param
-    graphdef, params, frozen = nnx.split(shard.shard_model(student, mesh), trained, ...)  # trained | the rest
+    graphdef, params, frozen = nnx.split(shard.shard_model(student, mesh), adapters.LoRA if cfg.lora else nnx.Param,
+                                         ...)  # the student's trained parameters | the rest
     projections = make_projections(cfg, student.cfg, teacher.cfg)
     params = {"student": params, **({"projections": shard.shard_tree(projections, mesh)} if projections else {})}
     teacher_graphdef, teacher_state = nnx.split(teacher)
-    if cache is not None:  # the teacher's numbers are in the cache: it takes no part in training
-        teacher, teacher_state = None, None
+    frozen = (frozen, None if cache is not None else teacher_state)  # with the cache the teacher takes no part
     tx, schedule = run.adamw(cfg, cfg.steps)
     opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
     train_step = jax.jit(make_train_step(graphdef, teacher_graphdef, tx, cfg), donate_argnums=(0, 1),
                          out_shardings=(param_sh, opt_sh, None, None))
     eval_loss = jax.jit(lambda p, f, b: make_train_step(graphdef, teacher_graphdef, None, cfg, loss_only=True)(
-        p, f, b, None)[1])
+        p, f, jax.tree.map(lambda x: x[0], b), None)[1])
     step, state, position = run.resume(cfg, manager, {"params": params, "opt_state": opt_state},
                                        {"params": param_sh, "opt_state": opt_sh})
     params, opt_state = state["params"], state["opt_state"]
-    frozen = (frozen, teacher_state)
     run.announce(loaded, params, mesh, f"{len(train)} training examples, loss {cfg.loss}")
     policy = lambda: nnx.merge(graphdef, params["student"], frozen[0])  # noqa: E731 (the student now)
     eval_topk = None if cache is None else cached_rows(cache, "eval", range(len(eval_examples)))
     evaluate_now = lambda: evaluate(eval_loss, params, frozen, evals, eval_examples, eval_topk, tok,  # noqa: E731
                                     pad_id, cfg, policy, teacher_accuracy)
 
-    with run.MetricsLog(out) as log:
+    with run.MetricsLog(out, cfg) as log:
         if step == 0:
             record = evaluate_now()
             log.write({"step": 0, **record})
             print(f"step 0: eval/kl {record.get('eval/kl', float('nan')):.3f}, eval/accuracy "
                   f"{record.get('eval/accuracy', float('nan')):.3f} (teacher "
                   f"{record.get('eval/teacher_accuracy', float('nan')):.3f})", file=sys.stderr)
-        bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
-        t0, logged, lengths = time.perf_counter(), step, []
+        progress, lengths = run.Progress(cfg, step), []
         while step < cfg.steps:
             picked = data.stream(len(train), cfg.seed, position, cfg.batch_size)
             position += cfg.batch_size
-            examples, sampled = step_examples(train, picked, policy(), teacher, tok, cfg, step, eos_ids)
+            examples, sampled = step_examples(train, picked, policy(), teacher, tok, cfg, step, tok.eos_ids)
             lengths += sampled or []
             batch = device_batch(examples, cfg, pad_id, mesh, cfg.grad_accum,
                                  None if cache is None else cached_rows(cache, "train", picked))
             params, opt_state, metrics, aux = train_step(params, opt_state, frozen, batch, None)
             step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if progress.due(step, cfg.log_every):
                 tokens = max(float(np.sum(aux["tokens"])), 1.0)
-                record = {"step": step, "loss": float(metrics["loss"]),
+                record = {**progress.record(step, metrics, schedule(step - 1)),
                           **{k: float(np.sum(v)) / tokens for k, v in aux.items()
                              if k != "tokens" and (k != "nll_loss" or cfg.kd_ratio < 1)},
-                          **({"completions/mean_length": float(np.mean(lengths))} if lengths else {}),
-                          "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
-                          "seconds_per_step": (time.perf_counter() - t0) / (step - logged)}
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+                          **({"completions/mean_length": float(np.mean(lengths))} if lengths else {})}
+                if progress.due(step, cfg.eval_every):
                     record.update(evaluate_now())
-                log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=record.get("eval/accuracy", ""))
-                t0, logged, lengths = time.perf_counter(), step, []
-            if step % cfg.save_every == 0 or step == cfg.steps:
+                progress.write(log, record, loss=f"{record['loss']:.4f}", acc=record.get("eval/accuracy", ""))
+                lengths = []
+            if progress.due(step, cfg.save_every):
                 run.save(cfg, manager, step, {"params": params, "opt_state": opt_state}, position)
-            bar.update(1)
-        bar.close()
+            progress.bar.update(1)
+        progress.bar.close()
 
     if shard.is_main_process():
         if projections:  # the hidden-state projections, as trained

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import ClassVar
 import pathlib
 import sys
 import time
@@ -58,7 +59,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 import adapters
 import ckpt
@@ -110,7 +110,7 @@ class Config(run.RunConfig):
     steps: int = 500  # optimizer steps
     batch_size: int = 64  # pairs per step (all micro-batches together)
     grad_accum: int = 1  # micro-batches per step
-    lr: float = 2e-3  # peak learning rate (tiny demo; real models: TRL's 1e-6, ~1e-5 with LoRA)
+    lr: float | None = None  # peak learning rate (2e-3 for a random tiny model; 1e-6 pretrained, ~1e-5 suits --lora)
     warmup: float = 0.1  # fraction of steps of linear warmup, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     # logging and checkpoints
@@ -129,7 +129,12 @@ class Config(run.RunConfig):
     lora_alpha: float = 16.0  # LoRA scale numerator (alpha / r)
     quant: str = ""  # QLoRA: store the frozen base as nf4 or int8 ("" keeps float32)
 
+    # The defaults of the fields left None: (a random tiny model, a pretrained checkpoint); pretrained: TRL's
+    # DPOConfig learning_rate 1e-6 (its docs suggest ~1e-5 with LoRA: pass --lr 1e-5).
+    AUTO: ClassVar[dict] = {"lr": (2e-3, 1e-6)}
+
     def __post_init__(self):
+        run.fill_defaults(self)  # the fields left None: AUTO's value for this start
         self.loss_type = self.loss_type or ("sigmoid" if self.data else "apo_zero")  # the task's: see the docstring
         self.losses = [t.strip() for t in self.loss_type.split(",")]
         try:
@@ -371,11 +376,7 @@ def pair_batch(pairs, ref_logps, pad_id: int, grad_accum: int, mesh) -> dict:
     batch = sample.completion_batch(prompts, [a for _, c, r in pairs for a in (c, r)], pad_id, 1 << 30)
     batch["ref_logps"] = np.zeros(2 * len(pairs), np.float32) if ref_logps is None else \
         np.asarray(ref_logps, np.float32).reshape(-1)
-    if mesh is None:
-        return {k: jnp.asarray(v)[None] for k, v in batch.items()}
-    rows = shard.host_rows(2 * len(pairs))  # each host feeds its slice of the global batch
-    return {k: shard.global_batch(v[rows].reshape(grad_accum, -1, *v.shape[1:]), mesh, axis=1)
-            for k, v in batch.items()}
+    return shard.micro_batches(batch, mesh, grad_accum)
 
 
 def precomputed_reference(ref_fn, params, frozen, splits: dict, cfg: Config, pad_id: int) -> dict:
@@ -500,14 +501,13 @@ def main(argv=None):
     pair_tokens = lambda idx: sum(2 * len(train[i][0]) + len(train[i][1] + train[i][2]) for i in idx)  # noqa: E731
     tokens_seen = pair_tokens(data.stream(len(train), cfg.seed, 0, position))  # num_tokens: TRL's running total
 
-    with run.MetricsLog(out) as log:
+    with run.MetricsLog(out, cfg) as log:
         if step == 0:
             record = evaluate_now()
             log.write({"step": 0, **first_record, **record})
             if "eval/accuracy" in record:
                 print(f"eval/accuracy at DPO step 0: {record['eval/accuracy']:.3f}", file=sys.stderr)
-        bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
-        t0, logged = time.perf_counter(), step
+        progress = run.Progress(cfg, step)
         while step < cfg.steps:
             picked = data.stream(len(train), cfg.seed, position, cfg.batch_size)
             position, tokens_seen = position + cfg.batch_size, tokens_seen + pair_tokens(picked)
@@ -519,22 +519,18 @@ def main(argv=None):
             step += 1
             if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
                 ref_params = mix(params, ref_params)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                record = {"step": step, "loss": float(metrics["loss"]), **summarise(jax.device_get(aux)),
-                          "num_tokens": tokens_seen, "grad_norm": float(metrics["grad_norm"]),
-                          "lr": float(schedule(step - 1)),
-                          "seconds_per_step": (time.perf_counter() - t0) / (step - logged)}
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+            if progress.due(step, cfg.log_every):
+                record = {**progress.record(step, metrics, schedule(step - 1)), **summarise(jax.device_get(aux)),
+                          "num_tokens": tokens_seen}
+                if progress.due(step, cfg.eval_every):
                     record.update(evaluate_now())
-                log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                                eval=record.get("eval/accuracy", ""))
-                t0, logged = time.perf_counter(), step
-            if step % cfg.save_every == 0 or step == cfg.steps:
+                progress.write(log, record, loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                               eval=record.get("eval/accuracy", ""))
+            if progress.due(step, cfg.save_every):
                 run.save(cfg, manager, step, {"params": params, "opt_state": opt_state,
                                               **({"ref_params": ref_params} if cfg.sync_ref_model else {})}, position)
-            bar.update(1)
-        bar.close()
+            progress.bar.update(1)
+        progress.bar.close()
 
     if shard.is_main_process():
         run.export_policy(policy(), out, loaded, cfg.lora, time.perf_counter() - start)

@@ -44,6 +44,7 @@ greedy completions of held-out prompts), checkpoints/ (--resume), hf/ (--lora: a
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import pathlib
 import sys
 import time
@@ -52,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 import adapters
 import ckpt
@@ -72,21 +72,22 @@ class Config(run.RunConfig):
     # model and data
     model: str = "tiny-qwen3"  # preset or family alias (ignored when --ckpt is given)
     ckpt: str | None = None  # Hugging Face checkpoint directory to start from (e.g. runs/sft/hf)
-    data: str | None = None  # JSONL of {"prompt", "answer"}; default: the built-in arithmetic task
-    eval_data: str | None = None  # the same format, for eval/reward; default: held-out task problems
+    data: str | None = None  # JSONL/Parquet of prompt (or question) + answer, or a Hub dataset (tiny: task; GSM8K)
+    eval_data: str | None = None  # the same, for eval/reward (held-out task problems; a Hub dataset's test split)
+    system_prompt: str | None = None  # before each prompt, a system turn with a chat template (tiny: none; reasoning)
     task: str = "*,3,1"  # built-in task: operator, digits of a, digits of b
     train_examples: int = 50_000  # built-in task: problems that prompts (and warm-up examples) come from
     eval_examples: int = 512  # held-out prompts for eval/reward (greedy decoding)
     # sampling
     num_generations: int = 8  # G, completions sampled per prompt (one group)
-    prompts_per_step: int = 64  # B, prompts per rollout batch (B·G completions)
+    prompts_per_step: int | None = None  # B, prompts per rollout batch, B·G completions (64 tiny; 16 pretrained)
     max_prompt_len: int = 512  # longer prompts keep their last tokens
-    max_completion_len: int = 6  # new tokens per completion; no EOS by then = truncated
-    temperature: float = 1.0  # sampling temperature; the learner scores logits / temperature too
+    max_completion_len: int | None = None  # new tokens per completion, no EOS by then = truncated (6 tiny; 256)
+    temperature: float | None = None  # sampling temperature, the learner scores logits / temperature too (1.0; 0.9)
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # top-k sampling (0: off)
     # the GRPO objective
-    beta: float = 0.02  # KL coefficient; 0 keeps no reference model at all
+    beta: float | None = None  # KL coefficient, 0 keeps no reference model at all (0.02 tiny; 0.04 pretrained)
     epsilon: float = 0.2  # ratio clipped to [1 - epsilon, 1 + epsilon_high]
     epsilon_high: float | None = None  # upper clip (DAPO's clip-higher); None: epsilon
     loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo: how token terms are averaged (TRL's)
@@ -97,7 +98,7 @@ class Config(run.RunConfig):
     reward_weights: str = ""  # comma-separated weight per reward function (default: all 1)
     # optimisation
     steps: int = 800  # GRPO steps, each one rollout batch and num_iterations updates
-    lr: float = 1e-3  # peak learning rate (tiny demo; real models: ~1e-6)
+    lr: float | None = None  # peak learning rate (1e-3 tiny; 1e-6 pretrained)
     warmup: float = 0.05  # fraction of updates of linear warmup, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     # logging and checkpoints
@@ -106,7 +107,7 @@ class Config(run.RunConfig):
     out: str = "runs/grpo"  # output directory
     seed: int = 0  # data order, sampling and initialisation
     # supervised warm-up (a random policy never earns a reward)
-    warmup_sft_steps: int = -1  # most supervised steps before GRPO (-1: 500 on the task from scratch, else 0)
+    warmup_sft_steps: int | None = None  # most supervised steps before GRPO (500 on the task from scratch, else 0)
     warmup_sft_target: float = 0.3  # the warm-up stops once greedy accuracy on training prompts reaches this
     warmup_sft_lr: float = 3e-3  # warm-up learning rate (constant after a 10-step ramp)
     warmup_sft_batch_size: int = 128  # warm-up sequences per step
@@ -114,8 +115,16 @@ class Config(run.RunConfig):
     lora: bool = False  # train LoRA adapters only; the reference is the base (adapters off)
     lora_rank: int = 8  # LoRA r
     lora_alpha: float = 16.0  # LoRA scale numerator (alpha / r)
+    # The defaults of the fields left None above: (a random tiny model, a pretrained checkpoint). Pretrained:
+    # TRL's GRPOConfig (learning_rate 1e-6, max_completion_length 256, 8 generations), DeepSeekMath's β 0.04,
+    # Tunix's GSM8K GRPO demo (temperature 0.9: varied samples), 16 prompts x 8 = 128 completions a step, no
+    # supervised warm-up (it would overwrite what the model knows), GSM8K with the reasoning prompt.
+    AUTO: ClassVar[dict] = {"lr": (1e-3, 1e-6), "beta": (0.02, 0.04), "max_completion_len": (6, 256),
+                            "temperature": (1.0, 0.9), "prompts_per_step": (64, 16), "warmup_sft_steps": (-1, 0),
+                            "data": (None, "openai/gsm8k:main"), "system_prompt": ("", tasks.REASONING_PROMPT)}
 
     def __post_init__(self):
+        run.fill_defaults(self)  # the fields left None: AUTO's value for this start
         self.epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         run.check(run.positive(self, "prompts_per_step", "grad_accum", "max_prompt_len", "max_completion_len",
                                "num_iterations", "steps", "eval_every", "save_every", "keep", "log_every",
@@ -274,18 +283,17 @@ def policy_updates(train_step, params, opt_state, frozen, batch, cfg: Config):
     return params, opt_state, metrics
 
 
-def step_record(step, rewards, std, per_func, funcs, iters, completions, eos_ids, cfg: Config) -> dict:
-    """5. Log: TRL's metric names; loss, kl and clip_ratio are means over the μ updates."""
+def step_record(rewards, std, per_func, funcs, iters, completions, eos_ids, cfg: Config) -> dict:
+    """5. Log: TRL's metric names; loss, kl and clip_ratio are means over the μ updates (grad_norm: the last's)."""
     mean = {k: float(np.mean([float(m[k]) for m in iters])) for k in ("loss", "kl", "clip_ratio")}
-    return {"step": step, "loss": mean["loss"], "reward": float(rewards.mean()), "reward_std": float(std.mean()),
+    return {"loss": mean["loss"], "reward": float(rewards.mean()), "reward_std": float(std.mean()),
             **{f"rewards/{f.__name__}": float(r) for f, r in zip(funcs, per_func.mean(0))},
             "frac_reward_zero_std": float(np.mean(np.isclose(std, 0.0))),
             **({"kl": mean["kl"]} if cfg.beta else {}), "clip_ratio": mean["clip_ratio"],
             "entropy": float(iters[0]["entropy"]),
             "completions/mean_length": float(np.mean([len(c) for c in completions])),
             "completions/clipped_ratio": float(np.mean([c[-1] not in eos_ids for c in completions])),
-            "sampling/logp_difference": float(iters[0]["sampling/logp_difference"]),
-            "grad_norm": float(iters[-1]["grad_norm"])}
+            "sampling/logp_difference": float(iters[0]["sampling/logp_difference"])}
 
 
 def evaluate(model, evals, eval_ids, tok, funcs, eos_ids, cfg: Config) -> dict:
@@ -354,13 +362,14 @@ def main(argv=None):
         tok = loaded.tokenizer
         train, evals, train_ids, eval_ids, funcs = data.prompt_data(
             tok, loaded.family, cfg.data, cfg.eval_data, cfg.task, cfg.train_examples, cfg.eval_examples, cfg.seed,
-            cfg.max_prompt_len)
+            cfg.max_prompt_len, cfg.system_prompt, data.has_chat_template(loaded.directory))
         weights = reward_weights(cfg, funcs)
         manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
         warm = out / "warmup_sft"  # the warm-up's result: the reference policy, reloaded on --resume
         reuse_warmup = cfg.warmup_sft_steps > 0 and cfg.resume and (warm / "config.json").is_file()
         model = ckpt.load_hf(warm, dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat) if reuse_warmup \
             else loaded.model
+    print(f"prompt 0 as the model sees it: {tok.decode(train_ids[0])!r}", file=sys.stderr)
     eos_ids, pad_id = stop_ids(tok, model, loaded.family)
     model, warmed = shard.shard_model(model, mesh), {}
     if cfg.warmup_sft_steps and not reuse_warmup:
@@ -383,14 +392,13 @@ def main(argv=None):
     policy = lambda: nnx.merge(graphdef, params, frozen)  # noqa: E731 (π_θ at the current params)
 
     B, G = cfg.prompts_per_step, cfg.num_generations
-    with run.MetricsLog(out) as log:
+    with run.MetricsLog(out, cfg) as log:
         if step == 0:
             record = evaluate(policy(), evals, eval_ids, tok, funcs, eos_ids, cfg)
             log.write({"step": 0, **warmed, **record})
             if record:
                 print(f"eval/reward at GRPO step 0: {record['eval/reward']:.3f}", file=sys.stderr)
-        bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
-        t0, logged = time.perf_counter(), step
+        progress = run.Progress(cfg, step)
         while step < cfg.steps:
             picked = data.stream(len(train), cfg.seed, position, B)
             position += B
@@ -405,20 +413,17 @@ def main(argv=None):
                 batch["ref_logp"] = ref_logps(ref_params, frozen, batch)
             params, opt_state, iters = policy_updates(train_step, params, opt_state, frozen, batch, cfg)  # 4.
             step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:  # 5. log
-                record = step_record(step, rewards, std, per_func, funcs, iters, completions, eos_ids, cfg)
-                record.update(lr=float(schedule(step * cfg.num_iterations - 1)),
-                              seconds_per_step=(time.perf_counter() - t0) / (step - logged))
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+            if progress.due(step, cfg.log_every):  # 5. log
+                record = {**progress.record(step, iters[-1], schedule(step * cfg.num_iterations - 1)),
+                          **step_record(rewards, std, per_func, funcs, iters, completions, eos_ids, cfg)}
+                if progress.due(step, cfg.eval_every):
                     record.update(evaluate(policy(), evals, eval_ids, tok, funcs, eos_ids, cfg))
-                log.write(record)
-                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0):.4f}",
-                                eval=record.get("eval/reward", ""))
-                t0, logged = time.perf_counter(), step
-            if step % cfg.save_every == 0 or step == cfg.steps:
+                progress.write(log, record, reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0):.4f}",
+                               eval=record.get("eval/reward", ""))
+            if progress.due(step, cfg.save_every):
                 run.save(cfg, manager, step, {"params": params, "opt_state": opt_state}, position)
-            bar.update(1)
-        bar.close()
+            progress.bar.update(1)
+        progress.bar.close()
 
     if shard.is_main_process():  # 6. export
         run.export_policy(policy(), out, loaded, cfg.lora, time.perf_counter() - start)

@@ -33,6 +33,7 @@ checkpoint with W + (alpha / r) A B. --adapter DIR continues from a PEFT adapter
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import pathlib
 import sys
 
@@ -62,6 +63,9 @@ class Config(sft.Config):
     # SFT's flags with other defaults: the demo's adapters on a random base learn addition
     task: str = "+,3,3"  # built-in task: operator, digits of a, digits of b
     out: str = "runs/lora"  # output directory
+    lr: float | None = None  # peak learning rate (3e-3 for a random tiny model; 2e-4 pretrained)
+    # pretrained: 2e-4, the rate of TRL's and PEFT's LoRA examples (adapters start at zero and need more)
+    AUTO: ClassVar[dict] = {"lr": (3e-3, 2e-4)}
 
     def __post_init__(self):
         super().__post_init__()

@@ -25,10 +25,12 @@ import hashlib
 import inspect
 import io
 import json
+import os
 import pathlib
 import shutil
 import sys
 import textwrap
+import time
 import tokenize
 import typing
 from typing import NamedTuple
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import adapters
 import ckpt
@@ -76,13 +79,16 @@ def config_comments(config_class) -> tuple[dict[str, str], dict[str, str]]:
 class RunConfig:
     """The flags every script has, with the same meaning and default; a script's Config subclasses it and
     adds its own (--help lists these last in their groups)."""
+    # model
+    init: str = "pretrained"  # a real preset's weights (HF cache, else downloaded); random: random weights (benchmarks)
     # optimisation
     clip: float = 1.0  # global gradient-norm clip
-    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+    dtype: str = ""  # compute dtype: float32 or bfloat16 (params stay float32); "": bfloat16 with --tpu, else float32
     remat: bool = False  # backward pass keeps only each block's input, recomputing the rest (least memory)
     # logging and checkpoints
     keep: int = 2  # checkpoints kept
     log_every: int = 10  # steps between metrics.jsonl lines
+    report_to: str = ""  # also log to tensorboard and/or wandb, comma-separated (optional installs)
     resume: bool = False  # continue from the newest checkpoint in --out
     # devices
     mesh: str = ""  # device mesh, e.g. data=1,fsdp=-1,tp=1 (default: all devices on fsdp)
@@ -122,12 +128,41 @@ def parse_flags(config_class, argv=None):
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None → X
         section.add_argument(flag, type=base, default=field.default, metavar=base.__name__.upper(), help=text)
     try:
-        cfg = config_class(**vars(parser.parse_args(argv)))  # __post_init__ checks ranges
+        cfg = config_class(**vars(parser.parse_args(argv)))  # __post_init__ fills defaults, checks ranges
+        check_report_to(cfg.report_to)
     except ValueError as e:
         fail(str(e), status=2)
     if getattr(cfg, "tpu", False):
         shard.init_tpu()
+    if shard.is_main_process():
+        start = "pretrained" if starts_pretrained(vars(cfg)) else "tiny"
+        print(f"settings ({start} defaults for what the flags leave unset): " + ", ".join(
+            f"{k} {getattr(cfg, k)!r}" if isinstance(getattr(cfg, k), str) else f"{k} {getattr(cfg, k)}"
+            for k in [*getattr(config_class, "AUTO", {}), "dtype"]), file=sys.stderr)
     return cfg
+
+
+def fill_defaults(cfg) -> None:
+    """A Config's __post_init__ calls this first: its fields left None take their value from the class's
+    AUTO table, {field: (random tiny model, pretrained checkpoint)}; dtype "" becomes bfloat16 with --tpu,
+    else float32."""
+    pretrained = starts_pretrained(vars(cfg))
+    for name, values in getattr(cfg, "AUTO", {}).items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, values[pretrained])
+    cfg.dtype = cfg.dtype or ("bfloat16" if cfg.tpu else "float32")
+
+
+def starts_pretrained(args: dict) -> bool:
+    """Whether the run starts from a trained checkpoint (--ckpt, or a real preset with --init pretrained),
+    whose settings differ from a random tiny model's (a script's Config.AUTO: field → (tiny, pretrained))."""
+    return bool(args.get("ckpt")) or (ckpt.hub_repo(args["model"]) is not None and args["init"] != "random")
+
+
+def check_report_to(report_to: str) -> None:
+    unknown = [name for name in report_to.split(",") if name and name not in ("tensorboard", "wandb")]
+    if unknown:
+        raise ValueError(f"--report-to takes tensorboard and/or wandb, got {', '.join(unknown)}")
 
 
 def positive(cfg, *names: str) -> list[tuple[bool, str]]:
@@ -176,7 +211,7 @@ def load(cfg, **overrides) -> Loaded:
     """The model of --ckpt, else of the --model preset (local HF cache, else random weights), in
     cfg.dtype with float32 parameters, and its tokenizer (the byte-level one when there is no directory)."""
     model, source, directory = ckpt.load_model(cfg.model, ckpt=cfg.ckpt, dtype=cfg.dtype, param_dtype="float32",
-                                               seed=cfg.seed, remat=cfg.remat, **overrides)
+                                               seed=cfg.seed, init=cfg.init, remat=cfg.remat, **overrides)
     return Loaded(model, data.load_tokenizer(directory), source, directory, model.cfg.family if directory else None)
 
 
@@ -245,22 +280,53 @@ def save(cfg, manager, step: int, state: dict, data_position: int) -> None:
 
 # ----------------------------------------------------------------------------- metrics
 
+class Progress:
+    """The step loop's bookkeeping, the same in every script: the tqdm bar (main process only), which steps
+    log, evaluate and save (every N steps, and the last), and the fields every record starts with."""
+
+    def __init__(self, cfg, step: int):
+        self.last, self.logged, self.t0 = cfg.steps, step, time.perf_counter()
+        self.bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
+
+    def due(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.last
+
+    def record(self, step: int, metrics: dict, lr) -> dict:
+        """step, loss, grad_norm, lr, and seconds_per_step since the last record (its eval not counted)."""
+        return {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                "lr": float(lr), "seconds_per_step": (time.perf_counter() - self.t0) / max(step - self.logged, 1)}
+
+    def write(self, log, record: dict, **shown) -> None:
+        """The record to the log, `shown` beside the bar; the clock restarts."""
+        log.write(record)
+        self.bar.set_postfix(**shown)
+        self.t0, self.logged = time.perf_counter(), record["step"]
+
+
 class MetricsLog:
     """<out>/metrics.jsonl: one JSON object per write (floats rounded to 6 digits), appended, flushed
-    at once, written by the main process only; a context manager, so it is closed on exit."""
+    at once, written by the main process only; a context manager, so it is closed on exit. With
+    cfg.report_to, the same numbers also go to TensorBoard (<out>/tensorboard) and/or Weights & Biases
+    (<out>/wandb; project $WANDB_PROJECT, default nanotune; WANDB_MODE=offline works without a network)."""
 
-    def __init__(self, out):
+    def __init__(self, out, cfg=None):
         self.path = pathlib.Path(out) / "metrics.jsonl"
-        self.file = None
+        self.file, self.reporters = None, []
         if shard.is_main_process():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "a")
+            names = [n for n in getattr(cfg, "report_to", "").split(",") if n]
+            with user_errors():
+                self.reporters = [reporter(name, pathlib.Path(out), cfg) for name in names]
 
     def write(self, record: dict) -> None:
         if self.file:
-            self.file.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}))
-            self.file.write("\n")
+            record = {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
+            self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            for report, _ in self.reporters:
+                report(int(record["step"]), numbers)
 
     def __enter__(self):
         return self
@@ -268,6 +334,31 @@ class MetricsLog:
     def __exit__(self, *exc):
         if self.file:
             self.file.close()
+            for _, close in self.reporters:
+                close()
+
+
+def reporter(name: str, out: pathlib.Path, cfg):
+    """--report-to's writers: (report(step, {name: number}), close)."""
+    try:
+        if name == "tensorboard":
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            writer = EventFileWriter(str(out / "tensorboard"))
+
+            def report(step, numbers):
+                values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in numbers.items()]
+                writer.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                                 summary=summary_pb2.Summary(value=values)))
+                writer.flush()
+            return report, writer.close
+        import wandb
+        (out / "wandb").mkdir(parents=True, exist_ok=True)
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanotune"), name=out.name, dir=str(out),
+                         config=dataclasses.asdict(cfg) if cfg is not None else None)
+        return (lambda step, numbers: run.log(numbers, step=step)), run.finish
+    except ImportError:
+        raise ValueError(f"--report-to {name} needs the {name} package: pip install {name}") from None
 
 
 # ----------------------------------------------------------------------------- eval

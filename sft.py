@@ -22,6 +22,7 @@ lora.py trains with this file's loss and loop, on adapters instead of all parame
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import pathlib
 import sys
 import time
@@ -57,7 +58,7 @@ class Config(run.RunConfig):
     steps: int = 1200  # optimizer steps
     batch_size: int = 128  # sequences per optimizer step (all micro-batches together)
     grad_accum: int = 1  # micro-batches per step; gradients normalised by the step's token count
-    lr: float = 3e-3  # peak learning rate
+    lr: float | None = None  # peak learning rate (3e-3 for a random tiny model; 2e-5 pretrained)
     warmup: float = 0.03  # fraction of steps of linear warmup, then cosine decay to 0
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     # logging and checkpoints
@@ -66,7 +67,12 @@ class Config(run.RunConfig):
     out: str = "runs/sft"  # output directory
     seed: int = 0  # data order and initialisation
 
+    # The defaults of the fields left None: (a random tiny model, a pretrained checkpoint); pretrained: TRL's
+    # SFTConfig learning_rate 2e-5.
+    AUTO: ClassVar[dict] = {"lr": (3e-3, 2e-5)}
+
     def __post_init__(self):
+        run.fill_defaults(self)  # the fields left None: AUTO's value for this start
         tasks.builtin_task(self.task)  # a bad --task fails here, before anything loads
         run.check(run.positive(self, "steps", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "keep",
                                "log_every", "train_examples", "eval_examples") + [
@@ -131,33 +137,28 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
                            pad_id=tok.pad_id)
     run.announce(loaded, params, mesh, f"{len(train_rows)} training examples")
 
-    with run.MetricsLog(out) as log:
+    with run.MetricsLog(out, cfg) as log:
         if step == 0:
             log.write({"step": 0, **(first_record or {}), **evaluate_now()})
-        bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
-        pending, t0 = [], time.perf_counter()  # metrics stay on device until logged: no per-step sync
+        progress, pending = run.Progress(cfg, step), []  # metrics stay on device until logged: no per-step sync
         while step < cfg.steps:
-            rows = shard.host_rows(cfg.batch_size)  # each host feeds its slice of the global batch
-            batch = {k: shard.global_batch(v[rows].reshape(cfg.grad_accum, -1, v.shape[-1]), mesh, axis=1)
-                     for k, v in next(batches).items()}
+            batch = shard.micro_batches(next(batches), mesh, cfg.grad_accum)
             key = jax.random.fold_in(jax.random.key(cfg.seed), step)  # LoRA dropout, when there is any
             params, opt_state, metrics = train_step(params, opt_state, frozen, batch, key)
             step += 1
             pending.append(metrics["tokens"])
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed, tokens_seen = time.perf_counter() - t0, float(sum(pending))
-                record = {"step": step, "loss": float(metrics["loss"]), "lr": float(schedule(step - 1)),
-                          "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": tokens_seen / elapsed}
-                if step % cfg.eval_every == 0 or step == cfg.steps:
+            if progress.due(step, cfg.log_every):
+                record = progress.record(step, metrics, schedule(step - 1))
+                record["tokens_per_sec"] = float(sum(pending)) / (time.perf_counter() - progress.t0)
+                if progress.due(step, cfg.eval_every):
                     record.update(evaluate_now())
-                log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}",
-                                acc=record.get("eval/accuracy", ""))
-                pending, t0 = [], time.perf_counter()
-            if step % cfg.save_every == 0 or step == cfg.steps:
+                progress.write(log, record, loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}",
+                               acc=record.get("eval/accuracy", ""))
+                pending = []
+            if progress.due(step, cfg.save_every):
                 run.save(cfg, manager, step, {"params": params, "opt_state": opt_state}, batches.position)
-            bar.update(1)
-        bar.close()
+            progress.bar.update(1)
+        progress.bar.close()
     return nnx.merge(graphdef, params, frozen)
 
 
@@ -177,11 +178,11 @@ def warm_up(model, examples, mesh, *, steps: int, lr: float, batch_size: int, ma
         return nll, {"tokens": count}
     opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
     step = jax.jit(run.make_update(loss_fn, tx), donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, None, None))
-    batches, rows = data.Batches(examples, batch_size, max_len, seed=seed, pad_id=pad_id), shard.host_rows(batch_size)
+    batches = data.Batches(examples, batch_size, max_len, seed=seed, pad_id=pad_id)
     bar = tqdm(range(1, steps + 1), desc="warm-up (SFT)", disable=not shard.is_main_process())
     score = 0.0
     for i in bar:
-        batch = {k: shard.global_batch(v[rows][None], mesh, axis=1) for k, v in next(batches).items()}
+        batch = shard.micro_batches(next(batches), mesh, 1)
         params, opt_state, _, _ = step(params, opt_state, frozen, batch, None)
         if i % 10 == 0:
             score = accuracy(nnx.merge(graphdef, params, frozen))

@@ -26,6 +26,7 @@ import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -198,6 +199,16 @@ def host_rows(global_batch: int) -> slice:
         raise ValueError(f"batch size {global_batch} does not divide over {n} hosts")
     per = global_batch // n
     return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def micro_batches(batch: dict, mesh: Mesh | None, count: int) -> dict:
+    """A global batch {name: [B, ...]} that every host holds → this host's rows as `count` micro-batches
+    [count, B / count, ...] (per host), assembled into global arrays on the mesh (rows over data and fsdp);
+    mesh None: unsharded, on the default device."""
+    if mesh is None:
+        return {k: jnp.asarray(v).reshape(count, -1, *v.shape[1:]) for k, v in batch.items()}
+    rows = host_rows(len(next(iter(batch.values()))))  # each host feeds its slice of the global batch
+    return {k: global_batch(v[rows].reshape(count, -1, *v.shape[1:]), mesh, axis=1) for k, v in batch.items()}
 
 
 def global_batch(local: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:

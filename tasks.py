@@ -111,6 +111,12 @@ def accuracy_reward(prompts, completions, answer, **columns) -> list[float]:
     return rewards
 
 
+# The system prompt a pretrained model gets before each question (grpo.py with --data or GSM8K): the format
+# that format_reward checks and accuracy_reward reads.
+REASONING_PROMPT = ("First think about the problem step by step inside <think> </think>. Then give the final "
+                    "answer, only the number, inside <answer> </answer>.")
+
+
 def format_reward(prompts, completions, **columns) -> list[float]:
     """1.0 for "<think>…</think> <answer>…</answer>" (the think block optional), nothing else."""
     return [float(TAG_FORMAT.fullmatch(c) is not None) for c in completions]

@@ -115,7 +115,9 @@ def test_preset_resolves_to_local_hf_cache(tmp_path, monkeypatch, capsys):
     ckpt.save_hf(small, snapshot)
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("abc123")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    from huggingface_hub import constants  # read at import: set where huggingface_hub looks now
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     model, source, directory = ckpt.load_model("qwen3")
     assert source == str(snapshot) and directory == snapshot and model.cfg.dim == small.cfg.dim
     # --ckpt always wins over the cache
@@ -123,11 +125,12 @@ def test_preset_resolves_to_local_hf_cache(tmp_path, monkeypatch, capsys):
     ckpt.save_hf(randomized("tiny-llama3"), other)
     loaded = ckpt.load_model("qwen3", ckpt=other)
     assert loaded.model.cfg.family == "llama3" and loaded.directory == other
-    # a preset with no local checkpoint: random init and a warning naming the repo
+    # a preset with no checkpoint to be had: one line naming the repo and the ways out; random only when asked
     monkeypatch.setitem(ckpt.HF_REPOS, "tiny-gemma", "google/not-downloaded")
-    loaded = ckpt.load_model("tiny-gemma")
+    with pytest.raises(ckpt.CheckpointError, match="google/not-downloaded is not in the Hugging Face cache"):
+        ckpt.load_model("tiny-gemma")
+    loaded = ckpt.load_model("tiny-gemma", init="random")
     assert loaded.source == "random tiny-gemma" and loaded.directory is None
-    assert "google/not-downloaded is not in the local Hugging Face cache" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- bad checkpoints

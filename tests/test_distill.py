@@ -237,7 +237,7 @@ def test_on_policy_steps_sample_from_the_student_reproducibly():
     a, lengths = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 3, tok.eos_ids)
     b, _ = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 3, tok.eos_ids)
     assert a == b and lengths and all(1 <= n <= 5 for n in lengths)
-    prompts = [distill.prompt_of(ex) for ex in examples]
+    prompts = [data.prompt_of(ex) for ex in examples]
     assert all(ids[:len(p)] == p and mask == [0] * len(p) + [1] * (len(ids) - len(p))
                for (ids, mask), p in zip(a, prompts))
     assert a != distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 4, tok.eos_ids)[0]
@@ -361,6 +361,25 @@ def test_a_cache_trained_run_equals_the_live_teacher_run(tmp_path):
             got = by_step(tmp_path / name, key)
             assert got.keys() == want.keys() and want, key
             np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-4, atol=1e-6)
+
+
+def test_mesh_4x2_logs_the_single_device_metrics(tmp_path):
+    """The same run on 8 devices (fsdp 4 x tp 2), with a step sampled by the student and both layer
+    losses, logs the one-device numbers."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    args = [*SMALL, "--steps", "2", "--eval-every", "2", "--lmbda", "0.5", "--max-new-tokens", "6",
+            "--hidden-layers", "1:1", "--attention-layers", "1:1"]
+    runs = {name: subprocess.Popen([sys.executable, "distill.py", *args, "--mesh", mesh, "--out", str(tmp_path / name)],
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+            for name, mesh in (("one", "fsdp=1,tp=1"), ("eight", "fsdp=4,tp=2"))}
+    stderr = {name: proc.communicate(timeout=600)[1] for name, proc in runs.items()}
+    assert all(proc.returncode == 0 for proc in runs.values()), {k: v[-1000:] for k, v in stderr.items()}
+    assert "'fsdp': 4, 'tp': 2" in stderr["eight"]
+    for key in ("loss", "kd_loss", "hidden_loss", "attention_loss", "grad_norm", "eval/kl", "eval/accuracy"):
+        a, b = by_step(tmp_path / "one", key), by_step(tmp_path / "eight", key)
+        assert sorted(a) == sorted(b) and len(a) >= 1, key
+        for step in a:
+            assert abs(a[step] - b[step]) <= 1e-4 * max(1.0, abs(a[step])), (key, step, a[step], b[step])
 
 
 def error_line(capsys, tmp_path, *args) -> str:

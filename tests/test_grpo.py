@@ -387,7 +387,7 @@ def error_line(capsys, tmp_path, *args) -> str:
 @pytest.mark.parametrize("content,message", [
     (b'{"prompt": "a", "answer": "1"}\n{"prompt": \n', r"bad.jsonl:2: bad JSON"),
     (b'{"prompt": "a"}\n', r"bad.jsonl:1: missing key 'answer'"),
-    (b'{"question": "a", "answer": "1"}\n', r"bad.jsonl:1: expected an object with a 'prompt'"),
+    (b'{"query": "a", "answer": "1"}\n', r"bad.jsonl:1: expected an object with a 'prompt'"),
     (b'\n\n', r"bad.jsonl: empty file"),
     (b'{"prompt": "caf\xe9", "answer": "1"}\n', r"bad.jsonl:1: not UTF-8"),
     (b'{"prompt": [{"role": "user", "content": "hi"}], "answer": "1"}\n', r"chat prompts need a checkpoint"),
