@@ -589,38 +589,3 @@ def load_model(name: str = "tiny", ckpt=None, dtype: str | None = None, seed: in
     dtypes = {"dtype": dtype or cfg.dtype, "param_dtype": param_dtype or dtype or cfg.param_dtype}
     cfg = cfg.replace(**dtypes, **overrides)
     return LoadedModel(Transformer(cfg, nnx.Rngs(seed)), f"random {name}", None)
-
-
-# ----------------------------------------------------------------------------- train state (orbax)
-
-def checkpoint_manager(directory, keep: int = 2):
-    """Orbax manager for <out>/checkpoints, keeping the newest `keep` steps: each save is written to a
-    temporary directory and renamed when complete, so a crash mid-save never leaves a broken `latest`."""
-    import orbax.checkpoint as ocp
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
-
-
-def save_train_state(manager, step: int, state, meta: dict) -> None:
-    """state: a pytree of arrays (params, optimizer state), saved sharded as it lives; meta: small JSON."""
-    import orbax.checkpoint as ocp
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
-
-
-def restore_train_state(manager, like, shardings):
-    """(step, state, meta) of the newest complete checkpoint, restored with the shapes and dtypes
-    of the tree `like`, straight into `shardings` (the same tree structure); None when there is none."""
-    import orbax.checkpoint as ocp
-    step = manager.latest_step()
-    if step is None:
-        return None
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), like, shardings)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises many types; all mean "this is not the state we need"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{manager.directory}/{step}: cannot restore the train state "
-                              f"(does it belong to this model and optimizer?): {first}") from None
-    return step, restored["state"], restored["meta"]

@@ -510,7 +510,7 @@ def main(argv=None):
     step, state, position = run.resume(cfg, manager, {"params": params, "opt_state": opt_state},
                                        {"params": param_sh, "opt_state": opt_sh})
     params, opt_state = state["params"], state["opt_state"]
-    run.announce(loaded, params, mesh, f"{len(train)} training examples, loss {cfg.loss}")
+    run.announce(loaded, params, mesh, f"{len(train)} training examples, loss {cfg.loss}", cfg)
     policy = lambda: nnx.merge(graphdef, params["student"], frozen[0])  # noqa: E731 (the student now)
     eval_topk = None if cache is None else cached_rows(cache, "eval", range(len(eval_examples)))
     evaluate_now = lambda: evaluate(eval_loss, params, frozen, evals, eval_examples, eval_topk, tok,  # noqa: E731
@@ -523,7 +523,7 @@ def main(argv=None):
             print(f"step 0: eval/kl {record.get('eval/kl', float('nan')):.3f}, eval/accuracy "
                   f"{record.get('eval/accuracy', float('nan')):.3f} (teacher "
                   f"{record.get('eval/teacher_accuracy', float('nan')):.3f})", file=sys.stderr)
-        progress, lengths = run.Progress(cfg, step), []
+        progress, lengths = run.Progress(cfg, step, manager), []
         while step < cfg.steps:
             picked = data.stream(len(train), cfg.seed, position, cfg.batch_size)
             position += cfg.batch_size
@@ -543,10 +543,12 @@ def main(argv=None):
                     record.update(evaluate_now())
                 progress.write(log, record, loss=f"{record['loss']:.4f}", acc=record.get("eval/accuracy", ""))
                 lengths = []
-            if progress.due(step, cfg.save_every):
+            if progress.save_due(step, metrics):
                 run.save(cfg, manager, step, {"params": params, "opt_state": opt_state}, position)
             progress.bar.update(1)
-        progress.bar.close()
+            if progress.stopping(step):
+                break
+        progress.close(step)
 
     if shard.is_main_process():
         if projections:  # the hidden-state projections, as trained

@@ -494,7 +494,7 @@ def main(argv=None):
     params, opt_state, ref_params = state["params"], state["opt_state"], state.get("ref_params", ref_params)
     mix = jax.jit(lambda p, r: jax.tree.map(lambda a, b: cfg.ref_model_mixup_alpha * a + (1 - cfg.ref_model_mixup_alpha)
                                             * b, p, r), donate_argnums=1, out_shardings=param_sh)
-    run.announce(loaded, params, mesh, f"{len(train)} pairs, {cfg.batch_size} per step, loss {cfg.loss_type}")
+    run.announce(loaded, params, mesh, f"{len(train)} pairs, {cfg.batch_size} per step, loss {cfg.loss_type}", cfg)
     policy = lambda: nnx.merge(graphdef, params, frozen)  # noqa: E731 (π_θ at the current params)
     evaluate_now = lambda: evaluate(eval_step, ref_fn, params, frozen, ref_params, evals, table["eval"],  # noqa: E731
                                     eval_rows, tok, pad_id, cfg, policy)
@@ -507,7 +507,7 @@ def main(argv=None):
             log.write({"step": 0, **first_record, **record})
             if "eval/accuracy" in record:
                 print(f"eval/accuracy at DPO step 0: {record['eval/accuracy']:.3f}", file=sys.stderr)
-        progress = run.Progress(cfg, step)
+        progress = run.Progress(cfg, step, manager)
         while step < cfg.steps:
             picked = data.stream(len(train), cfg.seed, position, cfg.batch_size)
             position, tokens_seen = position + cfg.batch_size, tokens_seen + pair_tokens(picked)
@@ -526,11 +526,13 @@ def main(argv=None):
                     record.update(evaluate_now())
                 progress.write(log, record, loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                eval=record.get("eval/accuracy", ""))
-            if progress.due(step, cfg.save_every):
+            if progress.save_due(step, metrics):
                 run.save(cfg, manager, step, {"params": params, "opt_state": opt_state,
                                               **({"ref_params": ref_params} if cfg.sync_ref_model else {})}, position)
             progress.bar.update(1)
-        progress.bar.close()
+            if progress.stopping(step):
+                break
+        progress.close(step)
 
     if shard.is_main_process():
         run.export_policy(policy(), out, loaded, cfg.lora, time.perf_counter() - start)

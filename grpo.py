@@ -388,7 +388,7 @@ def main(argv=None):
                                        {"params": param_sh, "opt_state": opt_sh})
     params, opt_state = state["params"], state["opt_state"]
     run.announce(loaded, params, mesh, f"{len(train)} prompts, {cfg.prompts_per_step} x {cfg.num_generations} "
-                                       "completions per step")
+                                       "completions per step", cfg)
     policy = lambda: nnx.merge(graphdef, params, frozen)  # noqa: E731 (π_θ at the current params)
 
     B, G = cfg.prompts_per_step, cfg.num_generations
@@ -398,7 +398,7 @@ def main(argv=None):
             log.write({"step": 0, **warmed, **record})
             if record:
                 print(f"eval/reward at GRPO step 0: {record['eval/reward']:.3f}", file=sys.stderr)
-        progress = run.Progress(cfg, step)
+        progress = run.Progress(cfg, step, manager)
         while step < cfg.steps:
             picked = data.stream(len(train), cfg.seed, position, B)
             position += B
@@ -420,10 +420,12 @@ def main(argv=None):
                     record.update(evaluate(policy(), evals, eval_ids, tok, funcs, eos_ids, cfg))
                 progress.write(log, record, reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0):.4f}",
                                eval=record.get("eval/reward", ""))
-            if progress.due(step, cfg.save_every):
+            if progress.save_due(step, iters[-1]):
                 run.save(cfg, manager, step, {"params": params, "opt_state": opt_state}, position)
             progress.bar.update(1)
-        progress.bar.close()
+            if progress.stopping(step):
+                break
+        progress.close(step)
 
     if shard.is_main_process():  # 6. export
         run.export_policy(policy(), out, loaded, cfg.lora, time.perf_counter() - start)

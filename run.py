@@ -25,8 +25,11 @@ import hashlib
 import inspect
 import io
 import json
+import logging
+import math
 import os
 import pathlib
+import signal
 import shutil
 import sys
 import textwrap
@@ -134,11 +137,6 @@ def parse_flags(config_class, argv=None):
         fail(str(e), status=2)
     if getattr(cfg, "tpu", False):
         shard.init_tpu()
-    if shard.is_main_process():
-        start = "pretrained" if starts_pretrained(vars(cfg)) else "tiny"
-        print(f"settings ({start} defaults for what the flags leave unset): " + ", ".join(
-            f"{k} {getattr(cfg, k)!r}" if isinstance(getattr(cfg, k), str) else f"{k} {getattr(cfg, k)}"
-            for k in [*getattr(config_class, "AUTO", {}), "dtype"]), file=sys.stderr)
     return cfg
 
 
@@ -215,11 +213,17 @@ def load(cfg, **overrides) -> Loaded:
     return Loaded(model, data.load_tokenizer(directory), source, directory, model.cfg.family if directory else None)
 
 
-def announce(loaded: Loaded, params, mesh, detail: str) -> None:
-    """One line on stderr (main process): the model's source, what trains, the data, the mesh."""
+def announce(loaded: Loaded, params, mesh, detail: str, cfg=None) -> None:
+    """On stderr (main process), as the run starts: the model's source, what trains, the data, the mesh;
+    and the settings that depend on the start (the Config's AUTO fields and dtype), as they are in effect."""
     if shard.is_main_process():
         print(f"model: {loaded.source}, training {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.3f}M "
               f"parameters; {detail}; mesh {dict(mesh.shape)}", file=sys.stderr)
+        if cfg is not None:
+            start = "pretrained" if starts_pretrained(vars(cfg)) else "tiny"
+            print(f"settings ({start} defaults for what the flags leave unset): " + ", ".join(
+                f"{k} {getattr(cfg, k)!r}" if isinstance(getattr(cfg, k), str) else f"{k} {getattr(cfg, k)}"
+                for k in [*getattr(cfg, "AUTO", {}), "dtype"]), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -253,48 +257,133 @@ def init_optimizer(tx, params, mesh):
 # ----------------------------------------------------------------------------- train state
 
 def checkpoints(cfg):
-    """The orbax manager of <out>/checkpoints; refuses to write over an earlier run unless --resume."""
-    manager = ckpt.checkpoint_manager(pathlib.Path(cfg.out) / "checkpoints", keep=cfg.keep)
+    """The orbax manager of <out>/checkpoints, keeping the newest --keep steps (each save is written to a
+    temporary directory and renamed when complete: a crash mid-save never leaves a broken newest one);
+    refuses to write over an earlier run unless --resume."""
+    import orbax.checkpoint as ocp
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=False, create=True)
+    manager = ocp.CheckpointManager(os.path.abspath(pathlib.Path(cfg.out) / "checkpoints"), options=options)
     if manager.latest_step() is not None and not cfg.resume:
         raise ValueError(f"{cfg.out}/checkpoints already holds a run: pass --resume or choose another --out")
     return manager
 
 
 def resume(cfg, manager, state: dict, shardings: dict):
-    """With --resume, the newest train state (same tree as `state`, restored into `shardings`):
-    (step, state, data position). Otherwise, or when there is none: (0, state, 0)."""
-    if not cfg.resume:
-        return 0, state, 0
-    with user_errors():
-        restored = ckpt.restore_train_state(manager, state, shardings)
-    if not restored:
-        return 0, state, 0
-    step, state, meta = restored
-    print(f"resumed from step {step} (data position {meta['data_position']})", file=sys.stderr)
-    return step, state, meta["data_position"]
+    """With --resume, the newest train state that restores (same tree as `state`, into `shardings`):
+    (step, state, data position); a newer one that does not (half-written, corrupted) is skipped with a
+    warning naming it and why. Otherwise, or when there is none: (0, state, 0). None restoring: one line."""
+    import orbax.checkpoint as ocp
+    steps = sorted(manager.all_steps(), reverse=True) if cfg.resume else []
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    broken = []
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                     meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax and tensorstore raise many types; all mean "not this one"
+            broken.append(f"step {step} ({first_line(e)})")
+            continue
+        if broken:
+            print(f"warning: checkpoint {', '.join(broken)} cannot be restored: resuming from step {step}",
+                  file=sys.stderr)
+        position = restored["meta"]["data_position"]
+        print(f"resumed from step {step} (data position {position})", file=sys.stderr)
+        return step, restored["state"], position
+    if broken:
+        fail(f"{manager.directory}: cannot restore any train state (does it belong to this model and optimizer?): "
+             f"{broken[0]}")
+    return 0, state, 0
 
 
 def save(cfg, manager, step: int, state: dict, data_position: int) -> None:
-    ckpt.save_train_state(manager, step, state, {"data_position": data_position, "config": dataclasses.asdict(cfg)})
+    """The train state (params, optimizer state: saved sharded as they live) and {data_position, config}.
+    A save that fails (a full disk, a quota) ends the run with one line; the earlier checkpoints stay."""
+    import orbax.checkpoint as ocp
+    meta = {"data_position": data_position, "config": dataclasses.asdict(cfg)}
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]  # orbax's own reports of a failed write
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+    except Exception as e:  # OSError from Python, other types from tensorstore; the loggers stay quiet
+        fail(f"could not save the train state of step {step} in {manager.directory} ({first_line(e)}); the earlier "
+             "checkpoints are intact")
+    for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 # ----------------------------------------------------------------------------- metrics
 
 class Progress:
     """The step loop's bookkeeping, the same in every script: the tqdm bar (main process only), which steps
-    log, evaluate and save (every N steps, and the last), and the fields every record starts with."""
+    log, evaluate and save, the fields every record starts with, and the two ways a run ends early:
 
-    def __init__(self, cfg, step: int):
+    - SIGTERM / SIGINT (preemption, Ctrl-C): the step finishes, is saved, one line says where, exit 0; a
+      second signal stops at once. With several hosts orbax's preemption sync point decides instead
+      (jax.distributed's own SIGTERM notice), so that every host saves the same step.
+    - a loss or gradient norm that is not finite: one line naming the step and the metric; the step is not
+      saved (checked at every log and save), so no checkpoint holds what made it."""
+
+    def __init__(self, cfg, step: int, manager=None):
         self.last, self.logged, self.t0 = cfg.steps, step, time.perf_counter()
+        self.save_every, self.out, self.manager, self.signal = cfg.save_every, cfg.out, manager, None
         self.bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
+        self.previous = {sig: signal.signal(sig, self.on_signal)  # restored by close()
+                         for sig in (signal.SIGTERM, signal.SIGINT)} if jax.process_count() == 1 else {}
+
+    def on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal:
+            print(f"\n{name} again: stopped at once (the newest checkpoint is kept)", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = name
+        print(f"\n{name}: finishing this step, then saving it ({name} again stops at once)", file=sys.stderr)
+
+    def stopping(self, step: int) -> bool:
+        if self.manager is not None and jax.process_count() > 1 and self.manager.reached_preemption(step):
+            self.signal = self.signal or "preemption"
+        return self.signal is not None
 
     def due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.last
 
+    def save_due(self, step: int, metrics: dict) -> bool:
+        """Every --save-every steps, the last, and when stopping; a loss that is not finite ends the run first."""
+        due = self.due(step, self.save_every) or self.stopping(step)
+        if due:
+            self.check_finite(step, metrics)
+        return due
+
+    def check_finite(self, step: int, metrics: dict) -> None:
+        for name in ("loss", "grad_norm"):
+            value = float(metrics[name]) if name in metrics else 0.0
+            if not math.isfinite(value):
+                kept = self.manager.latest_step() if self.manager is not None else None
+                self.bar.close()
+                fail(f"step {step}: {name} is {value}: stopped before saving it; " + (
+                    "no checkpoint was saved yet" if kept is None else f"the newest checkpoint is step {kept}"))
+
     def record(self, step: int, metrics: dict, lr) -> dict:
         """step, loss, grad_norm, lr, and seconds_per_step since the last record (its eval not counted)."""
+        self.check_finite(step, metrics)
         return {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                 "lr": float(lr), "seconds_per_step": (time.perf_counter() - self.t0) / max(step - self.logged, 1)}
+
+    def close(self, step: int) -> None:
+        """The bar closed; after a stop signal, one line saying where the step was saved, and exit 0."""
+        self.bar.close()
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.signal:
+            print(f"stopped at step {step} by {self.signal}: the train state is saved in {self.out}/checkpoints/{step}; "
+                  "--resume continues", file=sys.stderr)
+            sys.exit(0)
 
     def write(self, log, record: dict, **shown) -> None:
         """The record to the log, `shown` beside the bar; the clock restarts."""

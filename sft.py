@@ -135,12 +135,12 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
     params, opt_state = state["params"], state["opt_state"]
     batches = data.Batches(train_rows, cfg.batch_size, cfg.max_len, seed=cfg.seed, pack=cfg.pack, position=position,
                            pad_id=tok.pad_id)
-    run.announce(loaded, params, mesh, f"{len(train_rows)} training examples")
+    run.announce(loaded, params, mesh, f"{len(train_rows)} training examples", cfg)
 
     with run.MetricsLog(out, cfg) as log:
         if step == 0:
             log.write({"step": 0, **(first_record or {}), **evaluate_now()})
-        progress, pending = run.Progress(cfg, step), []  # metrics stay on device until logged: no per-step sync
+        progress, pending = run.Progress(cfg, step, manager), []  # metrics stay on device until logged: no per-step sync
         while step < cfg.steps:
             batch = shard.micro_batches(next(batches), mesh, cfg.grad_accum)
             key = jax.random.fold_in(jax.random.key(cfg.seed), step)  # LoRA dropout, when there is any
@@ -155,10 +155,12 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
                 progress.write(log, record, loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}",
                                acc=record.get("eval/accuracy", ""))
                 pending = []
-            if progress.due(step, cfg.save_every):
+            if progress.save_due(step, metrics):
                 run.save(cfg, manager, step, {"params": params, "opt_state": opt_state}, batches.position)
             progress.bar.update(1)
-        progress.bar.close()
+            if progress.stopping(step):
+                break
+        progress.close(step)
     return nnx.merge(graphdef, params, frozen)
 
 
