@@ -143,7 +143,9 @@ def load_tokenizer(path=None):
         return ByteTokenizer()
     if (path / "tokenizer.json").is_file():
         try:
-            return HFTokenizer(path)
+            tok = HFTokenizer(path)
+            tok.decode(tok.encode("Hello, world 123!"))  # some broken files fail only when used
+            return tok
         except Exception as e:  # the tokenizers package raises its own exception type
             raise TokenizerError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
     if (path / "tokenizer.model").is_file():
