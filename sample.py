@@ -15,6 +15,7 @@ a quarter of the head's bytes): one call in `decide`, skippable on a first readi
     python sample.py --model tiny-gemma3 --prompt "12+34=" --max-new-tokens 16
     python sample.py --ckpt path/to/gemma-3-270m --prompt "The capital of France is" --max-new-tokens 20
     python sample.py --ckpt DIR --chat --prompt "Write a haiku" --temperature 0.7 --top-p 0.9
+    python sample.py --ckpt BASE --adapter runs/lora/adapter --prompt "123+456="   # LoRA, not merged
 """
 from __future__ import annotations
 
@@ -311,6 +312,8 @@ def main(argv=None):
     p = _Parser(description="Generate text with a nanotune model.")
     p.add_argument("--model", default="tiny-gemma3", help="preset or family alias (ignored with --ckpt)")
     p.add_argument("--ckpt", default=None, help="Hugging Face checkpoint directory")
+    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory (ours or PEFT's), applied on the "
+                   "base at load time, unmerged")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the family's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
@@ -324,6 +327,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         model, source, directory = ckpt.load_model(args.model, ckpt=args.ckpt, dtype=args.dtype)
+        if args.adapter:
+            model, source = ckpt.load_peft(model, args.adapter), f"{source} + adapter {args.adapter}"
         tok = data.load_tokenizer(directory)  # no directory: the byte-level tokenizer of the tiny presets
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")

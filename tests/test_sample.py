@@ -262,6 +262,29 @@ def test_cli_bad_input_is_one_clear_line(args, message):
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
+def test_cli_adapter_gives_the_merged_checkpoints_greedy_ids(tmp_path):
+    """--adapter DIR: a PEFT adapter applied on the base at load time, unmerged, generates the ids the merged
+    checkpoint does (greedy; adapters with non-zero B, so the adapter changes the text)."""
+    import adapters
+    base = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(0))
+    ckpt.save_hf(base, tmp_path / "base")
+    adapted = adapters.add_lora(Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(0)), 4, 8.0)
+    for name in adapted.lora.targets:
+        b = getattr(adapted.layers, f"{name}_lora_b")
+        b.set_value(0.3 * jax.random.normal(jax.random.key(len(name)), b.shape, b.dtype))
+    ckpt.save_peft(adapted, tmp_path / "adapter")
+    ckpt.save_hf(adapters.merge_lora(adapted), tmp_path / "merged")
+    for d in ("base", "merged"):
+        data.ByteTokenizer().save(tmp_path / d)
+    args = ["--prompt", "123+456=", "--prompt", "9", "--max-new-tokens", "12"]
+    with_adapter = run_cli("--ckpt", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), *args)
+    merged = run_cli("--ckpt", str(tmp_path / "merged"), *args)
+    plain = run_cli("--ckpt", str(tmp_path / "base"), *args)
+    assert with_adapter.returncode == merged.returncode == 0, with_adapter.stderr + merged.stderr
+    assert with_adapter.stdout == merged.stdout != plain.stdout
+    assert "+ adapter" in with_adapter.stderr
+
+
 def test_cli_chat_mode_uses_the_template(gemma3_dir):
     r = run_cli("--ckpt", str(gemma3_dir), "--chat", "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
