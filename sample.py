@@ -139,6 +139,36 @@ def _generate(graphdef, state, layers, head8, tokens, segment_ids, positions, eo
     return loop.ids, loop.logprobs
 
 
+def stream(model: Transformer, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0, seed: int = 0, eos_ids=()):
+    """generate() for one prompt, one token at a time as each is made (a chat's, a server's stream): the same
+    prefill and decode step, driven from Python so each id can be shown at once. Yields ids, the
+    end-of-sequence id included; greedy ids equal generate()'s."""
+    tokens, segment_ids, positions = left_pad([prompt])
+    graphdef, state = nnx.split(model)
+    layers = unstack_layers(model, fuse=True)
+    cache = KVCache.init(model.cfg, 1, tokens.shape[1] + max_new_tokens)
+    cache = cache._replace(k=tuple(cache.k), v=tuple(cache.v))
+    key, sampling = jax.random.key(seed), (float(temperature), int(top_k), float(top_p))
+    token, cache, key = _stream_step(graphdef, state, layers, tokens, segment_ids, positions, cache, key, *sampling)
+    for i in range(max_new_tokens):
+        token_id = int(token[0])
+        yield token_id
+        if token_id in eos_ids or i + 1 == max_new_tokens:
+            return
+        token, cache, key = _stream_step(graphdef, state, layers, token[:, None], jnp.ones((1, 1), jnp.int32),
+                                         positions[:, -1:] + 1 + i, cache, key, *sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k", "top_p"))
+def _stream_step(graphdef, state, layers, tokens, segment_ids, positions, cache, key, temperature, top_k, top_p):
+    """tokens [1, T] (the left-padded prompt, or the last id) in at positions [1, T] → the next id [1], cache, key."""
+    logits, cache = nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+                                                 last=1, layers=layers)
+    key, sub = jax.random.split(key)
+    return next_token(logits[:, -1], sub, temperature, top_k, top_p)[0], cache, key
+
+
 # ----------------------------------------------------------------------------- the next token
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):
@@ -314,7 +344,8 @@ def main(argv=None):
     p.add_argument("--ckpt", default=None, help="Hugging Face checkpoint directory")
     p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory (ours or PEFT's), applied on the "
                    "base at load time, unmerged")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (--chat without it: talk turn by "
+                   "turn)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the family's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -325,6 +356,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
+    if not args.prompt and not args.chat:
+        p.error("the following arguments are required: --prompt (or --chat alone, to talk turn by turn)")
     try:
         model, source, directory = ckpt.load_model(args.model, ckpt=args.ckpt, dtype=args.dtype)
         if args.adapter:
@@ -332,17 +365,19 @@ def main(argv=None):
         tok = data.load_tokenizer(directory)  # no directory: the byte-level tokenizer of the tiny presets
         if tok.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
-        if args.chat:
+        if args.chat and args.prompt:
             system = [{"role": "system", "content": args.system}] if args.system else []
             texts = [data.apply_chat_template(system + [{"role": "user", "content": t}], model.cfg.family)
                      for t in args.prompt]
             prompts = [tok.encode(t, add_bos=False) for t in texts]  # the template holds the BOS
-        else:
+        elif args.prompt:
             prompts = [tok.encode(text) for text in args.prompt]
         eos = (*tok.eos_ids, *model.cfg.eos_ids)
         if args.chat:
             eos += (tok.token_id(data.END_OF_TURN[model.cfg.family]),)
         eos = tuple(dict.fromkeys(i for i in eos if i is not None))
+        if args.chat and not args.prompt:
+            return interactive_chat(model, tok, eos, args)
         outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=eos, num_beams=args.num_beams)
     except (ValueError, OSError) as e:  # CheckpointError and TokenizerError are ValueErrors
@@ -350,6 +385,37 @@ def main(argv=None):
     print(f"# model: {source}", file=sys.stderr)
     for text, ids in zip(args.prompt, outs):
         print(tok.decode(ids) if args.chat else text + tok.decode(ids))
+
+
+def interactive_chat(model: Transformer, tok, eos_ids, args) -> None:
+    """--chat without --prompt: each line read is a user turn; the answer is printed as it is generated
+    (stream), and both join the history, which the family's chat template renders whole each turn.
+    Ctrl-D or Ctrl-C ends the chat."""
+    import data
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"chat with {model.cfg.family} ({args.ckpt or args.model}); Ctrl-D or Ctrl-C ends it", file=sys.stderr)
+    try:
+        while True:
+            print("> ", end="", flush=True)  # on stdout: input()'s own prompt goes to stderr on a terminal
+            try:
+                history.append({"role": "user", "content": input()})
+            except EOFError:
+                break
+            ids = tok.encode(data.apply_chat_template(history, model.cfg.family), add_bos=False)
+            answer, shown = [], ""
+            for token in stream(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed + len(history), eos_ids=eos_ids):
+                if token in eos_ids:
+                    break
+                answer.append(token)
+                text = tok.decode(answer)
+                if not text.endswith("\ufffd"):  # a character still being spelled out in bytes
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+            print(tok.decode(answer)[len(shown):], flush=True)
+            history.append({"role": "assistant", "content": tok.decode(answer)})
+    except KeyboardInterrupt:
+        print()
 
 
 if __name__ == "__main__":

@@ -285,6 +285,50 @@ def test_cli_adapter_gives_the_merged_checkpoints_greedy_ids(tmp_path):
     assert "+ adapter" in with_adapter.stderr
 
 
+def test_stream_yields_generates_ids_one_at_a_time():
+    model = Transformer(CONFIGS["tiny-gemma3"], nnx.Rngs(0))
+    prompt = [5, 17, 99, 3, 250, 7, 8, 9, 10, 11]
+    for kw in ({}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}):
+        want = sample.generate(model, [prompt], max_new_tokens=20, **kw)[0]
+        assert list(sample.stream(model, prompt, max_new_tokens=20, **kw)) == want
+    first = sample.generate(model, [prompt], max_new_tokens=20)[0][4]
+    assert list(sample.stream(model, prompt, max_new_tokens=20, eos_ids=(first,)))[-1] == first  # stops at an end
+
+
+def test_interactive_chat_through_a_terminal(gemma3_dir):
+    """--chat without --prompt, driven through a pseudo-terminal: two turns answered (the first as the
+    one-shot --chat --prompt answers it, greedy), then Ctrl-D ends it with status 0."""
+    import os
+    import pty
+    import select
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(gemma3_dir), "--chat", "--max-new-tokens", "8"],
+                            cwd=ROOT, stdin=terminal, stdout=terminal, stderr=subprocess.DEVNULL, close_fds=True)
+    os.close(terminal)
+    seen = b""
+
+    def read_until_prompt(count):
+        nonlocal seen
+        while seen.count(b"> ") < count:
+            ready, _, _ = select.select([controller], [], [], 300)
+            assert ready, seen
+            seen += os.read(controller, 4096)
+    read_until_prompt(1)
+    os.write(controller, b"What is the capital of France?\n")
+    read_until_prompt(2)
+    os.write(controller, b"And of Italy?\n")
+    read_until_prompt(3)
+    os.write(controller, b"\x04")  # Ctrl-D
+    assert proc.wait(timeout=60) == 0
+    os.close(controller)
+    turns = seen.decode(errors="replace").replace("\r", "").split("> ")
+    first = turns[1].split("\n", 1)[1].strip()  # after the echoed question
+    second = turns[2].split("\n", 1)[1].strip()
+    one_shot = run_cli("--ckpt", str(gemma3_dir), "--chat", "--prompt", "What is the capital of France?",
+                       "--max-new-tokens", "8")
+    assert first and second and one_shot.stdout.strip().startswith(first), (first, second, one_shot.stdout)
+
+
 def test_cli_chat_mode_uses_the_template(gemma3_dir):
     r = run_cli("--ckpt", str(gemma3_dir), "--chat", "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
