@@ -119,7 +119,7 @@ class Config(run.RunConfig):
     out: str = "runs/dpo"  # output directory
     seed: int = 0  # data order, pairs of the built-in task and initialisation
     # supervised warm-up (the built-in task from random weights)
-    warmup_sft_steps: int = -1  # most supervised steps before DPO (-1: 500 on the task from scratch, else 0)
+    warmup_sft_steps: int | None = None  # most supervised steps before DPO (500 on the task from scratch, else 0)
     warmup_sft_target: float = 0.3  # the warm-up stops once greedy accuracy on training prompts reaches this
     warmup_sft_lr: float = 3e-3  # warm-up learning rate (constant after a 10-step ramp)
     warmup_sft_batch_size: int = 128  # warm-up sequences per step
@@ -131,7 +131,7 @@ class Config(run.RunConfig):
 
     # The defaults of the fields left None: (a random tiny model, a pretrained checkpoint); pretrained: TRL's
     # DPOConfig learning_rate 1e-6 (its docs suggest ~1e-5 with LoRA: pass --lr 1e-5).
-    AUTO: ClassVar[dict] = {"lr": (2e-3, 1e-6)}
+    AUTO: ClassVar[dict] = {"lr": (2e-3, 1e-6), "warmup_sft_steps": (-1, 0)}  # no warm-up over what a model knows
 
     def __post_init__(self):
         run.fill_defaults(self)  # the fields left None: AUTO's value for this start
