@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import pathlib
 import sys
 from typing import NamedTuple
 
@@ -355,9 +356,14 @@ def main(argv=None):
     p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--serve", action="store_true", help="an OpenAI-compatible HTTP server (serve.py; pip install "
+                   "fastapi uvicorn)")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: the address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="--serve: the port")
+    p.add_argument("--api-key", default=None, help="--serve: refuse requests without 'Authorization: Bearer KEY'")
     args = p.parse_args(argv)
-    if not args.prompt and not args.chat:
-        p.error("the following arguments are required: --prompt (or --chat alone, to talk turn by turn)")
+    if not args.prompt and not args.chat and not args.serve:
+        p.error("the following arguments are required: --prompt (or --chat alone, to talk turn by turn, or --serve)")
     try:
         model, source, directory = ckpt.load_model(args.model, ckpt=args.ckpt, dtype=args.dtype)
         if args.adapter:
@@ -373,9 +379,13 @@ def main(argv=None):
         elif args.prompt:
             prompts = [tok.encode(text) for text in args.prompt]
         eos = (*tok.eos_ids, *model.cfg.eos_ids)
-        if args.chat:
+        if (args.chat or args.serve) and model.cfg.family in data.END_OF_TURN:
             eos += (tok.token_id(data.END_OF_TURN[model.cfg.family]),)
         eos = tuple(dict.fromkeys(i for i in eos if i is not None))
+        if args.serve:
+            import serve
+            name = pathlib.Path(args.ckpt).name if args.ckpt else args.model
+            return serve.serve(model, tok, eos, name, args.host, args.port, args.api_key)
         if args.chat and not args.prompt:
             return interactive_chat(model, tok, eos, args)
         outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
