@@ -290,7 +290,7 @@ def resume(cfg, manager, state: dict, shardings: dict):
         print(f"resumed from step {step} (data position {position})", file=sys.stderr)
         return step, restored["state"], position
     if broken:
-        fail(f"{manager.directory}: cannot restore any train state (does it belong to this model and optimizer?): "
+        fail(f"{manager.directory}: cannot restore the train state of any checkpoint (from another model or optimizer?): "
              f"{broken[0]}")
     return 0, state, 0
 
@@ -308,8 +308,11 @@ def save(cfg, manager, step: int, state: dict, data_position: int) -> None:
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
     except Exception as e:  # OSError from Python, other types from tensorstore; the loggers stay quiet
-        fail(f"could not save the train state of step {step} in {manager.directory} ({first_line(e)}); the earlier "
-             "checkpoints are intact")
+        # orbax's writer threads are left mid-write and print tracebacks at interpreter exit: end here instead
+        print(f"error: could not save the train state of step {step} in {manager.directory} ({first_line(e)}); "
+              "the earlier checkpoints are intact", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     for logger, level in zip(loggers, levels):
         logger.setLevel(level)
 

@@ -439,12 +439,14 @@ def test_an_existing_run_is_never_overwritten(capsys, tmp_path, full_run):
         grpo.main([*RESUME, "--out", str(out)])  # forgot --resume
     assert "already holds a run: pass --resume" in e.value.code
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == saved
-    for p in (out / "checkpoints" / "12").rglob("*"):  # a damaged newest checkpoint is reported, not used
+    for p in (out / "checkpoints").rglob("*"):  # every checkpoint damaged: reported in one line, none used
         if p.is_file():
             p.write_bytes(b"garbage")
+    damaged = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as e:
         grpo.main([*RESUME, "--out", str(out), "--resume"])
     assert "cannot restore the train state" in e.value.code and len(e.value.code.splitlines()) == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == damaged
 
 
 @pytest.mark.slow

@@ -220,11 +220,11 @@ def test_checkpoints_are_never_overwritten_or_misread(tmp_path):
     assert "cannot restore the train state" in lines[-1]
     assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == saved
 
-    for p in saved:  # corrupt every file of the newest checkpoint (step 2)
-        if p.relative_to(out / "checkpoints").parts[0] == "2":
-            p.write_bytes(b"garbage")
+    for p in saved:  # corrupt every file of every checkpoint (steps 1 and 2): nothing left to fall back to
+        p.write_bytes(b"garbage")
     broken = run_sft(*SMALL, "--steps", "4", "--resume", "--out", str(out))
     assert broken.returncode != 0 and "cannot restore the train state" in broken.stderr.strip().splitlines()[-1]
+    assert {p: p.read_bytes() for p in saved} == {p: b"garbage" for p in saved}  # not overwritten either
 
 
 def test_bf16_run_exports_a_checkpoint_transformers_loads(tmp_path):
