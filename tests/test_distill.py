@@ -17,7 +17,6 @@ import pytest
 from flax import nnx
 
 import data
-from scripts import kill_at_checkpoint
 import distill
 import logprobs
 import sample
@@ -307,21 +306,6 @@ def test_the_top_k_loss_is_the_k_plus_one_bucket_divergence():
 
 SMALL = ["--teacher", "tiny-qwen3", "--train-examples", "200", "--eval-examples", "16", "--batch-size", "8",
          "--steps", "8", "--log-every", "1", "--eval-every", "4", "--save-every", "4"]
-
-
-def test_kill_and_resume_continue_the_same_run(tmp_path):
-    args = [*SMALL, "--lmbda", "0.5", "--max-new-tokens", "6"]
-    full = run_distill(*args, "--out", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr[-2000:]
-    out = tmp_path / "killed"
-    kill_at_checkpoint("distill.py", args, out, 4)  # kill -9, maybe mid-save
-    resumed = run_distill(*args, "--out", str(out), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from step" in resumed.stderr
-    for key in ("loss", "kd_loss", "kl/forward", "top1_agreement", "grad_norm", "eval/kl", "eval/accuracy"):
-        want, got = by_step(tmp_path / "full", key), by_step(out, key)
-        assert got == want and len(want) >= 2, key
-    assert by_step(tmp_path / "full", "completions/mean_length")  # some steps were on-policy
 
 
 @pytest.mark.parametrize("args", [["--lora"], ["--teacher-dtype", "bfloat16", "--loss", "skew_reverse_kl"],

@@ -17,7 +17,6 @@ import pytest
 from flax import nnx
 
 import data
-from scripts import kill_at_checkpoint
 import dpo
 import logprobs
 import tasks
@@ -411,21 +410,6 @@ def test_tr_dpo_moves_the_reference_toward_the_policy(tmp_path):
 
 
 # ----------------------------------------------------------------------------- runs
-
-def test_kill_and_resume_continue_the_same_run(tmp_path):
-    args = [*SMALL, "--steps", "8", "--eval-every", "4"]
-    full = run_dpo(*args, "--out", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr[-2000:]
-    out = tmp_path / "killed"
-    kill_at_checkpoint("dpo.py", args, out, 4)  # kill -9, maybe mid-save
-    resumed = run_dpo(*args, "--out", str(out), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from step" in resumed.stderr
-    for key in ("loss", "rewards/margins", "grad_norm", "eval/loss", "eval/rewards/accuracies", "eval/accuracy"):
-        want, got = by_step(tmp_path / "full", key), by_step(out, key)
-        assert got == want and len(want) >= 2, key  # exactly, on CPU
-    assert sorted(by_step(out, "loss")) == list(range(1, 9))
-
 
 def test_mesh_4x2_logs_the_single_device_metrics(tmp_path):
     """The same run on 8 devices (fsdp 4 x tp 2, a pair's two rows kept together on a device) logs the

@@ -3,7 +3,6 @@ ends in one clear line."""
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,6 @@ import pytest
 from flax import nnx
 
 import data
-from scripts import kill_at_checkpoint
 import sft
 import tasks
 from model import CONFIGS, Transformer
@@ -123,21 +121,6 @@ def test_batches_resume_at_a_position():
 
 
 # ----------------------------------------------------------------------------- resume and mesh
-
-def test_kill_and_resume_continue_the_same_run(tmp_path):
-    args = [*SMALL, "--steps", "30", "--save-every", "10", "--log-every", "1"]
-    full = run_sft(*args, "--out", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr[-2000:]
-
-    out = tmp_path / "killed"
-    assert kill_at_checkpoint("sft.py", args, out, 20, poll=0.05) == -signal.SIGKILL  # maybe mid-save
-    resumed = run_sft(*args, "--out", str(out), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from step" in resumed.stderr
-    want, got = losses(tmp_path / "full"), losses(out)
-    assert sorted(got) == sorted(want) == list(range(1, 31))
-    assert got == want  # exactly, on CPU
-
 
 def test_mesh_4x2_logs_the_single_device_losses(tmp_path):
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
