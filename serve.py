@@ -79,6 +79,9 @@ class Engine:
         try:
             prompts = [job.prompt for job in jobs for _ in range(job.n)]
             first = jobs[0]
+            if first.temperature == 0:  # rows padded to a power of two: a few batch shapes compile, not one per size
+                rows = len(prompts)
+                prompts += [prompts[-1]] * ((1 << (rows - 1).bit_length()) - rows)
             self.stats["decode_loops"] += 1
             outs = sample.generate(self.model, prompts, max_new_tokens=max(job.max_tokens for job in jobs),
                                    temperature=first.temperature, top_p=first.top_p, seed=first.seed,
