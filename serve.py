@@ -119,13 +119,54 @@ def cut_at_stop(text: str, stop) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
-def make_app(engine: Engine, model_name: str, family: str | None, max_len: int, api_key: str | None = None):
-    """The FastAPI application over an Engine."""
+def answer(engine: Engine, job: Job, stop, kind: str, head: dict) -> dict:
+    """A finished job as OpenAI's (chat) completion object: n choices and the usage counts."""
+    choices, used = [], 0
+    for i, (ids, reason) in enumerate(job.done.result()):
+        text, stopped = cut_at_stop(engine.tok.decode(ids), stop)
+        used += len(ids)
+        body = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text, "logprobs": None}
+        choices.append({"index": i, **body, "finish_reason": "stop" if stopped else reason})
+    return {**head, "choices": choices, "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": used,
+                                                  "total_tokens": len(job.prompt) + used}}
+
+
+def events(engine: Engine, job: Job, stop, kind: str, head: dict):
+    """A streamed job as server-sent events, OpenAI's chunks: text as it is made (never half a UTF-8
+    character), a last chunk with the finish_reason, then [DONE]."""
+    def chunk(delta: dict, reason=None):
+        body = {"delta": delta} if kind == "chat" else {"text": delta.get("content", ""), "logprobs": None}
+        obj = head["object"] + ".chunk" if kind == "chat" else head["object"]
+        return "data: " + json.dumps({**head, "object": obj,
+                                      "choices": [{"index": 0, **body, "finish_reason": reason}]}) + "\n\n"
+    if kind == "chat":
+        yield chunk({"role": "assistant", "content": ""})
+    ids, shown, reason = [], "", "length"
+    while (token := job.tokens.get()) is not None:
+        if isinstance(token, Exception) or token in engine.eos_ids:
+            reason = "stop" if not isinstance(token, Exception) else "error"
+            continue
+        ids.append(token)
+        text, stopped = cut_at_stop(engine.tok.decode(ids), stop)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield chunk({"content": text[len(shown):]})
+            shown = text
+        if stopped:  # the rest of the stream is drained, not sent
+            reason = "stop"
+    yield chunk({}, reason)
+    yield "data: [DONE]\n\n"
+
+
+class Refusal(Exception):
+    """A request answered with an HTTP error status and OpenAI's error object."""
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def request_types():
+    """The request bodies (pydantic, imported only when serving): their fields and bounds are OpenAI's."""
     from typing import Literal, Union
 
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, Field
 
     class Message(BaseModel):
@@ -147,11 +188,15 @@ def make_app(engine: Engine, model_name: str, family: str | None, max_len: int, 
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
+    return Common, CompletionRequest, ChatRequest
 
-    class Refusal(Exception):
-        def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
-            self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param,
-                                                         "code": code}}
+
+def make_app(engine: Engine, model_name: str, family: str | None, max_len: int, api_key: str | None = None):
+    """The FastAPI application over an Engine."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    Common, CompletionRequest, ChatRequest = request_types()
 
     app = FastAPI()
 
@@ -197,42 +242,11 @@ def make_app(engine: Engine, model_name: str, family: str | None, max_len: int, 
 
     def respond(req: Common, job: Job, kind: str):
         rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        obj = "chat.completion" if kind == "chat" else "text_completion"
+        head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
+                "model": model_name}
         if req.stream:
-            return StreamingResponse(events(req, job, kind, rid, created, obj), media_type="text/event-stream")
-        choices, used = [], 0
-        for i, (ids, reason) in enumerate(job.done.result()):
-            text, stopped = cut_at_stop(engine.tok.decode(ids), req.stop)
-            used += len(ids)
-            body = {"message": {"role": "assistant", "content": text}} if kind == "chat" else \
-                {"text": text, "logprobs": None}
-            choices.append({"index": i, **body, "finish_reason": "stop" if stopped else reason})
-        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
-                "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": used,
-                          "total_tokens": len(job.prompt) + used}}
-
-    def events(req: Common, job: Job, kind: str, rid: str, created: int, obj: str):
-        def chunk(delta: dict, reason=None):
-            body = {"delta": delta} if kind == "chat" else {"text": delta.get("content", ""), "logprobs": None}
-            return "data: " + json.dumps({"id": rid, "object": obj + ".chunk" if kind == "chat" else obj,
-                                          "created": created, "model": model_name,
-                                          "choices": [{"index": 0, **body, "finish_reason": reason}]}) + "\n\n"
-        if kind == "chat":
-            yield chunk({"role": "assistant", "content": ""})
-        ids, shown, reason = [], "", "length"
-        while (token := job.tokens.get()) is not None:
-            if isinstance(token, Exception) or token in engine.eos_ids:
-                reason = "stop" if not isinstance(token, Exception) else "error"
-                continue
-            ids.append(token)
-            text, stopped = cut_at_stop(engine.tok.decode(ids), req.stop)
-            if not text.endswith("\ufffd") and len(text) > len(shown):
-                yield chunk({"content": text[len(shown):]})
-                shown = text
-            if stopped:  # the rest of the stream is drained, not sent
-                reason = "stop"
-        yield chunk({}, reason)
-        yield "data: [DONE]\n\n"
+            return StreamingResponse(events(engine, job, req.stop, kind, head), media_type="text/event-stream")
+        return answer(engine, job, req.stop, kind, head)
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
