@@ -433,19 +433,8 @@ class Transformer(nnx.Module):
         if cfg.embed_scale:  # Gemma rounds sqrt(D) to the compute dtype, as HF does
             x = x * jnp.asarray(math.sqrt(cfg.dim), dtype)
 
-        # Key slots: the cache's, or just this call's tokens.
-        if cache is None:
-            start, k_segments, k_slots = 0, segment_ids, jnp.arange(T)
-        else:
-            start = cache.index
-            k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, start))
-            k_slots = jnp.arange(cache.segment_ids.shape[1])
-        q_slots = start + jnp.arange(T)
-        global_mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, None)
-        sliding_mask = attention_mask(q_slots, k_slots, segment_ids, k_segments, cfg.sliding_window)
-        global_rope = Rope(*rope_table(positions, rope_inv_freq(cfg, cfg.rope_theta, scaled=True)))
-        local_rope = global_rope if cfg.rope_local_theta is None else \
-            Rope(*rope_table(positions, rope_inv_freq(cfg, cfg.rope_local_theta, scaled=False)))
+        start, k_segments, (global_mask, sliding_mask), (global_rope, local_rope) = self.attention_inputs(
+            positions, segment_ids, cache)
         sliding = jnp.asarray(cfg.sliding_layers or (False,) * cfg.n_layers)  # [L]
         lora = getattr(self, "lora", None)
         drop_keys = None if dropout_key is None or not lora or not lora.dropout else \
@@ -489,6 +478,24 @@ class Transformer(nnx.Module):
         if taps:
             return out, tapped
         return out if cache is None else (out, KVCache(new_k, new_v, k_segments, start + T))
+
+    def attention_inputs(self, positions, segment_ids, cache: KVCache | None):
+        """What every layer's attention shares: the first query slot, the key slots' (the cache's, else this
+        call's) segment ids, the (global, sliding-window) masks [B, T, S], the (global, local) RoPE tables."""
+        cfg, T = self.cfg, positions.shape[1]
+        if cache is None:
+            start, k_segments, k_slots = 0, segment_ids, jnp.arange(T)
+        else:
+            start = cache.index
+            k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, start))
+            k_slots = jnp.arange(cache.segment_ids.shape[1])
+        q_slots = start + jnp.arange(T)
+        masks = tuple(attention_mask(q_slots, k_slots, segment_ids, k_segments, window)
+                      for window in (None, cfg.sliding_window))
+        global_rope = Rope(*rope_table(positions, rope_inv_freq(cfg, cfg.rope_theta, scaled=True)))
+        local_rope = global_rope if cfg.rope_local_theta is None else \
+            Rope(*rope_table(positions, rope_inv_freq(cfg, cfg.rope_local_theta, scaled=False)))
+        return start, k_segments, masks, (global_rope, local_rope)
 
     def head(self, dtype=None) -> jax.Array:
         """The output head [V, D] (the embedding when tied) in `dtype`, default the compute dtype."""
