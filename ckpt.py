@@ -556,15 +556,20 @@ def hub_snapshot(repo: str) -> pathlib.Path:
     """A Hub repo's checkpoint through huggingface_hub: its local cache (HF_HOME, HF_HUB_CACHE), else a
     download of the config, safetensors and tokenizer files only (HF_TOKEN for gated repos such as Gemma
     and Llama; HF_HUB_OFFLINE=1: the cache only). Otherwise a CheckpointError saying how to get it."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors, snapshot_download
     try:
         return pathlib.Path(snapshot_download(repo, allow_patterns=HUB_FILES))
-    except Exception as e:  # not cached and offline, no network, gated without a token, no such repo
-        why = (str(e).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{repo} is not in the Hugging Face cache and could not be downloaded ({type(e).__name__}"
-                              f"{': ' + why if why else ''}): run `hf download {repo}` where the Hub is reachable "
-                              "(gated repos: accept the license, set HF_TOKEN), pass --ckpt DIR, or --init random "
-                              "for random weights") from None
+    except errors.GatedRepoError:
+        why = "a gated repository: accept its license on the Hub, then set HF_TOKEN"
+    except errors.RepositoryNotFoundError:
+        why = "the Hub has no such repository (or it is private: set HF_TOKEN)"
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, ConnectionError):
+        why = "the Hub cannot be reached from here, or HF_HUB_OFFLINE=1 forbids it"
+    except Exception as e:  # a failed or interrupted download, a full disk
+        why = f"the download failed: {type(e).__name__}"
+    raise CheckpointError(f"{repo} is not in the Hugging Face cache and could not be had: {why}. Download it where "
+                          f"the Hub is reachable (`hf download {repo}`), pass --ckpt DIR, or --init random for "
+                          "random weights")
 
 
 class LoadedModel(NamedTuple):

@@ -1,160 +1,24 @@
-"""data.py — text in: tokenizers, datasets, batches.
+"""data.py — text in: datasets (JSONL, Parquet, Hub), tokenized examples, batches, and the learner's rows.
 
-One small interface over three backends, picked from what a checkpoint directory holds:
+    rows = read_rows("train.jsonl")                       # TRL's formats, each row checked (file:line errors)
+    ids, loss_mask = tokenize(row, tok, family)           # the loss on the completion / assistant turns
+    batch = next(Batches(examples, 128, 512, seed=0))     # tokens, loss_mask, segment_ids, positions [B, T]
+    batch = completion_batch(prompt_ids, completions, pad_id, max_len)   # what a learner scores of a sample
 
-    tok = load_tokenizer("path/to/ckpt")      # tokenizer.json (HF `tokenizers`), else tokenizer.model
-    tok = load_tokenizer(None)                # the byte-level tokenizer of the tiny presets
-    ids = tok.encode("Hello")                 # with the model's BOS, as transformers does
-    text = tok.decode(ids)                    # special tokens dropped
-    tok.bos_id, tok.eos_ids, tok.pad_id
-
-Chat templates are plain functions from [{"role", "content"}, ...] to text (no jinja), in chat.py.
+Tokenizers are in tokenizer.py; chat templates are plain functions from [{"role", "content"}, ...] to text
+(no jinja), in chat.py; where a completion stops is one rule for every script (stop_ids).
 """
 from __future__ import annotations
 
 import functools
 import json
 import pathlib
+from typing import NamedTuple
 
 import numpy as np
 
 import tasks
-from chat import END_OF_TURN, apply_chat_template  # noqa: F401 (data.apply_chat_template, as before)
-
-
-class TokenizerError(ValueError):
-    """A tokenizer that cannot be loaded; the message names the directory and the problem."""
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, then pad 256, bos 257, eos 258 (the tiny presets' vocabulary)."""
-    vocab_size, pad_id, bos_id, eos_ids = 259, 256, 257, (258,)
-    family = None
-
-    def save(self, directory) -> None:
-        """Mark a checkpoint directory as using this tokenizer (load_tokenizer finds it)."""
-        (pathlib.Path(directory) / BYTE_TOKENIZER_FILE).write_text(json.dumps(
-            {"type": "bytes", "vocab_size": self.vocab_size, "pad_id": self.pad_id, "bos_id": self.bos_id,
-             "eos_ids": list(self.eos_ids)}) + "\n")
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return [self.bos_id] * add_bos + list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-    def token_id(self, token: str) -> int | None:
-        return None  # no special tokens beyond pad/bos/eos
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer.json through the `tokenizers` package; special tokens from
-    tokenizer_config.json, config.json and generation_config.json beside it."""
-
-    def __init__(self, path: pathlib.Path):
-        from tokenizers import Tokenizer
-        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        special = _special_tokens(path)
-        self.bos_id = self._id(special.get("bos_token"), special.get("bos_token_id"))
-        self.pad_id = self._id(special.get("pad_token"), special.get("pad_token_id"))
-        eos = [self._id(special.get("eos_token"), None)] + list(special.get("eos_token_ids", []))
-        self.eos_ids = tuple(dict.fromkeys(i for i in eos if i is not None))
-        self.vocab_size = self.tok.get_vocab_size()
-        self.family = special.get("family")
-        # Does the post-processor add BOS itself (Gemma, Llama) or not at all (Qwen)?
-        self._adds_bos = self.bos_id is not None and self.tok.encode("a").ids[:1] == [self.bos_id]
-
-    def _id(self, token, fallback):
-        if isinstance(token, dict):
-            token = token.get("content")
-        found = self.tok.token_to_id(token) if token else None
-        return found if found is not None else fallback
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        if add_bos and self._adds_bos and ids[:1] != [self.bos_id]:
-            ids = [self.bos_id] + ids
-        return ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
-
-    def token_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-
-class SentencePieceTokenizer:
-    """A SentencePiece tokenizer.model (Gemma's original format)."""
-
-    def __init__(self, path: pathlib.Path):
-        import sentencepiece
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-        special = _special_tokens(path)
-        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else special.get("bos_token_id")
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else special.get("pad_token_id")
-        eos = [self.sp.eos_id()] + list(special.get("eos_token_ids", []))
-        self.eos_ids = tuple(dict.fromkeys(i for i in eos if i is not None and i >= 0))
-        self.vocab_size = self.sp.get_piece_size()
-        self.family = special.get("family")
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return [self.bos_id] * (add_bos and self.bos_id is not None) + self.sp.encode(text)
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([i for i in ids if i not in (self.bos_id, self.pad_id, *self.eos_ids)])
-
-    def token_id(self, token: str) -> int | None:
-        i = self.sp.piece_to_id(token)
-        return None if i == self.sp.unk_id() else i
-
-
-def _special_tokens(path: pathlib.Path) -> dict:
-    """Special tokens and ids from the JSON files that sit beside a tokenizer."""
-    out: dict = {}
-    for name in ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
-        file = path / name
-        if not file.is_file():
-            continue
-        try:
-            d = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{file}: not valid JSON ({e})") from None
-        for key in ("bos_token", "eos_token", "pad_token", "bos_token_id", "pad_token_id"):
-            if d.get(key) is not None:
-                out.setdefault(key, d[key])
-        eos = d.get("eos_token_id")
-        if eos is not None:
-            out.setdefault("eos_token_ids", [])
-            out["eos_token_ids"] += eos if isinstance(eos, list) else [eos]
-        if name == "config.json" and "model_type" in d:
-            out["family"] = d["model_type"]
-    return out
-
-
-BYTE_TOKENIZER_FILE = "byte_tokenizer.json"  # marks a checkpoint trained with ByteTokenizer
-
-
-def load_tokenizer(path=None):
-    """The tokenizer of a checkpoint directory (tokenizer.json preferred over tokenizer.model,
-    then the byte-level marker that tiny-preset exports carry); ByteTokenizer when path is None."""
-    if path is None:
-        return ByteTokenizer()
-    path = pathlib.Path(path)
-    if (path / BYTE_TOKENIZER_FILE).is_file():
-        return ByteTokenizer()
-    if (path / "tokenizer.json").is_file():
-        try:
-            tok = HFTokenizer(path)
-            tok.decode(tok.encode("Hello, world 123!"))  # some broken files fail only when used
-            return tok
-        except Exception as e:  # the tokenizers package raises its own exception type
-            raise TokenizerError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
-    if (path / "tokenizer.model").is_file():
-        try:
-            return SentencePieceTokenizer(path)
-        except (OSError, RuntimeError) as e:
-            raise TokenizerError(f"{path / 'tokenizer.model'}: cannot be read ({e})") from None
-    raise TokenizerError(f"{path}: no tokenizer.json, tokenizer.model or {BYTE_TOKENIZER_FILE}")
+from chat import END_OF_TURN, apply_chat_template
 
 
 class DataError(ValueError):
@@ -371,6 +235,30 @@ def preference_data(tok, family, path, eval_path, task: str, n_train: int, n_eva
     return train, evals, rows
 
 
+def truncate_pairs(pairs, max_len: int):
+    """TRL v1's truncation: prompt + answer cut to max_len from the start; pairs whose prompt fills it are
+    dropped, then pairs whose answers are the same tokens. → kept pairs, the dropped counts."""
+    kept, dropped = [], {"prompt_too_long": 0, "identical": 0}
+    for prompt, chosen, rejected in pairs:
+        chosen, rejected = chosen[:max_len - len(prompt)], rejected[:max_len - len(prompt)]
+        reason = "prompt_too_long" if len(prompt) >= max_len else "identical" if chosen == rejected else None
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept.append((prompt, chosen, rejected))
+    return kept, dropped
+
+
+def pair_batch(pairs, ref_sums, pad_id: int) -> dict[str, np.ndarray]:
+    """Pairs (and π_ref's sums [n, 2], or None: zeros) → completion_batch's rows: 2i and 2i + 1 are pair i's
+    chosen and rejected answer after its prompt (left-padded to P, answers right-padded to C), and ref_logps [2n]."""
+    prompts = [prompt for prompt, _, _ in pairs for _ in range(2)]
+    batch = completion_batch(prompts, [a for _, c, r in pairs for a in (c, r)], pad_id, 1 << 30)
+    batch["ref_logps"] = np.zeros(2 * len(pairs), np.float32) if ref_sums is None else \
+        np.asarray(ref_sums, np.float32).reshape(-1)
+    return batch
+
+
 def prompt_of(example) -> list[int]:
     """A tokenized example's prompt: its ids before the first target token."""
     ids, mask = example
@@ -381,15 +269,6 @@ def as_rows(examples, tok) -> list[dict]:
     """Tokenized examples back as {"prompt", "completion"} text rows (greedy accuracy on training prompts)."""
     return [{"prompt": tok.decode(prompt_of(ex)), "completion": tok.decode(ex[0][len(prompt_of(ex)):])}
             for ex in examples]
-
-
-def check_same_tokenizer(tok_s, rows_s: int, tok_t, rows_t: int) -> None:
-    """Two models may share log-probs when their tokenizers agree: embedding tables of different sizes
-    only when both go past the tokenizer's ids (padding rows). Otherwise a TokenizerError naming both."""
-    ids_s, ids_t = (getattr(t, "vocab_size", 259) for t in (tok_s, tok_t))
-    if rows_s != rows_t and not (type(tok_s) is type(tok_t) and ids_s == ids_t <= min(rows_s, rows_t)):
-        raise TokenizerError(f"the teacher's vocabulary ({rows_t} rows, tokenizer of {ids_t} ids) and the student's "
-                             f"({rows_s} rows, {ids_s} ids) differ beyond padding: distillation needs the same tokenizer")
 
 
 # ----------------------------------------------------------------------------- the scripts' datasets
@@ -411,18 +290,25 @@ def completion_data(tok, family, path, eval_path, task: str, n_train: int, n_eva
     return train, evals
 
 
+class Prompts(NamedTuple):
+    """RL prompts (grpo.py): rows {"prompt", "answer", ...} and their prompt ids, for training and evaluation."""
+    train: list[dict]
+    evals: list[dict]
+    train_ids: list[list[int]]
+    eval_ids: list[list[int]]
+
+
 def prompt_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: int, seed: int, max_prompt_len: int,
-                system_prompt: str = "", chat: bool = False):
-    """RL data (grpo.py): training and eval rows {"prompt", "answer", ...} (from files or a Hub dataset, whose
-    test split is the eval rows unless eval_path says otherwise; or the built-in task's splits), their
-    prompt ids (the last max_prompt_len tokens), and the reward functions (GSM8K-style accuracy and format
-    for data, the task's own checks for the task). system_prompt: put before each prompt, as a system turn
-    of the family's chat template when `chat` (an instruct checkpoint), else as text and a blank line."""
+                system_prompt: str = "", chat: bool = False) -> Prompts:
+    """RL data: training and eval rows {"prompt", "answer", ...} (from files or a Hub dataset, whose test
+    split is the eval rows unless eval_path says otherwise; or the built-in task's splits) and their prompt
+    ids (the last max_prompt_len tokens). system_prompt: put before each prompt, as a system turn of the
+    family's chat template when `chat` (an instruct checkpoint), else as text and a blank line."""
     if path:
-        train, funcs = read_rows(path, prompt_row), [tasks.accuracy_reward, tasks.format_reward]
+        train = read_rows(path, prompt_row)
     else:
-        rows, funcs = tasks.builtin_task(task).examples("train", n_train, seed), tasks.builtin_task(task).rewards()
-        train = [{"prompt": r["prompt"], "answer": r["completion"]} for r in rows]
+        train = [{"prompt": r["prompt"], "answer": r["completion"]}
+                 for r in tasks.builtin_task(task).examples("train", n_train, seed)]
     if eval_path or (path and is_hub_dataset(path)):
         evals = read_rows(eval_path or path, prompt_row, split="test")[:n_eval]
     else:
@@ -436,7 +322,7 @@ def prompt_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: i
             return f"{system_prompt}\n\n{prompt}\n"
         train, evals = ([{**r, "prompt": with_system(r["prompt"])} for r in rows] for rows in (train, evals))
     ids = [[encode_prompt(r["prompt"], tok, family, max_prompt_len) for r in rows] for rows in (train, evals)]
-    return train, evals, ids[0], ids[1], funcs
+    return Prompts(train, evals, ids[0], ids[1])
 
 
 def is_hub_dataset(source: str) -> bool:
@@ -529,3 +415,56 @@ def collate(rows: list[list[tuple[list[int], list[int]]]], length: int, pad_id: 
             out["positions"][r, t:t + n] = np.arange(n)
             t += n
     return out
+
+
+# ----------------------------------------------------------------------------- the learner's rows of sampled text
+
+MIN_PROMPT_BUCKET = 8  # prompt lengths round up to a power of two >= this: few shapes, few compiles
+
+
+def left_pad(prompts: list[list[int]], bucket: int = MIN_PROMPT_BUCKET):
+    """Ragged prompts → tokens, segment_ids, positions [B, P], P the next power of two >= bucket."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    P = bucket
+    while P < max(map(len, prompts)):
+        P *= 2
+    tokens = np.zeros((len(prompts), P), np.int32)
+    segment_ids = np.zeros((len(prompts), P), np.int32)
+    positions = np.zeros((len(prompts), P), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, P - len(p):] = p
+        segment_ids[row, P - len(p):] = 1
+        positions[row, P - len(p):] = np.arange(len(p))
+    return tokens, segment_ids, positions
+
+
+def completion_batch(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int, max_len: int):
+    """Prompts left-padded to P (left_pad) + completions right-padded to C (a power of two >= 8, at most
+    max_len) → tokens, segment_ids, positions [N, P + C] and mask [N, C] (1 on completion tokens): the
+    layout in which a learner scores what was sampled (model.token_logps(..., last=C)); positions count
+    from each prompt's first real token, as when sampling."""
+    tokens, segment_ids, positions = left_pad(prompt_ids)
+    N, C = len(completions), bucket_length(max(map(len, completions)), max_len, smallest=8)
+    out = {"tokens": np.full((N, C), pad_id, np.int32), "segment_ids": np.zeros((N, C), np.int32),
+           "positions": np.zeros((N, C), np.int32), "mask": np.zeros((N, C), np.float32)}
+    for r, (p, c) in enumerate(zip(prompt_ids, completions)):
+        out["tokens"][r, :len(c)], out["segment_ids"][r, :len(c)], out["mask"][r, :len(c)] = c, 1, 1.0
+        out["positions"][r, :len(c)] = len(p) + np.arange(len(c))
+    for name, prefix in (("tokens", tokens), ("segment_ids", segment_ids), ("positions", positions)):
+        out[name] = np.concatenate([prefix, out[name]], axis=1)
+    return out
+
+
+def stop_ids(tok, model_cfg) -> tuple[int, ...]:
+    """Where a completion ends, the one rule of sampling, evaluation, the server, grpo and distill: the
+    tokenizer's EOS, the checkpoint's (config.json, generation_config.json), and the chat template's end of
+    turn (Gemma's <end_of_turn>, Llama 3's <|eot_id|>, Qwen's <|im_end|>) where the tokenizer has it."""
+    end_of_turn = END_OF_TURN.get(model_cfg.family)
+    ids = (*tok.eos_ids, *model_cfg.eos_ids, tok.token_id(end_of_turn) if end_of_turn else None)
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def pad_id(tok) -> int:
+    """The id that pads rows: the tokenizer's pad token, else its first EOS."""
+    return tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]

@@ -44,8 +44,8 @@ def chunk_rows(n_rows: int, vocab: int, chunk_bytes: int | None = None) -> tuple
 
 def per_position(fn, x: jax.Array, head: jax.Array, *rows: jax.Array, cap: float | None = None,
                  chunk_bytes: int | None = None):
-    """fn(logits [c, V] float32, *row chunks [c, ...]) → a tuple of arrays [c, ...], applied to every
-    position of x [..., D] (hidden states after the final norm) and the per-position arrays `rows`
+    """fn(logits [c, V] float32, *row chunks [c, ...]) → arrays [c, ...] (a tuple, or a dict by name), applied
+    to every position of x [..., D] (hidden states after the final norm) and the per-position arrays `rows`
     [..., ...] (targets, a teacher's numbers), chunk by chunk. logits = softcap(x · headᵀ, cap), with
     float32 accumulation whatever x's dtype. Returns fn's outputs shaped [..., ...]."""
     lead, V = x.shape[:-1], head.shape[0]
@@ -54,7 +54,8 @@ def per_position(fn, x: jax.Array, head: jax.Array, *rows: jax.Array, cap: float
 
     def chunk(x_c, *rows_c):  # the head is cast here, so its gradient comes back in its own dtype
         logits = jnp.einsum("RD,VD->RV", x_c, head.astype(x_c.dtype), preferred_element_type=jnp.float32)
-        return tuple(fn(softcap(logits, cap), *rows_c))
+        out = fn(softcap(logits, cap), *rows_c)
+        return out if isinstance(out, dict) else tuple(out)
 
     chunks, size = chunk_rows(n, V, chunk_bytes)
     if chunks == 1:
@@ -63,8 +64,8 @@ def per_position(fn, x: jax.Array, head: jax.Array, *rows: jax.Array, cap: float
         padded = [jnp.pad(a, [(0, chunks * size - n)] + [(0, 0)] * (a.ndim - 1)).reshape(chunks, size, *a.shape[1:])
                   for a in flat]
         outs = jax.lax.map(lambda args: jax.checkpoint(chunk)(*args), tuple(padded))
-        outs = tuple(o.reshape(chunks * size, *o.shape[2:])[:n] for o in outs)
-    return tuple(o.reshape(*lead, *o.shape[1:]) for o in outs)
+        outs = jax.tree.map(lambda o: o.reshape(chunks * size, *o.shape[2:])[:n], outs)
+    return jax.tree.map(lambda o: o.reshape(*lead, *o.shape[1:]), outs)
 
 
 def token_logps(x: jax.Array, head: jax.Array, targets: jax.Array, *, cap: float | None = None,

@@ -16,7 +16,8 @@ Where the pieces live: the adapter factors, their initialisation (`add_lora`), t
 are in adapters.py, because every script's --lora and sample.py use them; `projections` in
 model.py is where the forward pass reads them. PEFT's adapter files
 (`adapter_config.json`, `adapter_model.safetensors`) are written and read by ckpt.save_peft /
-load_peft. The loss and the loop are SFT's (sft.train), on the adapters instead of all parameters.
+load_peft. The loss and the loop are SFT's (sft.train), on the adapters instead of all parameters: lora.py
+→ sft.py is the one import of a script by another, so a hacked LoRA loss means copying sft.py too.
 
 With no arguments it trains rank-8 adapters on a frozen *random* tiny Qwen 3 (9% of its
 parameters; on real models well under 1%) to add 3-digit numbers, "123+045=" → "0168", reaching
@@ -42,6 +43,7 @@ from flax import nnx
 
 import adapters
 import ckpt
+import flags
 import model as model_lib
 import run
 import sft
@@ -50,7 +52,7 @@ import shard
 
 @dataclasses.dataclass
 class Config(sft.Config):
-    # LoRA / QLoRA
+    # -- LoRA / QLoRA --
     lora_rank: int = 8  # r
     lora_alpha: float = 16.0  # the update is scaled by alpha / r
     lora_dropout: float = 0.0  # dropout on the adapters' inputs
@@ -60,12 +62,9 @@ class Config(sft.Config):
     quant_block: int = 64  # values per quantization scale
     adapter: str | None = None  # PEFT adapter directory to continue from (its rank and targets win)
     merge: bool = False  # also write out/hf: the base with the adapters merged in
-    # SFT's flags with other defaults: the demo's adapters on a random base learn addition
-    task: str = "+,3,3"  # built-in task: operator, digits of a, digits of b
-    out: str = "runs/lora"  # output directory
-    lr: float | None = None  # peak learning rate (3e-3 for a random tiny model; 2e-4 pretrained)
-    # pretrained: 2e-4, the rate of TRL's and PEFT's LoRA examples (adapters start at zero and need more)
-    AUTO: ClassVar[dict] = {"lr": (3e-3, 2e-4)}
+    task: str = "+,3,3"  # built-in task: operator, digits of a, digits of b (the demo's adapters learn addition)
+    lr: float | None = None  # peak learning rate (pretrained: TRL's and PEFT's LoRA examples' rate, adapters start at 0)
+    AUTO: ClassVar[dict] = {"lr": (3e-3, 2e-4)}  # the fields left None: (a random tiny model, pretrained)
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,9 +96,9 @@ def attach_adapters(model, cfg: Config) -> dict:
 
 
 def main(argv=None):
-    cfg = run.parse_flags(Config, argv)
+    cfg = flags.parse(Config, argv)
     out = pathlib.Path(cfg.out)
-    with run.user_errors():
+    with flags.user_errors():
         loaded = run.load(cfg)
         memory = attach_adapters(loaded.model, cfg)
     if shard.is_main_process():

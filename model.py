@@ -11,7 +11,8 @@ embedding scaling. Everything else is the same pre-norm block:
 
 Parameters of all layers are stacked on a leading `L` axis. The forward pass scans over
 them (jit compiles one block) or, given `layers=unstack_layers(model)`, runs them unrolled:
-faster on CPU for decoding (sample.py) and for small models' training steps (grpo.py).
+faster on CPU for decoding (sample.py) and for small models' training steps (next_token_hidden, which
+every learner calls, picks it by size: unrolled_if_small).
 
 Einsum letters (as in Gemma's reference code): B batch, T query time, S key time,
 D model dim, N query heads, K kv heads, G query heads per kv head, H head dim,
@@ -564,8 +565,10 @@ def next_token_hidden(model: Transformer, tokens, positions, segment_ids, last: 
     [B, T]: model(tokens[:, :-1], ..., last=C, hidden=True). group > 1: rows come in runs of `group` that
     share their first T - C tokens (a GRPO group's prompt); those run once per run, into a KV cache that
     the run's rows attend to, so the prompt's work is done once, not `group` times (gradients flow
-    through the cache: the run's contributions add up). taps (group 1): also the model's taps of tokens[:, :-1]."""
+    through the cache: the run's contributions add up). taps (group 1): also the model's taps of tokens[:, :-1].
+    layers: None picks for the model's size (unrolled_if_small), so no algorithm passes a CPU-speed knob."""
     C, P = last, tokens.shape[1] - last
+    layers = unrolled_if_small(model) if layers is None else layers
     if group == 1 or C == 1:
         return model(tokens[:, :-1], positions=positions[:, :-1], segment_ids=segment_ids[:, :-1], last=C,
                      layers=layers, dropout_key=dropout_key, hidden=True, taps=taps)

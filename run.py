@@ -1,29 +1,29 @@
 """run.py — the run plumbing every algorithm script shares. Nothing in this file is an algorithm.
 
-What is the same in sft.py, lora.py and grpo.py lives here once, so that each script holds its
-algorithm alone (its loss, its step, what it logs):
+What is the same in sft.py, lora.py, dpo.py, grpo.py and distill.py lives here once, so that each script
+holds its algorithm alone (its loss and its denominator, its step, what it logs); their flags come from
+flags.py:
 
-    flags        parse_flags: the CLI generated from a script's Config dataclass, help from each
-                 field's comment, defaults shown, grouped by the comment lines inside the class
     loading      load: model + tokenizer for --model / --ckpt (and the chat-template family)
-    optimizer    adamw: AdamW with global-norm clipping, linear warmup then cosine decay
-    train state  checkpoints / resume / save: orbax train states in <out>/checkpoints
+    optimizer    adamw: AdamW with global-norm clipping, linear warmup (from lr/warmup, never 0) then cosine
+    train state  checkpoints / resume / save: orbax train states in <out>/checkpoints; resume refuses a
+                 checkpoint of another script or of other algorithm settings
+    the loop     Progress: the bar, which steps log, evaluate and save, SIGTERM and NaN stops
     metrics      MetricsLog: <out>/metrics.jsonl, one JSON object per logged step, closed on exit;
                  evaluate_completions: eval/loss and greedy eval/accuracy on held-out rows
-    export       export_hf / export_peft: the final model (or adapters) with its tokenizer files
-    the update   make_update: one jitted optimizer step over (params, frozen) with gradients
-                 accumulated over micro-batches and normalised by the step's token count
+    export       export_hf / export_peft / export_policy: the final model (or adapters) with its tokenizer
+    warm-up      warm_up: a short supervised start for the demos whose algorithm needs one (grpo, dpo,
+                 distill's teacher)
+    the update   make_update: one jitted optimizer step over (params, frozen) with the micro-batches'
+                 losses and gradients summed (each script divides its own loss as its equation says)
 
-Arrows point down: scripts import run; run imports adapters, ckpt, data, sample and shard, never a script.
+Arrows point down: scripts import run; run imports adapters, ckpt, data, flags, logprobs, model, sample and
+shard, never a script.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import hashlib
-import inspect
-import io
 import json
 import logging
 import math
@@ -32,174 +32,33 @@ import pathlib
 import signal
 import shutil
 import sys
-import textwrap
 import time
-import tokenize
-import typing
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from tqdm import tqdm
 
 import adapters
 import ckpt
 import data
+import flags
+import logprobs
+import model as model_lib
 import sample
 import shard
-
-
-# ----------------------------------------------------------------------------- flags
-
-def config_comments(config_class) -> tuple[dict[str, str], dict[str, str]]:
-    """Each field's trailing comment (its --help text) and the group it sits in: a comment alone on a
-    line inside the class body starts a group ("# sampling"), for the fields below it. Base classes first."""
-    helps, groups = {}, {}
-    for klass in reversed(config_class.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        group, lines = "options", {}
-        for token in tokenize.generate_tokens(io.StringIO(inspect.getsource(klass)).readline):
-            row = token.start[0]
-            if token.type == tokenize.COMMENT and (row in lines or token.start[1] == 4):  # a field's, or a group's
-                lines.setdefault(row, []).append(("comment", token.string.lstrip("# ").strip()))
-            elif token.type == tokenize.NAME and token.start[1] == 4 and row not in lines:
-                lines[row] = [("name", token.string)]
-        for row in sorted(lines):
-            (kind, text), *rest = lines[row]
-            if kind == "comment" and text:
-                group = text
-            elif kind == "name":  # a field redefined in a subclass keeps its base's group
-                groups.setdefault(text, group)
-                helps[text] = rest[0][1] if rest else helps.get(text, "")
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    return {k: v for k, v in helps.items() if k in fields}, {k: v for k, v in groups.items() if k in fields}
-
-
-@dataclasses.dataclass
-class RunConfig:
-    """The flags every script has, with the same meaning and default; a script's Config subclasses it and
-    adds its own (--help lists these last in their groups)."""
-    # model
-    init: str = "pretrained"  # a real preset's weights (HF cache, else downloaded); random: random weights (benchmarks)
-    # optimisation
-    clip: float = 1.0  # global gradient-norm clip
-    dtype: str = ""  # compute dtype: float32 or bfloat16 (params stay float32); "": bfloat16 with --tpu, else float32
-    remat: bool = False  # backward pass keeps only each block's input, recomputing the rest (least memory)
-    # logging and checkpoints
-    keep: int = 2  # checkpoints kept
-    log_every: int = 10  # steps between metrics.jsonl lines
-    report_to: str = ""  # also log to tensorboard and/or wandb, comma-separated (optional installs)
-    resume: bool = False  # continue from the newest checkpoint in --out
-    # devices
-    mesh: str = ""  # device mesh, e.g. data=1,fsdp=-1,tp=1 (default: all devices on fsdp)
-    tpu: bool = False  # multi-host TPU start-up (jax.distributed)
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    def _split_lines(self, text, width):  # wrap at spaces only: "built-in" stays one word
-        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit status 2 (not usage + message)
-        fail(f"{message} (see --help)", status=2)
-
-
-def parse_flags(config_class, argv=None):
-    """The script's Config from the command line (`--batch-size 8`; booleans `--pack` / `--no-pack`),
-    then, with --tpu, the multi-host start-up. Bad flags and out-of-range values (the Config's
-    __post_init__ raises ValueError) end in one line on stderr and exit status 2."""
-    module = sys.modules[config_class.__module__]
-    parser = _Parser(description=(module.__doc__ or "").strip(), formatter_class=_Formatter)
-    helps, groups = config_comments(config_class)
-    hints = typing.get_type_hints(config_class)
-    sections = {}
-    shared = {f.name for f in dataclasses.fields(RunConfig)}
-    fields = sorted(dataclasses.fields(config_class), key=lambda f: f.name in shared)  # the script's own first
-    for field in fields:
-        name = groups.get(field.name, "options")
-        section = sections.get(name) or sections.setdefault(name, parser.add_argument_group(name))
-        flag, kind = "--" + field.name.replace("_", "-"), hints[field.name]
-        default = '""' if field.default == "" else field.default
-        text = f"{helps.get(field.name, '')} (default: {default})".replace("%", "%%")
-        if kind is bool:
-            section.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=text)
-            continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # X | None → X
-        section.add_argument(flag, type=base, default=field.default, metavar=base.__name__.upper(), help=text)
-    try:
-        cfg = config_class(**vars(parser.parse_args(argv)))  # __post_init__ fills defaults, checks ranges
-        check_report_to(cfg.report_to)
-    except ValueError as e:
-        fail(str(e), status=2)
-    if getattr(cfg, "tpu", False):
-        shard.init_tpu()
-    return cfg
-
-
-def fill_defaults(cfg) -> None:
-    """A Config's __post_init__ calls this first: its fields left None take their value from the class's
-    AUTO table, {field: (random tiny model, pretrained checkpoint)}; dtype "" becomes bfloat16 with --tpu,
-    else float32."""
-    pretrained = starts_pretrained(vars(cfg))
-    for name, values in getattr(cfg, "AUTO", {}).items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, values[pretrained])
-    cfg.dtype = cfg.dtype or ("bfloat16" if cfg.tpu else "float32")
-
-
-def starts_pretrained(args: dict) -> bool:
-    """Whether the run starts from a trained checkpoint (--ckpt, or a real preset with --init pretrained),
-    whose settings differ from a random tiny model's (a script's Config.AUTO: field → (tiny, pretrained))."""
-    return bool(args.get("ckpt")) or (ckpt.hub_repo(args["model"]) is not None and args["init"] != "random")
-
-
-def check_report_to(report_to: str) -> None:
-    unknown = [name for name in report_to.split(",") if name and name not in ("tensorboard", "wandb")]
-    if unknown:
-        raise ValueError(f"--report-to takes tensorboard and/or wandb, got {', '.join(unknown)}")
-
-
-def positive(cfg, *names: str) -> list[tuple[bool, str]]:
-    """Checks for `check`: each named field is >= 1."""
-    return [(getattr(cfg, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(cfg, n)}") for n in names]
-
-
-def check(conditions: list[tuple[bool, str]]) -> None:
-    """A Config's range checks (its __post_init__): the first condition that fails raises ValueError
-    with its message, which parse_flags prints as one line."""
-    for ok, message in conditions:
-        if not ok:
-            raise ValueError(message)
-
-
-def fail(message: str, status: int = 1):
-    """User error: one line on stderr and a non-zero exit, never a traceback (status 1: SystemExit
-    carries the line; 2, bad flags: the line is printed and the code is 2, as argparse does)."""
-    if status == 1:
-        sys.exit(f"error: {message}")
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(status)
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Bad input raised as ValueError or OSError (CheckpointError, DataError, TokenizerError,
-    MeshError are ValueErrors) inside the block ends the run with one line."""
-    try:
-        yield
-    except (ValueError, OSError) as e:
-        fail(str(e))
+import tokenizer
+from flags import fail, user_errors
 
 
 # ----------------------------------------------------------------------------- loading
 
 class Loaded(NamedTuple):
     model: object  # model.Transformer
-    tokenizer: object  # data.ByteTokenizer | HFTokenizer | SentencePieceTokenizer
+    tokenizer: object  # tokenizer.ByteTokenizer | HFTokenizer | SentencePieceTokenizer
     source: str  # where the weights came from (a directory, or "random <preset>")
     directory: pathlib.Path | None  # the checkpoint directory; None for random weights
     family: str | None  # the chat-template family (None: no checkpoint, byte-level tokenizer)
@@ -210,7 +69,7 @@ def load(cfg, **overrides) -> Loaded:
     cfg.dtype with float32 parameters, and its tokenizer (the byte-level one when there is no directory)."""
     model, source, directory = ckpt.load_model(cfg.model, ckpt=cfg.ckpt, dtype=cfg.dtype, param_dtype="float32",
                                                seed=cfg.seed, init=cfg.init, remat=cfg.remat, **overrides)
-    return Loaded(model, data.load_tokenizer(directory), source, directory, model.cfg.family if directory else None)
+    return Loaded(model, tokenizer.load_tokenizer(directory), source, directory, model.cfg.family if directory else None)
 
 
 def announce(loaded: Loaded, params, mesh, detail: str, cfg=None) -> None:
@@ -220,7 +79,7 @@ def announce(loaded: Loaded, params, mesh, detail: str, cfg=None) -> None:
         print(f"model: {loaded.source}, training {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.3f}M "
               f"parameters; {detail}; mesh {dict(mesh.shape)}", file=sys.stderr)
         if cfg is not None:
-            start = "pretrained" if starts_pretrained(vars(cfg)) else "tiny"
+            start = "pretrained" if flags.starts_pretrained(vars(cfg)) else "tiny"
             print(f"settings ({start} defaults for what the flags leave unset): " + ", ".join(
                 f"{k} {getattr(cfg, k)!r}" if isinstance(getattr(cfg, k), str) else f"{k} {getattr(cfg, k)}"
                 for k in [*getattr(cfg, "AUTO", {}), "dtype"]), file=sys.stderr)
@@ -230,9 +89,13 @@ def announce(loaded: Loaded, params, mesh, detail: str, cfg=None) -> None:
 
 def adamw(cfg, updates: int):
     """AdamW (cfg.lr, cfg.weight_decay) after clipping the global gradient norm to cfg.clip; the rate
-    ramps up linearly over cfg.warmup of the updates, then decays to 0 by a cosine. → (tx, schedule)"""
-    ramp = max(1, int(cfg.warmup * updates))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, ramp, max(updates, ramp + 1))
+    ramps up linearly over the first cfg.warmup of the updates, lr·(n + 1)/(ramp + 1) at update n (as
+    nanoGPT: the first update moves), then decays to 0 by a cosine. → (tx, schedule)"""
+    ramp, lr = int(cfg.warmup * updates), cfg.lr
+
+    def schedule(n):  # n: the updates done before this one
+        cosine = 0.5 * lr * (1 + jnp.cos(jnp.pi * jnp.clip((n - ramp) / max(updates - ramp, 1), 0.0, 1.0)))
+        return jnp.where(n < ramp, lr * (n + 1) / (ramp + 1), cosine)
     return optax.chain(clip_by_global_norm(cfg.clip), optax.adamw(schedule, weight_decay=cfg.weight_decay)), schedule
 
 
@@ -271,13 +134,16 @@ def checkpoints(cfg):
 def resume(cfg, manager, state: dict, shardings: dict):
     """With --resume, the newest train state that restores (same tree as `state`, into `shardings`):
     (step, state, data position); a newer one that does not (half-written, corrupted) is skipped with a
-    warning naming it and why. Otherwise, or when there is none: (0, state, 0). None restoring: one line."""
+    warning naming it and why. Otherwise, or when there is none: (0, state, 0). None restoring, or a
+    checkpoint written by another script or with other algorithm settings (same_run): one line."""
     import orbax.checkpoint as ocp
     steps = sorted(manager.all_steps(), reverse=True) if cfg.resume else []
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     broken = []
     for step in steps:
         try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            same_run(cfg, meta, manager.directory)  # before the state: another script's may not even fit
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                      meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax and tensorstore raise many types; all mean "not this one"
@@ -295,11 +161,29 @@ def resume(cfg, manager, state: dict, shardings: dict):
     return 0, state, 0
 
 
+def same_run(cfg, meta: dict, directory) -> None:
+    """--resume continues the run that wrote the checkpoint, or stops with one line: the same script (a copy
+    of grpo.py is another run) and the same settings, but for the Config's RESUMABLE fields (steps, the
+    cadences, devices)."""
+    script = flags.script_name(type(cfg))
+    if meta.get("script", script) != script:
+        fail(f"{directory} holds a run of {meta['script']}.py, not of {script}.py: --resume continues only the script "
+             "that wrote it (choose another --out)")
+    saved, now = meta.get("config", {}), json.loads(json.dumps(dataclasses.asdict(cfg)))
+    changed = [k for k in now if k not in cfg.RESUMABLE and k in saved and saved[k] != now[k]]
+    if changed:
+        k = changed[0]
+        fail(f"{directory} was written with --{k.replace('_', '-')} {saved[k]!r}, this command has {now[k]!r}"
+             + (f" (and {len(changed) - 1} more: {', '.join('--' + c.replace('_', '-') for c in changed[1:])})"
+                if len(changed) > 1 else "")
+             + f": --resume may change only {', '.join('--' + c.replace('_', '-') for c in sorted(cfg.RESUMABLE))}")
+
+
 def save(cfg, manager, step: int, state: dict, data_position: int) -> None:
-    """The train state (params, optimizer state: saved sharded as they live) and {data_position, config}.
-    A save that fails (a full disk, a quota) ends the run with one line; the earlier checkpoints stay."""
+    """The train state (params, optimizer state: saved sharded as they live) and {data_position, script,
+    config}. A save that fails (a full disk, a quota) ends the run with one line; the earlier checkpoints stay."""
     import orbax.checkpoint as ocp
-    meta = {"data_position": data_position, "config": dataclasses.asdict(cfg)}
+    meta = {"data_position": data_position, "script": flags.script_name(type(cfg)), "config": dataclasses.asdict(cfg)}
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]  # orbax's own reports of a failed write
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -456,9 +340,10 @@ def reporter(name: str, out: pathlib.Path, cfg):
 # ----------------------------------------------------------------------------- eval
 
 def evaluate_completions(model, evals, tok, eval_nll) -> dict:
-    """What sft.py and lora.py log on held-out {"prompt", "completion"} rows: eval/loss, the script's loss
-    (eval_nll(batch) → summed loss, token count; None: not logged) over them in batches of 64, and
-    eval/accuracy, greedy completions equal to the reference (whitespace-stripped)."""
+    """eval/loss and eval/accuracy on held-out {"prompt", "completion"} rows (sft, lora, dpo's and distill's
+    eval/accuracy, the warm-ups' stopping test): the script's loss (eval_nll(batch) → summed loss, token count;
+    None: not logged) over them in batches of 64, and greedy completions, ended at data.stop_ids, equal to
+    the reference (whitespace-stripped)."""
     if not evals:
         return {}
     examples = [data.tokenize(row, tok) for row in evals] if eval_nll else []
@@ -466,11 +351,11 @@ def evaluate_completions(model, evals, tok, eval_nll) -> dict:
     for i in range(0, len(examples), 64):
         chunk = [[ex] for ex in examples[i:i + 64]]
         b_nll, b_count = eval_nll(data.collate(chunk, data.bucket_length(max(len(ex[0][0]) for ex in chunk), 1 << 20),
-                                               tok.pad_id))
+                                               data.pad_id(tok)))
         nll, count = nll + float(b_nll), count + float(b_count)
     max_new = max(len(tok.encode(row["completion"], add_bos=False)) for row in evals) + 1
     outs = sample.generate(model, [tok.encode(row["prompt"]) for row in evals], max_new_tokens=max_new,
-                           eos_ids=tok.eos_ids)
+                           eos_ids=data.stop_ids(tok, model.cfg))
     correct = [tok.decode(out).strip() == row["completion"].strip() for out, row in zip(outs, evals)]
     return {**({"eval/loss": nll / max(count, 1.0)} if eval_nll else {}), "eval/accuracy": float(np.mean(correct))}
 
@@ -478,12 +363,12 @@ def evaluate_completions(model, evals, tok, eval_nll) -> dict:
 # ----------------------------------------------------------------------------- export
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "generation_config.json", data.BYTE_TOKENIZER_FILE)
+                   "generation_config.json", tokenizer.BYTE_TOKENIZER_FILE)
 
 
 def copy_tokenizer(loaded: Loaded, path) -> None:
     """The tokenizer files beside a saved model, so that it loads on its own."""
-    if isinstance(loaded.tokenizer, data.ByteTokenizer):
+    if isinstance(loaded.tokenizer, tokenizer.ByteTokenizer):
         loaded.tokenizer.save(path)
     for name in TOKENIZER_FILES if loaded.directory else ():
         if (loaded.directory / name).is_file():
@@ -504,7 +389,7 @@ def export_peft(model, path, loaded: Loaded) -> None:
 
 
 def export_policy(final, out, loaded: Loaded, lora: bool, seconds: float) -> None:
-    """grpo.py's and dpo.py's final policy as a Hugging Face checkpoint in out/hf; with LoRA, merged, and
+    """The final policy (grpo, dpo, distill) as a Hugging Face checkpoint in out/hf; with LoRA, merged, and
     the adapters alone in PEFT's layout in out/adapter."""
     out, saved = pathlib.Path(out), [pathlib.Path(out) / "hf"]
     if lora:
@@ -514,11 +399,80 @@ def export_policy(final, out, loaded: Loaded, lora: bool, seconds: float) -> Non
     print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'} ({seconds:.0f} s)", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------- the demos' supervised warm-up
+
+def warm_up(cfg, loaded, model, examples, rows, mesh, max_len: int):
+    """The supervised warm-up of grpo's and dpo's demos (--warmup-sft-*): a random policy earns no reward and
+    prefers nothing, and one caught mid-learning (not annealed) still has unsure answers for the algorithm to
+    sort out. It stops once greedy accuracy on the first --eval-examples training `rows` ({"prompt",
+    "completion"}) reaches --warmup-sft-target, and is saved to <out>/warmup_sft: π_ref, which --resume
+    reloads instead of training again. Returns the model and what step 0 logs of the warm-up."""
+    saved = pathlib.Path(cfg.out) / "warmup_sft"
+    if cfg.resume and (saved / "config.json").is_file():
+        print(f"the supervised warm-up is the one in {saved}", file=sys.stderr)
+        with user_errors():
+            return shard.shard_model(ckpt.load_hf(saved, dtype=cfg.dtype, param_dtype="float32", remat=cfg.remat),
+                                     mesh), {}
+    print(f"warm-up: supervised steps until greedy accuracy on training prompts reaches {cfg.warmup_sft_target} "
+          f"(at most {cfg.warmup_sft_steps})", file=sys.stderr)
+    rows, tok = rows[:cfg.eval_examples], loaded.tokenizer
+    plan = Supervised(cfg.warmup_sft_steps, cfg.warmup_sft_lr, cfg.warmup_sft_batch_size, max_len,
+                      cfg.warmup_sft_target, cfg.seed)
+    return train_supervised(model, examples, plan, lambda m: evaluate_completions(m, rows, tok, None)["eval/accuracy"],
+                            mesh, saved, loaded)
+
+
+class Supervised(NamedTuple):
+    """A short supervised training (a warm-up, distill's demo teacher)."""
+    steps: int  # at most this many steps
+    lr: float  # the learning rate after a 10-step ramp, then constant
+    batch_size: int  # sequences per step
+    max_len: int  # tokens per sequence at most
+    target: float  # stop once accuracy(model) reaches this (checked every 10 steps)
+    seed: int  # the examples' order
+
+
+def train_supervised(model, examples, plan: Supervised, accuracy, mesh, save_to=None, loaded=None):
+    """The mean NLL of the examples' target tokens (sft.py's loss), AdamW at plan.lr·(n + 1)/11 for the first
+    10 updates n, then plan.lr; stopped once accuracy(model) reaches plan.target or after plan.steps; saved to
+    save_to with loaded's tokenizer files. → the model, {"warmup_sft/steps", "warmup_sft/train_accuracy"}."""
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    schedule = lambda n: plan.lr * jnp.minimum((n + 1) / 11, 1.0)  # noqa: E731
+    tx = optax.chain(clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+
+    def loss_fn(params, frozen, batch, key):  # Σ m·(−log p) / Σ m over the batch's target tokens
+        model, tokens = nnx.merge(graphdef, params, frozen), batch["tokens"]
+        x = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], tokens.shape[1] - 1)
+        mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        nll = logprobs.weighted_nll(x, model.head(model.cfg.param_dtype), tokens[:, 1:], mask,
+                                    cap=model.cfg.final_softcap)
+        return nll / jnp.maximum(jnp.sum(mask), 1.0), {}
+    opt_state, param_sh, opt_sh = init_optimizer(tx, params, mesh)
+    step = jax.jit(make_update(loss_fn, tx), donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, None, None))
+    batches = data.Batches(examples, plan.batch_size, plan.max_len, seed=plan.seed,
+                           pad_id=data.pad_id(loaded.tokenizer) if loaded else 0)
+    bar, score = tqdm(range(1, plan.steps + 1), desc="warm-up (SFT)", disable=not shard.is_main_process()), 0.0
+    for i in bar:
+        params, opt_state, _, _ = step(params, opt_state, frozen, shard.micro_batches(next(batches), mesh, 1), None)
+        if i % 10 == 0:
+            score = accuracy(nnx.merge(graphdef, params, frozen))
+            bar.set_postfix(train_accuracy=score)
+            if score >= plan.target:
+                break
+    bar.close()
+    model = shard.shard_model(nnx.merge(graphdef, params, frozen), mesh)
+    if save_to and shard.is_main_process():
+        ckpt.save_hf(model, save_to)
+        copy_tokenizer(loaded, save_to)
+        print(f"warm-up done: {i} steps, training-prompt accuracy {score:.3f}; saved {save_to}", file=sys.stderr)
+    return model, {"warmup_sft/steps": i, "warmup_sft/train_accuracy": score}
+
+
 # ----------------------------------------------------------------------------- a cache of computed arrays
 
 def cached_arrays(directory, key_parts, compute, what: str = "arrays") -> dict[str, np.ndarray]:
     """compute() → {name: array}, stored once in directory/<sha256 of key_parts>.npz and read back on
-    later calls with the same key (dpo.py's reference log-probs): numpy arrays only, never pickles. The
+    later calls with the same key (dpo's reference log-probs, distill's teacher top-K): numpy arrays only, never pickles. The
     file is written to a temporary name, then renamed, so a killed run never leaves half a cache. Says on
     stderr (`what`) whether they were computed or read."""
     digest = hashlib.sha256()
@@ -540,42 +494,63 @@ def cached_arrays(directory, key_parts, compute, what: str = "arrays") -> dict[s
     return arrays
 
 
+def top_logps(model, splits: dict, k: int, temperature: float, V: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The model's k most likely tokens and their log-probs (softmax(logits[:V] / temperature)) at every target
+    token of each split's examples [(ids, loss_mask)]: {split/ids, split/logps [tokens, k], split/offsets
+    [n + 1]}, example i's rows at offsets[i]:offsets[i + 1] (distill.py's cached teacher)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def score(state, b):  # [B, T - 1, k] of a collated batch
+        model = nnx.merge(graphdef, state)
+        x = model_lib.next_token_hidden(model, b["tokens"], b["positions"], b["segment_ids"], b["tokens"].shape[1] - 1)
+        return logprobs.per_position(lambda z: jax.lax.top_k(jax.nn.log_softmax(z[:, :V] / temperature, axis=-1), k),
+                                     x, model.head(model.cfg.param_dtype), cap=model.cfg.final_softcap)
+    out = {}
+    for split, examples in splits.items():
+        ids, logps, offsets = [], [], [0]
+        for i in range(0, len(examples), 64):
+            chunk = examples[i:i + 64]
+            b = data.collate([[ex] for ex in chunk], data.bucket_length(max(len(e[0]) for e in chunk), 1 << 20), pad_id)
+            values, top_ids = jax.device_get(score(state, {name: jnp.asarray(v) for name, v in b.items()}))
+            for r in range(len(chunk)):
+                where = np.flatnonzero(b["loss_mask"][r, 1:])
+                ids.append(top_ids[r, where])
+                logps.append(values[r, where])
+                offsets.append(offsets[-1] + len(where))
+        out.update({f"{split}/ids": np.concatenate(ids).astype(np.int32), f"{split}/offsets": np.array(offsets),
+                    f"{split}/logps": np.concatenate(logps).astype(np.float32)})
+    return out
+
+
 # ----------------------------------------------------------------------------- the update
 
-def make_update(loss_fn, tx, normalise: bool = True):
-    """One optimizer step over a batch of micro-batches [A, b, ...] (a scan: one micro-batch's
-    activations live at a time). loss_fn(params, frozen, micro_batch, key) → (loss summed over the
-    micro-batch, aux: a dict of arrays holding "tokens", the count that sum runs over). Only `params`
-    are differentiated and updated; `frozen` (the rest of the model) is read. normalise: divide the
-    summed gradients and loss by the whole step's token count (else the loss is already a mean).
-    key: split into one per micro-batch (LoRA dropout); None passes None.
+def make_update(loss_fn, tx):
+    """One optimizer step over a batch of micro-batches [M, b, ...] (a scan: one micro-batch's activations
+    live at a time). loss_fn(params, frozen, micro_batch, key) → (the micro-batch's share of the step's
+    loss, aux: a dict of arrays): the losses and their gradients are summed over micro-batches, so a loss
+    that is a mean over the step divides by the step's count itself (the script says which count). Only
+    `params` are differentiated and updated; `frozen` (the rest of the model) is read. key: split into one
+    per micro-batch (LoRA dropout); None passes None. With one micro-batch there is no accumulator: the
+    step holds one gradient-sized buffer, not two (at Gemma 3 270M, 1 GiB each).
 
-    With one micro-batch there is no accumulator and the loss is divided by its token count before
-    it is differentiated, so the step holds one gradient-sized buffer, not three (the accumulator,
-    the micro-batch's gradient, their quotient: at Gemma 3 270M, 1 GiB each).
-
-    Returns update(params, opt_state, frozen, batch, key) → params, opt_state, metrics (loss,
-    grad_norm, tokens), aux stacked over micro-batches [A, ...]."""
+    Returns update(params, opt_state, frozen, batch, key) → params, opt_state, metrics (loss, grad_norm),
+    aux stacked over micro-batches [M, ...]."""
     def update(params, opt_state, frozen, batch, key):
-        A = jax.tree.leaves(batch)[0].shape[0]
-        keys = None if key is None else jax.random.split(key, A)
-        if A == 1:
-            def mean_loss(params, micro_batch, mb_key):
-                loss, aux = loss_fn(params, frozen, micro_batch, mb_key)
-                return loss / (jnp.maximum(jax.lax.stop_gradient(aux["tokens"]), 1.0) if normalise else 1.0), aux
-            (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(
-                params, *jax.tree.map(lambda x: x[0], (batch, keys)))
-            tokens, aux = aux["tokens"], jax.tree.map(lambda x: x[None], aux)
+        M = jax.tree.leaves(batch)[0].shape[0]
+        keys = None if key is None else jax.random.split(key, M)
+        if M == 1:
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, frozen, *jax.tree.map(lambda x: x[0], (batch, keys)))
+            aux = jax.tree.map(lambda x: x[None], aux)
         else:
             def micro(grads, mb_key):
                 (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, *mb_key)
                 return jax.tree.map(jnp.add, grads, g), (loss, aux)
 
             grads, (losses, aux) = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), (batch, keys))
-            tokens = jnp.sum(aux["tokens"])
-            scale = 1.0 / jnp.maximum(tokens, 1.0) if normalise else 1.0  # a product XLA folds into the optimizer
-            grads, loss = jax.tree.map(lambda g: g * scale, grads), jnp.sum(losses) * scale
+            loss = jnp.sum(losses)
         updates, opt_state = tx.update(grads, opt_state, params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": tokens}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
         return optax.apply_updates(params, updates), opt_state, metrics, aux
     return update

@@ -19,9 +19,8 @@ a quarter of the head's bytes): one call in `decide`, skippable on a first readi
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
-import pathlib
 import sys
 from typing import NamedTuple
 
@@ -30,12 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import chat
+import data
+import flags
 import int8head
-from data import bucket_length
+import tokenizer
+from data import MIN_PROMPT_BUCKET, left_pad
 from model import KVCache, Transformer, repeat_rows, unstack_layers
-
-MIN_PROMPT_BUCKET = 8  # prompt lengths round up to a power of two >= this: few shapes, few compiles
-
 
 def generate(model: Transformer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids=None, return_logprobs: bool = False,
@@ -296,114 +296,84 @@ def prompt_runs(prompts: list[list[int]]) -> int:
     return g if runs else 1
 
 
-def left_pad(prompts: list[list[int]], bucket: int = MIN_PROMPT_BUCKET):
-    """Ragged prompts → tokens, segment_ids, positions [B, P], P the next power of two >= bucket."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    P = bucket
-    while P < max(map(len, prompts)):
-        P *= 2
-    tokens = np.zeros((len(prompts), P), np.int32)
-    segment_ids = np.zeros((len(prompts), P), np.int32)
-    positions = np.zeros((len(prompts), P), np.int32)
-    for row, p in enumerate(prompts):
-        tokens[row, P - len(p):] = p
-        segment_ids[row, P - len(p):] = 1
-        positions[row, P - len(p):] = np.arange(len(p))
-    return tokens, segment_ids, positions
-
-
-def completion_batch(prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int, max_len: int):
-    """Prompts left-padded to P (left_pad) + completions right-padded to C (a power of two >= 8, at most
-    max_len) → tokens, segment_ids, positions [N, P + C] and mask [N, C] (1 on completion tokens): the
-    layout in which a learner scores what was sampled (model.token_logps(..., last=C)); positions count
-    from each prompt's first real token, as when sampling."""
-    tokens, segment_ids, positions = left_pad(prompt_ids)
-    N, C = len(completions), bucket_length(max(map(len, completions)), max_len, smallest=8)
-    out = {"tokens": np.full((N, C), pad_id, np.int32), "segment_ids": np.zeros((N, C), np.int32),
-           "positions": np.zeros((N, C), np.int32), "mask": np.zeros((N, C), np.float32)}
-    for r, (p, c) in enumerate(zip(prompt_ids, completions)):
-        out["tokens"][r, :len(c)], out["segment_ids"][r, :len(c)], out["mask"][r, :len(c)] = c, 1, 1.0
-        out["positions"][r, :len(c)] = len(p) + np.arange(len(c))
-    for name, prefix in (("tokens", tokens), ("segment_ids", segment_ids), ("positions", positions)):
-        out[name] = np.concatenate([prefix, out[name]], axis=1)
-    return out
-
-
 # ----------------------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        sys.exit(f"error: {message} (see --help)")
+@dataclasses.dataclass
+class LoadFlags:
+    """The model a sampling command loads (serve.py's Config has them too)."""
+    # -- model --
+    model: str = "tiny-gemma3"  # preset or family alias (ignored with --ckpt)
+    ckpt: str | None = None  # Hugging Face checkpoint directory
+    adapter: str | None = None  # a PEFT LoRA adapter directory (ours or PEFT's), applied on the base, unmerged
+    dtype: str = "float32"  # weights and compute: float32 or bfloat16
+
+
+@dataclasses.dataclass
+class Config(LoadFlags):
+    # -- prompts --
+    prompt: list[str] | None = None  # prompt text; repeat the flag for a batch (--chat without it: talk turn by turn)
+    chat: bool = False  # wrap each prompt as a user turn in the family's chat template
+    system: str | None = None  # system message for --chat
+    # -- decoding --
+    max_new_tokens: int = 32  # most new tokens per prompt (fewer when one of the stop tokens comes)
+    temperature: float = 0.0  # sampling temperature (0: greedy)
+    top_k: int = 0  # sample among the k most likely tokens (0: all)
+    top_p: float = 1.0  # nucleus sampling: the most likely tokens whose probabilities sum to top_p
+    num_beams: int = 1  # beam search width (1: no beam search)
+    seed: int = 0  # the sampling's random stream
+
+    def __post_init__(self):
+        flags.check([(self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
+                     (self.max_new_tokens >= 1 and self.num_beams >= 1, "need --max-new-tokens >= 1, --num-beams >= 1"),
+                     (self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1,
+                      "need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1"),
+                     (bool(self.prompt) or self.chat,
+                      "the following arguments are required: --prompt (or --chat alone, to talk turn by turn)")])
+
+
+class Loaded(NamedTuple):
+    model: Transformer
+    tok: object  # tokenizer.load_tokenizer's
+    source: str  # where the weights came from (and the adapter)
+    eos_ids: tuple[int, ...]  # data.stop_ids: where completions end
+
+
+def load(cfg: LoadFlags) -> Loaded:
+    """The model of --ckpt (else of the --model preset), with --adapter applied, and its tokenizer."""
+    import ckpt
+    model, source, directory = ckpt.load_model(cfg.model, ckpt=cfg.ckpt, dtype=cfg.dtype)
+    if cfg.adapter:
+        model, source = ckpt.load_peft(model, cfg.adapter), f"{source} + adapter {cfg.adapter}"
+    tok = tokenizer.load_tokenizer(directory)  # no directory: the byte-level tokenizer of the tiny presets
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    return Loaded(model, tok, source, data.stop_ids(tok, model.cfg))
 
 
 def main(argv=None):
-    import ckpt
-    import data
-    p = _Parser(description="Generate text with a nanotune model.")
-    p.add_argument("--model", default="tiny-gemma3", help="preset or family alias (ignored with --ckpt)")
-    p.add_argument("--ckpt", default=None, help="Hugging Face checkpoint directory")
-    p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory (ours or PEFT's), applied on the "
-                   "base at load time, unmerged")
-    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (--chat without it: talk turn by "
-                   "turn)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the family's chat template")
-    p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--serve", action="store_true", help="an OpenAI-compatible HTTP server (serve.py; pip install "
-                   "fastapi uvicorn)")
-    p.add_argument("--host", default="127.0.0.1", help="--serve: the address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="--serve: the port")
-    p.add_argument("--api-key", default=None, help="--serve: refuse requests without 'Authorization: Bearer KEY'")
-    args = p.parse_args(argv)
-    if not args.prompt and not args.chat and not args.serve:
-        p.error("the following arguments are required: --prompt (or --chat alone, to talk turn by turn, or --serve)")
-    try:
-        model, source, directory = ckpt.load_model(args.model, ckpt=args.ckpt, dtype=args.dtype)
-        if args.adapter:
-            model, source = ckpt.load_peft(model, args.adapter), f"{source} + adapter {args.adapter}"
-        tok = data.load_tokenizer(directory)  # no directory: the byte-level tokenizer of the tiny presets
-        if tok.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
-        if args.chat and args.prompt:
-            system = [{"role": "system", "content": args.system}] if args.system else []
-            texts = [data.apply_chat_template(system + [{"role": "user", "content": t}], model.cfg.family)
-                     for t in args.prompt]
-            prompts = [tok.encode(t, add_bos=False) for t in texts]  # the template holds the BOS
-        elif args.prompt:
-            prompts = [tok.encode(text) for text in args.prompt]
-        eos = (*tok.eos_ids, *model.cfg.eos_ids)
-        if (args.chat or args.serve) and model.cfg.family in data.END_OF_TURN:
-            eos += (tok.token_id(data.END_OF_TURN[model.cfg.family]),)
-        eos = tuple(dict.fromkeys(i for i in eos if i is not None))
-        if args.serve:
-            import serve
-            name = pathlib.Path(args.ckpt).name if args.ckpt else args.model
-            return serve.serve(model, tok, eos, name, args.host, args.port, args.api_key)
-        if args.chat and not args.prompt:
-            return interactive_chat(model, tok, eos, args)
-        outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=eos, num_beams=args.num_beams)
-    except (ValueError, OSError) as e:  # CheckpointError and TokenizerError are ValueErrors
-        sys.exit(f"error: {e}")
+    cfg = flags.parse(Config, argv)
+    with flags.user_errors():  # CheckpointError and TokenizerError are ValueErrors
+        model, tok, source, eos = load(cfg)
+        if cfg.chat and not cfg.prompt:
+            return interactive_chat(model, tok, eos, cfg)
+        system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        turn = lambda text: chat.apply_chat_template(system + [{"role": "user", "content": text}],  # noqa: E731
+                                                     model.cfg.family)
+        prompts = [tok.encode(turn(text), add_bos=False) if cfg.chat else tok.encode(text)  # the template holds BOS
+                   for text in cfg.prompt]
+        outs = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, eos_ids=eos, num_beams=cfg.num_beams)
     print(f"# model: {source}", file=sys.stderr)
-    for text, ids in zip(args.prompt, outs):
-        print(tok.decode(ids) if args.chat else text + tok.decode(ids))
+    for text, ids in zip(cfg.prompt, outs):
+        print(tok.decode(ids) if cfg.chat else text + tok.decode(ids))
 
 
-def interactive_chat(model: Transformer, tok, eos_ids, args) -> None:
+def interactive_chat(model: Transformer, tok, eos_ids, cfg: Config) -> None:
     """--chat without --prompt: each line read is a user turn; the answer is printed as it is generated
     (stream), and both join the history, which the family's chat template renders whole each turn.
     Ctrl-D or Ctrl-C ends the chat."""
-    import data
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"chat with {model.cfg.family} ({args.ckpt or args.model}); Ctrl-D or Ctrl-C ends it", file=sys.stderr)
+    history = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    print(f"chat with {model.cfg.family} ({cfg.ckpt or cfg.model}); Ctrl-D or Ctrl-C ends it", file=sys.stderr)
     try:
         while True:
             print("> ", end="", flush=True)  # on stdout: input()'s own prompt goes to stderr on a terminal
@@ -411,10 +381,10 @@ def interactive_chat(model: Transformer, tok, eos_ids, args) -> None:
                 history.append({"role": "user", "content": input()})
             except EOFError:
                 break
-            ids = tok.encode(data.apply_chat_template(history, model.cfg.family), add_bos=False)
+            ids = tok.encode(chat.apply_chat_template(history, model.cfg.family), add_bos=False)
             answer, shown = [], ""
-            for token in stream(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed + len(history), eos_ids=eos_ids):
+            for token in stream(model, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed + len(history), eos_ids=eos_ids):
                 if token in eos_ids:
                     break
                 answer.append(token)

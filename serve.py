@@ -1,7 +1,7 @@
-"""serve.py — an OpenAI-compatible HTTP server for a model (`python sample.py --serve`).
+"""serve.py — an OpenAI-compatible HTTP server for a model.
 
-    python sample.py --ckpt runs/sft/hf --serve                      # http://127.0.0.1:8000/v1
-    python sample.py --ckpt DIR --adapter ADAPTER --serve --host 0.0.0.0 --port 8000 --api-key SECRET
+    python serve.py --ckpt runs/sft/hf                               # http://127.0.0.1:8000/v1
+    python serve.py --ckpt DIR --adapter ADAPTER --host 0.0.0.0 --port 8000 --api-key SECRET
 
 Endpoints: GET /v1/models, POST /v1/completions and /v1/chat/completions (the family's chat template),
 with max_tokens, temperature, top_p, stop, seed, n, stream (server-sent events) and usage counts, so
@@ -15,7 +15,9 @@ request runs sample.stream alone, each token sent as it is made. A malformed req
 types, too many tokens, another model) gets a 4xx with an OpenAI-style error and never stops the
 server. FastAPI + uvicorn (pip install fastapi uvicorn) are an optional install.
 """
+import dataclasses
 import json
+import pathlib
 import queue
 import threading
 import time
@@ -23,7 +25,8 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import data
+import chat
+import flags
 import sample
 
 WINDOW_S = 0.005  # how long the worker waits for requests to join the one it has
@@ -258,7 +261,7 @@ def make_app(engine: Engine, model_name: str, family: str | None, max_len: int, 
         if family is None:
             raise Refusal(400, "this model has no chat template (a checkpoint of a known family is needed)")
         try:
-            text = data.apply_chat_template([m.model_dump() for m in req.messages], family)
+            text = chat.apply_chat_template([m.model_dump() for m in req.messages], family)
         except ValueError as e:
             raise Refusal(400, str(e), param="messages") from None
         return respond(req, job_for(req, engine.tok.encode(text, add_bos=False)), "chat")
@@ -266,12 +269,33 @@ def make_app(engine: Engine, model_name: str, family: str | None, max_len: int, 
     return app
 
 
-def serve(model, tok, eos_ids, model_name: str, host: str, port: int, api_key: str | None):
-    """Run the server until Ctrl-C (uvicorn)."""
+@dataclasses.dataclass
+class Config(sample.LoadFlags):
+    # -- server --
+    host: str = "127.0.0.1"  # the address to bind (this machine only; 0.0.0.0: every network interface)
+    port: int = 8000  # the port
+    api_key: str | None = None  # refuse requests without 'Authorization: Bearer KEY'
+
+    def __post_init__(self):
+        flags.check([(self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
+                     (0 <= self.port < 65536, f"--port must be 0..65535, got {self.port}")])
+
+
+def main(argv=None):
+    """Load the model, then serve until Ctrl-C (uvicorn)."""
+    cfg = flags.parse(Config, argv)
     try:
+        import fastapi  # noqa: F401 (make_app builds on it)
         import uvicorn
-        app = make_app(Engine(model, tok, eos_ids), model_name, model.cfg.family, model.cfg.max_seq_len, api_key)
     except ImportError:
-        raise SystemExit("error: --serve needs FastAPI and uvicorn: pip install fastapi uvicorn") from None
-    print(f"serving {model_name} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+        flags.fail("serve.py needs FastAPI and uvicorn: pip install fastapi uvicorn")
+    with flags.user_errors():
+        model, tok, source, eos = sample.load(cfg)
+    name = pathlib.Path(cfg.ckpt).name if cfg.ckpt else cfg.model  # what clients pass as `model`
+    app = make_app(Engine(model, tok, eos), name, model.cfg.family, model.cfg.max_seq_len, cfg.api_key)
+    print(f"serving {name} ({source}) on http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,12 +29,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
-from tqdm import tqdm
 
-import ckpt
 import data
+import flags
 import logprobs
 import model as model_lib
 import run
@@ -43,38 +41,34 @@ import tasks
 
 
 @dataclasses.dataclass
-class Config(run.RunConfig):
-    # model and data
+class Config(flags.RunConfig):
+    # -- model and data --
     model: str = "tiny-qwen3"  # preset or family alias (ignored when --ckpt is given)
     ckpt: str | None = None  # Hugging Face checkpoint directory to fine-tune
-    data: str | None = None  # training JSONL; default: the built-in arithmetic task
-    eval_data: str | None = None  # JSONL of {"prompt","completion"} for eval; default: held-out task problems
+    data: str | None = None  # training JSONL; None: the built-in arithmetic task
+    eval_data: str | None = None  # JSONL of {"prompt","completion"} for eval; None: held-out task problems
     task: str = "*,3,1"  # built-in task: operator, digits of a, digits of b
     train_examples: int = 50_000  # built-in task: size of the training set
     eval_examples: int = 256  # held-out problems for eval/loss and eval/accuracy
     max_len: int = 512  # longest sequence; longer examples are truncated
     pack: bool = False  # pack several examples per row (segment ids keep them apart)
-    # optimisation
+    # -- optimisation --
     steps: int = 1200  # optimizer steps
     batch_size: int = 128  # sequences per optimizer step (all micro-batches together)
-    grad_accum: int = 1  # micro-batches per step; gradients normalised by the step's token count
-    lr: float | None = None  # peak learning rate (3e-3 for a random tiny model; 2e-5 pretrained)
+    grad_accum: int = 1  # micro-batches per step (less memory, the same step: L divides by the whole step's Σ m)
+    lr: float | None = None  # peak learning rate
     warmup: float = 0.03  # fraction of steps of linear warmup, then cosine decay to 0
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    # logging and checkpoints
+    # -- logging and checkpoints --
     eval_every: int = 200  # steps between evaluations (and at the start and end)
     save_every: int = 400  # steps between train-state checkpoints
-    out: str = "runs/sft"  # output directory
     seed: int = 0  # data order and initialisation
-
-    # The defaults of the fields left None: (a random tiny model, a pretrained checkpoint); pretrained: TRL's
-    # SFTConfig learning_rate 2e-5.
-    AUTO: ClassVar[dict] = {"lr": (3e-3, 2e-5)}
+    AUTO: ClassVar[dict] = {"lr": (3e-3, 2e-5)}  # the fields left None: (a random tiny model, pretrained; TRL's)
 
     def __post_init__(self):
-        run.fill_defaults(self)  # the fields left None: AUTO's value for this start
+        flags.fill_defaults(self)  # the fields left None: AUTO's value for this start
         tasks.builtin_task(self.task)  # a bad --task fails here, before anything loads
-        run.check(run.positive(self, "steps", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "keep",
+        flags.check(flags.positive(self, "steps", "batch_size", "grad_accum", "max_len", "eval_every", "save_every", "keep",
                                "log_every", "train_examples", "eval_examples") + [
             (self.batch_size % self.grad_accum == 0,
              f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}"),
@@ -85,13 +79,12 @@ class Config(run.RunConfig):
 
 # ----------------------------------------------------------------------------- loss
 
-def token_nll(model, batch, dropout_key=None, layers=None):
-    """Summed NLL of the target tokens and their count. batch: tokens, loss_mask, segment_ids,
-    positions [B, T]; position t is predicted from tokens[:t]. dropout_key: LoRA dropout; layers:
-    the model's unrolled layers (model.unrolled_if_small), else the scan. The output head runs a chunk
+def token_nll(model, batch, dropout_key=None):
+    """Summed NLL of the target tokens and their count. batch: tokens, loss_mask, segment_ids, positions
+    [B, T]; position t is predicted from tokens[:t]. dropout_key: LoRA dropout. The output head runs a chunk
     of positions at a time, its gradient taken on the way (logprobs.weighted_nll): no [B, T, V] logits."""
     tokens, T = batch["tokens"], batch["tokens"].shape[1]
-    x = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], T - 1, layers=layers,
+    x = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], T - 1,
                                     dropout_key=dropout_key)  # [B, T-1, D]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
     nll = logprobs.weighted_nll(x, model.head(model.cfg.param_dtype), tokens[:, 1:], mask, cap=model.cfg.final_softcap)
@@ -105,9 +98,15 @@ def make_train_step(graphdef, tx):
     metrics: the trained params (all of them, or LoRA's adapters) move; frozen is the rest of the model."""
     def loss_fn(params, frozen, micro_batch, key):
         nll, count = token_nll(nnx.merge(graphdef, params, frozen), micro_batch, key)
-        return nll, {"tokens": count}
-    update = run.make_update(loss_fn, tx)  # gradients summed over micro-batches, / the step's token count
-    return lambda params, opt_state, frozen, batch, key: update(params, opt_state, frozen, batch, key)[:3]
+        return nll / micro_batch["targets"], {"tokens": count}  # L: / Σ m over the whole step
+    update = run.make_update(loss_fn, tx)  # sums the micro-batches' losses and gradients
+
+    def train_step(params, opt_state, frozen, batch, key):
+        targets = jnp.maximum(jnp.sum(batch["loss_mask"][:, :, 1:]), 1.0)  # Σ m of every micro-batch
+        batch = {**batch, "targets": jnp.full(batch["tokens"].shape[:1], targets)}  # one per micro-batch
+        params, opt_state, metrics, aux = update(params, opt_state, frozen, batch, key)
+        return params, opt_state, {**metrics, "tokens": jnp.sum(aux["tokens"])}
+    return train_step
 
 
 # ----------------------------------------------------------------------------- main
@@ -115,8 +114,8 @@ def make_train_step(graphdef, tx):
 def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_record: dict | None = None):
     """Fine-tune the `trainable` parameters of `model` (nnx.Param: all; adapters.LoRA: the adapters) on
     the data; logs, evaluates, saves and resumes. Returns the trained model."""
-    out, tok = pathlib.Path(cfg.out), loaded.tokenizer
-    with run.user_errors():
+    tok = loaded.tokenizer
+    with flags.user_errors():
         train_rows, evals = data.completion_data(tok, loaded.family, cfg.data, cfg.eval_data, cfg.task,
                                                  cfg.train_examples, cfg.eval_examples, cfg.seed)
         manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
@@ -128,18 +127,20 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
     train_step = jax.jit(make_train_step(graphdef, tx), in_shardings=(param_sh, opt_sh, frozen_sh, batch_sh, None),
                          out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
     eval_nll = jax.jit(lambda p, f, b: token_nll(nnx.merge(graphdef, p, f), b))
-    evaluate_now = lambda: run.evaluate_completions(nnx.merge(graphdef, params, frozen), evals, tok,  # noqa: E731
-                                                    lambda b: eval_nll(params, frozen, b))
+
+    def evaluate(params):  # eval/loss and greedy eval/accuracy of the model at these params
+        return run.evaluate_completions(nnx.merge(graphdef, params, frozen), evals, tok,
+                                        lambda batch: eval_nll(params, frozen, batch))
     step, state, position = run.resume(cfg, manager, {"params": params, "opt_state": opt_state},
                                        {"params": param_sh, "opt_state": opt_sh})
     params, opt_state = state["params"], state["opt_state"]
     batches = data.Batches(train_rows, cfg.batch_size, cfg.max_len, seed=cfg.seed, pack=cfg.pack, position=position,
-                           pad_id=tok.pad_id)
+                           pad_id=data.pad_id(tok))
     run.announce(loaded, params, mesh, f"{len(train_rows)} training examples", cfg)
 
-    with run.MetricsLog(out, cfg) as log:
+    with run.MetricsLog(cfg.out, cfg) as log:
         if step == 0:
-            log.write({"step": 0, **(first_record or {}), **evaluate_now()})
+            log.write({"step": 0, **(first_record or {}), **evaluate(params)})
         progress, pending = run.Progress(cfg, step, manager), []  # metrics stay on device until logged: no per-step sync
         while step < cfg.steps:
             batch = shard.micro_batches(next(batches), mesh, cfg.grad_accum)
@@ -151,10 +152,11 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
                 record = progress.record(step, metrics, schedule(step - 1))
                 record["tokens_per_sec"] = float(sum(pending)) / (time.perf_counter() - progress.t0)
                 if progress.due(step, cfg.eval_every):
-                    record.update(evaluate_now())
+                    record.update(evaluate(params))
                 progress.write(log, record, loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}",
                                acc=record.get("eval/accuracy", ""))
                 pending = []
+            # PLUMBING (keep): the checkpoint (and the NaN stop before it), the bar, SIGTERM's early end
             if progress.save_due(step, metrics):
                 run.save(cfg, manager, step, {"params": params, "opt_state": opt_state}, batches.position)
             progress.bar.update(1)
@@ -164,45 +166,9 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
     return nnx.merge(graphdef, params, frozen)
 
 
-def warm_up(model, examples, mesh, *, steps: int, lr: float, batch_size: int, max_len: int, clip: float,
-            weight_decay: float, seed: int, pad_id: int, accuracy, target: float, save_to=None, loaded=None):
-    """A short supervised start from a random model (grpo.py's and dpo.py's demos): token_nll at a constant
-    rate after a 10-step ramp, stopped once accuracy(model) reaches target (checked every 10 steps) or
-    after `steps`; saved to save_to with loaded's tokenizer files. Returns the model and what the run's
-    step-0 record logs of the warm-up (its steps and last accuracy)."""
-    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    tx = optax.chain(run.clip_by_global_norm(clip),
-                     optax.adamw(optax.linear_schedule(0.0, lr, 10), weight_decay=weight_decay))
-
-    def loss_fn(params, frozen, batch, key):
-        model = nnx.merge(graphdef, params, frozen)
-        nll, count = token_nll(model, batch, layers=model_lib.unrolled_if_small(model))
-        return nll, {"tokens": count}
-    opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
-    step = jax.jit(run.make_update(loss_fn, tx), donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, None, None))
-    batches = data.Batches(examples, batch_size, max_len, seed=seed, pad_id=pad_id)
-    bar = tqdm(range(1, steps + 1), desc="warm-up (SFT)", disable=not shard.is_main_process())
-    score = 0.0
-    for i in bar:
-        batch = shard.micro_batches(next(batches), mesh, 1)
-        params, opt_state, _, _ = step(params, opt_state, frozen, batch, None)
-        if i % 10 == 0:
-            score = accuracy(nnx.merge(graphdef, params, frozen))
-            bar.set_postfix(train_accuracy=score)
-            if score >= target:
-                break
-    bar.close()
-    model = shard.shard_model(nnx.merge(graphdef, params, frozen), mesh)
-    if save_to and shard.is_main_process():
-        ckpt.save_hf(model, save_to)
-        run.copy_tokenizer(loaded, save_to)
-        print(f"warm-up done: {i} steps, training-prompt accuracy {score:.3f}; saved {save_to}", file=sys.stderr)
-    return model, {"warmup_sft/steps": i, "warmup_sft/train_accuracy": score}
-
-
 def main(argv=None):
-    cfg = run.parse_flags(Config, argv)
-    with run.user_errors():
+    cfg = flags.parse(Config, argv)
+    with flags.user_errors():
         loaded = run.load(cfg)
     trained = train(cfg, loaded, loaded.model)
     if shard.is_main_process():  # the final model as a Hugging Face checkpoint (+ the tokenizer files)

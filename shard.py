@@ -13,11 +13,13 @@ optimizer state follows its parameter because the rules match on the path of eve
 leaf (Adam's mu for `layers/q` lives at `.../mu/layers/q`). A dimension the mesh axis
 does not divide stays whole (Gemma 3 270M has one KV head: it cannot be split 2 ways).
 
-An algorithm script needs three lines:
+What an algorithm script calls:
 
     mesh = shard.make_mesh(cfg.mesh)
-    model = shard.shard_model(model, mesh)
-    step = jax.jit(train_step, in_shardings=(..., shard.batch_sharding(mesh)), ...)
+    model = shard.shard_model(model, mesh)                      # parameters where PARAM_RULES put them
+    opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)   # (tree_shardings of both)
+    step = jax.jit(train_step, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, ...))
+    batch = shard.micro_batches(batch, mesh, grad_accum)        # this host's rows, [M, b, ...] on the mesh
 """
 from __future__ import annotations
 
@@ -149,11 +151,6 @@ def shard_model(model, mesh: Mesh):
 def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
     """Batches [B, T, ...]: rows (dimension `axis`) over (data, fsdp), the rest whole."""
     return NamedSharding(mesh, P(*[BATCH if d == axis else None for d in range(ndim)]))
-
-
-def cache_sharding(mesh: Mesh) -> NamedSharding:
-    """KV caches [L, B, S, K, H]: batch over (data, fsdp), kv heads over tp."""
-    return NamedSharding(mesh, P(None, BATCH, None, "tp", None))
 
 
 # ----------------------------------------------------------------------------- multi-host

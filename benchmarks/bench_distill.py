@@ -17,7 +17,7 @@ builds it: `distill.Config(teacher="tiny-qwen3", batch_size=B, lr=1e-5, loss="js
 max_len=T)` (β 0 = the exact forward KL, Tunix's divergence), both models sharded on
 `shard.make_mesh("")`, the student split into trained params and the rest, `run.adamw` +
 `run.init_optimizer`, the jitted `distill.make_train_step` (params and optimizer state donated,
-out_shardings as main()'s). Per step `step(params, opt_state, (frozen, teacher_state), batch,
+out_shardings as main()'s). Per step `step(params, opt_state, Frozen(frozen, teacher_state), batch,
 None)`, one XLA program holding the teacher's forward, timed until the loss and params are
 ready; the batch (`distill.device_batch` of (ids, loss_mask) examples, the mask 1 on every token
 but the first) is built once before the timer. Tunix (benchmarks/tunix_distill_worker.py,
@@ -86,6 +86,7 @@ def nanotune_worker(setting: str, steps: int) -> dict:
     student = Transformer(student_cfg, nnx.Rngs(0))
     teacher = Transformer(teacher_cfg, nnx.Rngs(1))
     graphdef, params, frozen = nnx.split(shard.shard_model(student, mesh), nnx.Param, ...)
+    params = {"student": params}  # distill.py's trained tree (and "projections" with --hidden-layers)
     teacher_graphdef, teacher_state = nnx.split(shard.shard_model(teacher, mesh))
     tx, _ = run.adamw(cfg, 100)
     opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
@@ -94,7 +95,7 @@ def nanotune_worker(setting: str, steps: int) -> dict:
     batch = distill.device_batch(random_examples(teacher_cfg.vocab_size, B, T), cfg, pad_id=0, mesh=mesh,
                                  micro_batches=1)
     assert batch["tokens"].shape == (1, B, T), batch["tokens"].shape  # no bucket padding
-    frozen = (frozen, teacher_state)
+    frozen = distill.Frozen(frozen, teacher_state)
     del student, teacher
     reset_peak()
     times = []

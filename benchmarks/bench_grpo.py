@@ -44,7 +44,7 @@ def nanotune_worker(setting):
     import numpy as np
     from flax import nnx
     import ckpt
-    import data
+    import tokenizer
     import grpo
     import run as run_lib
     import sample
@@ -53,7 +53,7 @@ def nanotune_worker(setting):
                       max_completion_len=setting["max_completion_len"], num_iterations=setting["num_iterations"],
                       beta=setting["beta"], warmup_sft_steps=0)
     model = ckpt.load_model("tiny-qwen3", dtype=cfg.dtype, param_dtype="float32", seed=cfg.seed).model
-    tok, mesh = data.load_tokenizer(None), shard.make_mesh(cfg.mesh)
+    tok, mesh = tokenizer.load_tokenizer(None), shard.make_mesh(cfg.mesh)
     eos_ids, pad_id = (), tok.pad_id  # no EOS: every completion has max_completion_len tokens
     graphdef, params, frozen = nnx.split(shard.shard_model(model, mesh), nnx.Param, ...)
     tx, _ = run_lib.adamw(cfg, cfg.steps * cfg.num_iterations)
@@ -70,10 +70,11 @@ def nanotune_worker(setting):
         prompt_ids = [tok.encode(r["prompt"]) for r in rows]
         completions, sampler_logps = grpo.rollout(nnx.merge(graphdef, params, frozen), prompt_ids, cfg, step, eos_ids)
         t.append(time.perf_counter())
-        per_func = grpo.score([reward], [r["prompt"] for r in rows], [tok.decode(c) for c in completions], rows)
+        per_func = grpo.score([reward], rows, [tok.decode(c) for c in completions])
         rewards = per_func @ np.ones(1)
         advantages, std = grpo.group_advantages(rewards, G, cfg.scale_rewards)
-        batch = grpo.learner_batch(prompt_ids, completions, sampler_logps, advantages, eos_ids, pad_id, cfg, mesh)
+        rollout = grpo.Rollout(rows, prompt_ids, completions, sampler_logps, per_func, rewards, advantages, std)
+        batch = grpo.learner_batch(rollout, eos_ids, pad_id, cfg, mesh)
         t.append(time.perf_counter())
         if cfg.beta:
             batch["ref_logp"] = jax.block_until_ready(ref_logps(ref, frozen, batch))

@@ -28,9 +28,9 @@ PROMPT = "The capital of France is"
 def nanotune_worker(ckpt_dir):
     sys.path.insert(0, str(ROOT))
     import ckpt
-    import data
+    import tokenizer
     import sample
-    model, tok = ckpt.load_hf(ckpt_dir), data.load_tokenizer(ckpt_dir)
+    model, tok = ckpt.load_hf(ckpt_dir), tokenizer.load_tokenizer(ckpt_dir)
 
     def run(req):
         ids = [tok.encode(req["prompt"])] * req["batch"]

@@ -36,11 +36,12 @@ def main():
     args = p.parse_args()
     import ckpt
     import data
+    import tokenizer
     import sample
     from test_serve import Server
     ckpt_dir = pathlib.Path(args.ckpt) if args.ckpt else __import__("gemma3_reference").build()
     server = Server("--ckpt", str(ckpt_dir))
-    model, tok = ckpt.load_hf(ckpt_dir), data.load_tokenizer(ckpt_dir)
+    model, tok = ckpt.load_hf(ckpt_dir), tokenizer.load_tokenizer(ckpt_dir)
     family = model.cfg.family
     eos = tuple(i for i in (*tok.eos_ids, *model.cfg.eos_ids, tok.token_id(data.END_OF_TURN[family])) if i is not None)
     client_name = ckpt_dir.name

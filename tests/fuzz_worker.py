@@ -8,6 +8,7 @@ import sys
 import traceback
 
 import numpy as np
+import tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -17,7 +18,7 @@ import ckpt  # noqa: E402
 import data  # noqa: E402
 from test_fuzz import mutate  # noqa: E402
 
-OWN = (ckpt.CheckpointError, data.DataError, data.TokenizerError)
+OWN = (ckpt.CheckpointError, data.DataError, tokenizer.TokenizerError)
 
 
 def jsonl(rows) -> bytes:
@@ -37,7 +38,7 @@ def tiny_model(lora: bool = False):
 def setup(reader: str, good: pathlib.Path):
     """The good files (name → bytes, the one mutated first) and the function that reads a case directory."""
     good.mkdir(parents=True, exist_ok=True)
-    tok = data.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     if reader == "jsonl_sft":
         rows = [{"prompt": "1+1=", "completion": "2"}, {"text": "plain text"},
                 {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
@@ -76,7 +77,7 @@ def setup(reader: str, good: pathlib.Path):
                  "tokenizer_config.json": json.dumps(config).encode()}
 
         def read(d):
-            loaded = data.load_tokenizer(d)
+            loaded = tokenizer.load_tokenizer(d)
             return loaded.decode(loaded.encode("hello world a b"))
         return files, read
     if reader == "peft":

@@ -5,7 +5,8 @@ import pytest
 import transformers
 from transformers.utils.chat_template_utils import render_jinja_template
 
-import data
+import chat
+import tokenizer
 
 TEMPLATES = pathlib.Path(__file__).parent / "chat_templates"  # published templates, verbatim
 BOS = {"gemma": "<bos>", "gemma2": "<bos>", "gemma3": "<bos>", "llama3": "<|begin_of_text|>", "qwen2": None,
@@ -44,11 +45,11 @@ def test_chat_template_matches_published(family, name):
     kw = {"date": "26 Jul 2024"} if family == "llama3" else {}
     ref_kw = {"date_string": "26 Jul 2024"} if family == "llama3" else {}
     for gen in (True, False):
-        assert data.apply_chat_template(messages, family, gen, **kw) == reference(ref_family, messages, gen, **ref_kw)
+        assert chat.apply_chat_template(messages, family, gen, **kw) == reference(ref_family, messages, gen, **ref_kw)
 
 
 def test_qwen3_thinking_switch():
-    ours = data.apply_chat_template(TURNS, "qwen3", enable_thinking=False)
+    ours = chat.apply_chat_template(TURNS, "qwen3", enable_thinking=False)
     assert ours == reference("qwen3", TURNS, True, enable_thinking=False)
     assert ours.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
@@ -56,14 +57,14 @@ def test_qwen3_thinking_switch():
 def test_llama3_date_defaults_to_today():
     import datetime
     today = datetime.date.today().strftime("%d %b %Y")
-    assert f"Today Date: {today}\n" in data.apply_chat_template(TURNS, "llama3")
+    assert f"Today Date: {today}\n" in chat.apply_chat_template(TURNS, "llama3")
 
 
 def test_chat_rejects_bad_messages():
     with pytest.raises(ValueError, match="alternate"):
-        data.apply_chat_template([TURNS[1], TURNS[0]], "gemma3")
+        chat.apply_chat_template([TURNS[1], TURNS[0]], "gemma3")
     with pytest.raises(ValueError, match="message 0"):
-        data.apply_chat_template([{"role": "user"}], "qwen3")
+        chat.apply_chat_template([{"role": "user"}], "qwen3")
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -75,22 +76,22 @@ STRINGS = ["The capital of France is", "", " ", "  leading and trailing  ", "tab
 
 
 def test_hf_tokenizer_matches_transformers_on_gemma3(gemma3_dir):
-    ours = data.load_tokenizer(gemma3_dir)
+    ours = tokenizer.load_tokenizer(gemma3_dir)
     ref = transformers.AutoTokenizer.from_pretrained(gemma3_dir)
-    assert isinstance(ours, data.HFTokenizer)
+    assert isinstance(ours, tokenizer.HFTokenizer)
     assert (ours.bos_id, ours.pad_id) == (ref.bos_token_id, ref.pad_token_id) == (2, 0)
     assert ref.eos_token_id in ours.eos_ids
     for s in STRINGS:
         assert ours.encode(s) == ref(s)["input_ids"], s
         assert ours.encode(s, add_bos=False) == ref(s, add_special_tokens=False)["input_ids"], s
         assert ours.decode(ours.encode(s)) == s
-    chat = data.apply_chat_template(CONVERSATIONS["multi-turn with system"], "gemma3")
-    assert ours.encode(chat, add_bos=False) == ref(chat, add_special_tokens=False)["input_ids"]
-    assert ours.encode(chat, add_bos=False)[:3] == [2, 105, 2364]  # <bos> <start_of_turn> user
+    text = chat.apply_chat_template(CONVERSATIONS["multi-turn with system"], "gemma3")
+    assert ours.encode(text, add_bos=False) == ref(text, add_special_tokens=False)["input_ids"]
+    assert ours.encode(text, add_bos=False)[:3] == [2, 105, 2364]  # <bos> <start_of_turn> user
 
 
 def test_byte_tokenizer_round_trip():
-    tok = data.load_tokenizer(None)
+    tok = tokenizer.load_tokenizer(None)
     for s in STRINGS:
         ids = tok.encode(s)
         assert ids[0] == tok.bos_id and max(ids) < tok.vocab_size
@@ -104,8 +105,8 @@ def test_sentencepiece_backend(tmp_path):
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=350, minloglevel=2,
                                    bos_id=2, eos_id=1, pad_id=0, unk_id=3, character_coverage=1.0,
                                    byte_fallback=True)
-    tok = data.load_tokenizer(tmp_path)
-    assert isinstance(tok, data.SentencePieceTokenizer)
+    tok = tokenizer.load_tokenizer(tmp_path)
+    assert isinstance(tok, tokenizer.SentencePieceTokenizer)
     assert (tok.bos_id, tok.eos_ids, tok.pad_id) == (2, (1,), 0)
     ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     for s in STRINGS[:8]:
@@ -114,8 +115,8 @@ def test_sentencepiece_backend(tmp_path):
 
 
 def test_missing_and_broken_tokenizers(tmp_path):
-    with pytest.raises(data.TokenizerError, match="no tokenizer.json, tokenizer.model or byte_tokenizer.json"):
-        data.load_tokenizer(tmp_path)
+    with pytest.raises(tokenizer.TokenizerError, match="no tokenizer.json, tokenizer.model or byte_tokenizer.json"):
+        tokenizer.load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{broken")
-    with pytest.raises(data.TokenizerError, match="tokenizer.json: cannot be read"):
-        data.load_tokenizer(tmp_path)
+    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.json: cannot be read"):
+        tokenizer.load_tokenizer(tmp_path)

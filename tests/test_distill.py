@@ -20,6 +20,7 @@ import data
 import distill
 import logprobs
 import sample
+import tokenizer
 from model import CONFIGS, Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -80,7 +81,7 @@ def test_every_divergence_is_its_definition(name, beta, temperature):
     target = rng.integers(0, 11, 7)
     cfg = cfg_for(loss=name, beta=beta, skew_alpha=0.2, temperature=temperature)
     ls, lt = (jax.nn.log_softmax(jnp.asarray(z, jnp.float32) / temperature) for z in (s, t))
-    got = distill.divergences(ls, lt, jnp.asarray(target), cfg)[name]()
+    got = distill.DIVERGENCES[name](ls, lt, jnp.asarray(target), cfg)
     np.testing.assert_allclose(got, reference(name, s, t, target, beta, 0.2, temperature), rtol=2e-5, atol=1e-6)
 
 
@@ -89,10 +90,10 @@ def test_jsd_tends_to_the_two_kls_at_its_ends():
     s, t = (jax.nn.log_softmax(jnp.asarray(rng.normal(0, 1, (5, 9)), jnp.float32)) for _ in range(2))
     forward, reverse = distill.kl(t, s), distill.kl(s, t)
     for beta, want in ((0.0, forward), (1.0, reverse)):
-        got = distill.divergences(s, t, jnp.zeros(5, jnp.int32), cfg_for(beta=beta))["jsd"]()
+        got = distill.DIVERGENCES["jsd"](s, t, jnp.zeros(5, jnp.int32), cfg_for(beta=beta))
         np.testing.assert_allclose(got, want, rtol=1e-6)
     # near the ends the generalized JSD is ~β·(its KL): a strength knob, not only a direction (TRL's own caveat)
-    near = distill.divergences(s, t, jnp.zeros(5, jnp.int32), cfg_for(beta=1e-3))["jsd"]()
+    near = distill.DIVERGENCES["jsd"](s, t, jnp.zeros(5, jnp.int32), cfg_for(beta=1e-3))
     assert float(jnp.max(near)) < 0.01 * float(jnp.max(forward)) + 1e-6
 
 
@@ -156,8 +157,7 @@ def test_projections_have_the_two_widths_and_are_trained():
     tx, _ = run.adamw(cfg_for(warmup=0.0), 10)
     step = jax.jit(distill.make_train_step(graphdef, t_graphdef, tx, cfg))
     batch = {k: v[None] for k, v in task_batch().items()}
-    new, opt_state, metrics, aux = step(params, tx.init(params), (frozen, t_state), batch, None)
-    new, _, metrics, aux = step(new, opt_state, (frozen, t_state), batch, None)  # the schedule's first rate is 0
+    new, opt_state, metrics, aux = step(params, tx.init(params), distill.Frozen(frozen, t_state), batch, None)
     assert float(jnp.sum(aux["hidden_loss"])) > 0 and float(jnp.sum(aux["attention_loss"])) > 0
     for name, w in projections.items():
         assert new["projections"][name].shape == w.shape and not np.allclose(new["projections"][name], w)
@@ -177,7 +177,7 @@ def models(teacher_vocab=None):
 
 
 def task_batch(n=6):
-    tok = data.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     rows = [data.tokenize(r, tok) for r in distill.tasks.builtin_task("*,3,1").examples("train", n)]
     return {k: jnp.asarray(v) for k, v in data.collate([[r] for r in rows], 16, tok.pad_id).items()}
 
@@ -222,7 +222,7 @@ def test_the_teacher_gets_no_gradient_and_no_optimizer_state():
     opt_state = tx.init({"student": params})
     step = jax.jit(distill.make_train_step(graphdef, t_graphdef, tx, cfg))
     b = {k: v[None] for k, v in batch.items()}
-    new_params, new_opt, metrics, _ = step({"student": params}, opt_state, (frozen, t_state), b, None)
+    new_params, new_opt, metrics, _ = step({"student": params}, opt_state, distill.Frozen(frozen, t_state), b, None)
     n_student = sum(x.size for x in jax.tree.leaves(params))
     assert sum(x.size for x in jax.tree.leaves(new_opt)) <= 2 * n_student + 8  # AdamW's two moments (+ counts)
     assert np.isfinite(float(metrics["loss"]))
@@ -230,20 +230,20 @@ def test_the_teacher_gets_no_gradient_and_no_optimizer_state():
 
 def test_on_policy_steps_sample_from_the_student_reproducibly():
     student, teacher = models()
-    tok = data.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     examples = [data.tokenize(r, tok) for r in distill.tasks.builtin_task("*,3,1").examples("train", 8)]
     cfg = cfg_for(lmbda=1.0, max_new_tokens=5)
-    a, lengths = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 3, tok.eos_ids)
-    b, _ = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 3, tok.eos_ids)
+    a, lengths = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 3)
+    b, _ = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 3)
     assert a == b and lengths and all(1 <= n <= 5 for n in lengths)
     prompts = [data.prompt_of(ex) for ex in examples]
     assert all(ids[:len(p)] == p and mask == [0] * len(p) + [1] * (len(ids) - len(p))
                for (ids, mask), p in zip(a, prompts))
-    assert a != distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 4, tok.eos_ids)[0]
-    offline, none = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg_for(), 3, tok.eos_ids)
+    assert a != distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 4)[0]
+    offline, none = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg_for(), 3)
     assert offline == examples and none is None
     seq_kd, _ = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg_for(seq_kd=True,
-                                      max_new_tokens=5), 3, tok.eos_ids)
+                                      max_new_tokens=5), 3)
     draw = np.random.default_rng([0, 3, 1])
     draw.random()
     teacher_outs = sample.generate(teacher, prompts, max_new_tokens=5, temperature=0.9, seed=int(draw.integers(2**31)),

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import chat
 import data
 import dpo
 import logprobs
 import tasks
+import tokenizer
 from model import CONFIGS, Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -138,13 +140,13 @@ def cfg_for(loss_type, **kw):
 
 
 @pytest.mark.parametrize("f", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
-@pytest.mark.parametrize("loss_type", dpo.LOSS_NAMES)
+@pytest.mark.parametrize("loss_type", [n for n, loss in dpo.LOSSES.items() if not loss.reference_free])
 def test_every_loss_is_trls(loss_type, f):
     c, r, c0, r0, nc, nr = fixed_pairs()
     nll, eps = 1.7, 0.1 if loss_type != "sigmoid" else 0.0
     cfg = cfg_for(loss_type, beta=0.3, label_smoothing=eps, f_divergence_type=f, f_alpha_divergence_coef=0.3)
-    q = dpo.Pairs(*map(jnp.asarray, (c, r, c0, r0, nc, nr)), jnp.full(len(c), nll))
-    got = float(jnp.mean(dpo.pair_losses(q, cfg)[loss_type]()))
+    q = dpo.pairs(*map(jnp.asarray, (c, r, c0, r0, nc, nr)), jnp.full(len(c), nll), cfg)
+    got = float(jnp.mean(dpo.LOSSES[loss_type].per_pair(q, cfg)))
     want = trl_dpo_loss(loss_type, c.astype(np.float64), r, c0, r0, nc, nr, nll, 0.3, eps, f=f, alpha=0.3)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
@@ -153,8 +155,8 @@ def test_every_loss_is_trls(loss_type, f):
 def test_every_reference_free_loss_is_trls(loss_type, eps):
     c, r, _, _, nc, nr = fixed_pairs(1)
     cfg = cfg_for(loss_type, beta=0.5, label_smoothing=eps, simpo_gamma=0.7, cpo_alpha=0.4)
-    q = dpo.Pairs(jnp.asarray(c), jnp.asarray(r), 0 * c, 0 * r, jnp.asarray(nc), jnp.asarray(nr), jnp.full(len(c), 1.3))
-    got = float(jnp.mean(dpo.pair_losses(q, cfg)[loss_type]()))
+    q = dpo.pairs(jnp.asarray(c), jnp.asarray(r), 0 * c, 0 * r, jnp.asarray(nc), jnp.asarray(nr), jnp.full(len(c), 1.3), cfg)
+    got = float(jnp.mean(dpo.LOSSES[loss_type].per_pair(q, cfg)))
     want = trl_reference_free_loss(loss_type, c.astype(np.float64), r, nc, nr, 1.3, 0.5, eps, 0.7, 0.4)
     np.testing.assert_allclose(got, want, rtol=2e-5)
 
@@ -168,7 +170,7 @@ def test_the_sigmoid_gradient_is_its_closed_form():
     """∂/∂c of −log σ(β(ρ⁺ − ρ⁻)) = −β σ(−βΔ), and the opposite for r."""
     c, r, c0, r0, nc, nr = map(jnp.asarray, fixed_pairs(2))
     cfg = cfg_for("sigmoid", beta=0.2)
-    loss = lambda c, r: jnp.sum(dpo.pair_losses(dpo.Pairs(c, r, c0, r0, nc, nr, 0 * c), cfg)["sigmoid"]())  # noqa: E731
+    loss = lambda c, r: jnp.sum(dpo.LOSSES["sigmoid"].per_pair(dpo.pairs(c, r, c0, r0, nc, nr, 0 * c, cfg), cfg))  # noqa: E731
     g_c, g_r = jax.grad(loss, (0, 1))(c, r)
     want = -0.2 * jax.nn.sigmoid(-0.2 * ((c - c0) - (r - r0)))
     np.testing.assert_allclose(g_c, want, rtol=1e-5)
@@ -181,31 +183,28 @@ def test_wpo_weights_and_ld_alpha_are_trls():
     rng = np.random.default_rng(3)
     logp, mask = rng.uniform(-3, 0, (4, 5)).astype(np.float32), np.array(
         [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], np.float32)
-    got = dpo.sequence_logps(jnp.asarray(logp), jnp.asarray(mask), 0.25)
+    got = dpo.sequence_logps(dpo.as_pairs(jnp.asarray(logp)), dpo.as_pairs(jnp.asarray(mask)), 0.25).reshape(-1)
     comp_pos, lens = np.cumsum(mask, 1), mask.sum(1)
     shared = np.repeat(np.minimum(lens[0::2], lens[1::2]), 2)[:, None]
     shared_mask, tail_mask = (comp_pos > 0) & (comp_pos <= shared), comp_pos > shared
     want = (logp * mask * shared_mask).sum(1) + 0.25 * (logp * mask * tail_mask).sum(1)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    np.testing.assert_allclose(dpo.sequence_logps(jnp.asarray(logp), jnp.asarray(mask), None), (logp * mask).sum(1))
+    np.testing.assert_allclose(dpo.sequence_logps(dpo.as_pairs(jnp.asarray(logp)), dpo.as_pairs(jnp.asarray(mask)), None)
+                               .reshape(-1), (logp * mask).sum(1))
 
 
 # ----------------------------------------------------------------------------- the forward pass
 
 def random_pairs(n=3, seed=0, tok=None):
     """n text pairs of random lengths (byte tokenizer): (prompt, chosen, rejected) ids."""
-    tok, rng = tok or data.ByteTokenizer(), np.random.default_rng(seed)
+    tok, rng = tok or tokenizer.ByteTokenizer(), np.random.default_rng(seed)
     return [data.tokenize_pair({"prompt": "q" * int(rng.integers(1, 9)) + "=", "chosen": "a" * int(rng.integers(1, 6)),
                                 "rejected": "b" * int(rng.integers(1, 7))}, tok, None) for _ in range(n)]
 
 
 def local_batch(pairs, ref=None):
     """dpo.pair_batch's arrays for one micro-batch, on the default device."""
-    import sample
-    prompts = [p for p, _, _ in pairs for _ in range(2)]
-    batch = sample.completion_batch(prompts, [a for _, c, r in pairs for a in (c, r)], 0, 1 << 30)
-    batch["ref_logps"] = np.zeros(2 * len(pairs), np.float32) if ref is None else np.asarray(ref, np.float32).ravel()
-    return {k: jnp.asarray(v) for k, v in batch.items()}
+    return {k: jnp.asarray(v) for k, v in data.pair_batch(pairs, ref, 0).items()}
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-gemma3"])
@@ -251,7 +250,8 @@ def test_policy_equal_to_reference_gives_log2_and_zero_margins():
     model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(3))
     pairs = random_pairs(n=4, seed=2)
     batch = local_batch(pairs)
-    ref = dpo.sequence_logps(dpo.answer_stats(model, batch)[0], batch["mask"], None)
+    ref = dpo.sequence_logps(dpo.as_pairs(dpo.answer_stats(model, batch)[0]), dpo.as_pairs(batch["mask"]), None)
+    ref = ref.reshape(-1)  # rows 2i, 2i + 1 as the batch holds them
     loss, aux = dpo.dpo_loss(model, {**batch, "ref_logps": ref}, cfg_for("sigmoid"))
     metrics = dpo.summarise(jax.device_get(aux))
     np.testing.assert_allclose(loss, np.log(2), rtol=1e-6)
@@ -268,7 +268,7 @@ def test_policy_equal_to_reference_gives_log2_and_zero_margins():
 
 # ----------------------------------------------------------------------------- data
 
-class MergingTokenizer(data.ByteTokenizer):
+class MergingTokenizer(tokenizer.ByteTokenizer):
     """Bytes, except that `merge` (two characters) becomes one token: a tokenizer whose tokens for a
     prompt are not always a prefix of the tokens for prompt + answer."""
     def __init__(self, merge: str):
@@ -290,7 +290,7 @@ def write_jsonl(path, rows):
 
 
 def test_pairs_are_read_in_trls_formats(tmp_path):
-    tok = data.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     rows = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
             {"chosen": "The sky is blue.", "rejected": "The sky is green."},  # the shared start is the prompt
             {"chosen": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}],
@@ -302,8 +302,8 @@ def test_pairs_are_read_in_trls_formats(tmp_path):
     eos = tok.eos_ids[0]
     assert train[0] == (tok.encode("The sky is"), tok.encode(" blue.", add_bos=False) + [eos],
                         tok.encode(" green.", add_bos=False) + [eos]) == train[1]
-    prompt = data.apply_chat_template([{"role": "user", "content": "Sky?"}], "qwen3")
-    full = data.apply_chat_template(rows[2]["chosen"], "qwen3", add_generation_prompt=False)
+    prompt = chat.apply_chat_template([{"role": "user", "content": "Sky?"}], "qwen3")
+    full = chat.apply_chat_template(rows[2]["chosen"], "qwen3", add_generation_prompt=False)
     assert train[2][0] == tok.encode(prompt, add_bos=False) and tok.decode(train[2][1]) == full[len(prompt):]
 
 
@@ -320,13 +320,13 @@ def test_a_prompt_that_is_not_a_token_prefix_is_an_error_naming_the_line(tmp_pat
 
 def test_max_len_keeps_the_start_and_drops_what_cannot_train():
     pairs = [([1, 2], [3, 4, 5], [3, 4, 6]), ([1, 2, 3, 4], [5], [6]), ([1], [2, 3, 4], [2, 3, 5]), ([1, 2], [3], [4])]
-    kept, dropped = dpo.fit(pairs, 4)
+    kept, dropped = data.truncate_pairs(pairs, 4)
     assert kept == [([1], [2, 3, 4], [2, 3, 5]), ([1, 2], [3], [4])]  # the first pair's answers cut to [3, 4]
     assert dropped == {"prompt_too_long": 1, "identical": 1}
 
 
 def test_the_built_in_pairs_are_right_against_one_digit_wrong():
-    tok = data.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     train, evals, rows = data.preference_data(tok, None, None, None, "*,3,1", 50, 20, 0)
     task = tasks.builtin_task("*,3,1")
     for prompt, chosen, rejected in train + evals:

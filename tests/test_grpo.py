@@ -20,11 +20,11 @@ import optax
 import pytest
 from flax import nnx
 
-import data
 import grpo
 import model as model_lib
 import sample
 import tasks
+import tokenizer
 from model import CONFIGS, Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -167,7 +167,7 @@ EOS = tuple(range(0, 259, 6))  # many end tokens: a random model stops at ragged
 
 
 def sampled_batch(model, temperature, G=3, max_new=6, mask_truncated=False, seed=0):
-    tok = data.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     ids = [tok.encode(p) for p in PROMPTS for _ in range(G)]
     completions, logps = sample.generate(model, ids, max_new_tokens=max_new, temperature=temperature, seed=seed,
                                          eos_ids=EOS, return_logprobs=True)
@@ -321,7 +321,7 @@ def test_rewards_on_adversarial_completions(monkeypatch):
     assert tasks.Arithmetic("-", 2, 2).answer("05-10=") == "-05"
     assert minus(["05-10="] * 4, ["-05", "+07", "05", "+005"]) == [1.0, 1.0, 0.0, 0.0]
     assert time.perf_counter() - start < 2.0
-    scores = grpo.score([accuracy, form], prompts, completions, [{"prompt": p, "answer": "x"} for p in prompts])
+    scores = grpo.score([accuracy, form], [{"prompt": p, "answer": "x"} for p in prompts], completions)
     assert scores.shape == (len(completions), 2) and scores[0].tolist() == [1.0, 1.0]
 
 

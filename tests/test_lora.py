@@ -20,6 +20,7 @@ import adapters
 import model as M
 import sft
 import tasks
+import tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ["--train-examples", "2000", "--eval-examples", "16", "--batch-size", "32", "--eval-every", "1000"]
@@ -94,7 +95,7 @@ def test_training_moves_only_the_adapters():
     assert {p[-1] for p, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0] if hasattr(p[-1], "key")} \
         <= {f"{t}_lora_{f}" for t in adapters.TARGETS for f in "ab"}
     step = jax.jit(sft.make_train_step(graphdef, tx))  # lora.py trains with sft.py's step
-    task, tok = tasks.Arithmetic("*", 3, 1), data.ByteTokenizer()
+    task, tok = tasks.Arithmetic("*", 3, 1), tokenizer.ByteTokenizer()
     batch = data.collate([[data.tokenize(r, tok)] for r in task.examples("train", 16)], 32)
     batch = {k: v[None] for k, v in batch.items()}
     first = None
@@ -153,7 +154,7 @@ def hf_dirs(tmp_path_factory):
     for family in ("qwen3", "gemma3", "llama3"):
         path = tmp_path_factory.mktemp(family)
         make_hf_model(family).save_pretrained(path)
-        data.ByteTokenizer().save(path)  # so lora.py --ckpt finds a tokenizer (ids < 259 fit every vocab here)
+        tokenizer.ByteTokenizer().save(path)  # so lora.py --ckpt finds a tokenizer (ids < 259 fit every vocab here)
         dirs[family] = path
     return dirs
 

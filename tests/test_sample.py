@@ -10,10 +10,11 @@ import torch
 import transformers
 from flax import nnx
 
+import chat
 import ckpt
-import data
 import int8head
 import sample
+import tokenizer
 from hf_models import FAMILIES, make_hf_model, save_hf_model
 from model import CONFIGS, Transformer
 
@@ -57,7 +58,7 @@ def test_greedy_stops_after_eos_like_transformers(tmp_path):
 
 
 def test_real_gemma3_greedy_matches_transformers(gemma3_dir):
-    tok = data.load_tokenizer(gemma3_dir)
+    tok = tokenizer.load_tokenizer(gemma3_dir)
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
              "1, 2, 3, 4,"]
     prompts = [tok.encode(t) for t in texts]
@@ -76,7 +77,7 @@ def test_real_gemma3_greedy_matches_transformers(gemma3_dir):
 def test_real_gemma3_int8_candidates_fit_and_hold_the_winner(gemma3_dir):
     """On real hidden states the bound is tight enough that the int8 path (not the fallback) runs,
     and the exact winner is always among its candidates."""
-    tok, model = data.load_tokenizer(gemma3_dir), ckpt.load_hf(gemma3_dir)
+    tok, model = tokenizer.load_tokenizer(gemma3_dir), ckpt.load_hf(gemma3_dir)
     texts = ["The capital of France is Paris, and the capital of Germany is Berlin. Many people visit",
              "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)",
              "Once upon a time, in a small village by the sea, there lived an old fisherman who",
@@ -275,7 +276,7 @@ def test_cli_adapter_gives_the_merged_checkpoints_greedy_ids(tmp_path):
     ckpt.save_peft(adapted, tmp_path / "adapter")
     ckpt.save_hf(adapters.merge_lora(adapted), tmp_path / "merged")
     for d in ("base", "merged"):
-        data.ByteTokenizer().save(tmp_path / d)
+        tokenizer.ByteTokenizer().save(tmp_path / d)
     args = ["--prompt", "123+456=", "--prompt", "9", "--max-new-tokens", "12"]
     with_adapter = run_cli("--ckpt", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), *args)
     merged = run_cli("--ckpt", str(tmp_path / "merged"), *args)
@@ -332,8 +333,8 @@ def test_interactive_chat_through_a_terminal(gemma3_dir):
 def test_cli_chat_mode_uses_the_template(gemma3_dir):
     r = run_cli("--ckpt", str(gemma3_dir), "--chat", "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
-    tok = data.load_tokenizer(gemma3_dir)
-    text = data.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    tok = tokenizer.load_tokenizer(gemma3_dir)
+    text = chat.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
                                     "gemma3")
     expected = sample.generate(ckpt.load_hf(gemma3_dir), [tok.encode(text, add_bos=False)], max_new_tokens=4,
                                eos_ids=(1, tok.token_id("<end_of_turn>")))

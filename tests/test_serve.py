@@ -1,4 +1,4 @@
-"""sample.py --serve on 127.0.0.1, through the official `openai` client: the same greedy text as sample.py
+"""serve.py on 127.0.0.1, through the official `openai` client: the same greedy text as sample.py
 --chat --prompt (plain and streamed), 16 concurrent clients answered correctly in fewer decode loops than
 requests, a burst of malformed requests each refused with a 4xx OpenAI-style error and the server still
 answering after it, the API key enforced; the real Gemma 3 270M (slow)."""
@@ -15,9 +15,10 @@ import urllib.request
 
 import pytest
 
+import chat as chat_lib
 import ckpt
-import data
 import sample
+import tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -32,7 +33,7 @@ class Server:
     def __init__(self, *args):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "sample.py", *args, "--serve", "--port", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "serve.py", *args, "--port", str(self.port)],
                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "XLA_FLAGS": ""})
         deadline = time.time() + 300
@@ -113,8 +114,8 @@ def test_completions_n_stop_and_seed(tiny):
 def test_sixteen_concurrent_clients_are_batched(tiny):
     prompts = [f"{100 + 37 * i}*{i % 9 + 1}=" for i in range(16)]
     loaded = ckpt.load_model("tiny-qwen3")  # the server's weights: the same preset, the same seed
-    tok = data.load_tokenizer(None)
-    ids = [tok.encode(data.apply_chat_template([{"role": "user", "content": p}], "qwen3"), add_bos=False)
+    tok = tokenizer.load_tokenizer(None)
+    ids = [tok.encode(chat_lib.apply_chat_template([{"role": "user", "content": p}], "qwen3"), add_bos=False)
            for p in prompts]
     eos = (*tok.eos_ids, tok.token_id("<|im_end|>"))
     want = [tok.decode([t for t in out if t not in eos]) for out in

@@ -17,6 +17,7 @@ from flax import nnx
 import data
 import sft
 import tasks
+import tokenizer
 from model import CONFIGS, Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -63,14 +64,14 @@ def test_default_run_learns_the_task(tmp_path):
 # ----------------------------------------------------------------------------- the loss
 
 def tiny_examples(n=8, seed=0):
-    task, tok = tasks.Arithmetic("+", 3, 3), data.ByteTokenizer()
+    task, tok = tasks.Arithmetic("+", 3, 3), tokenizer.ByteTokenizer()
     rows = task.examples("train", n, seed)
     rows[1]["completion"] += "   extra"  # unequal lengths: token counts differ between micro-batches
     return [data.tokenize(row, tok) for row in rows]
 
 
 def test_loss_mask_covers_exactly_the_completion():
-    tok = data.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     ids, mask = data.tokenize({"prompt": "12+34=", "completion": "046"}, tok)
     assert ids == [tok.bos_id, *b"12+34=", *b"046", tok.eos_ids[0]]
     assert mask == [0] * 7 + [1] * 4
