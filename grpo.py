@@ -130,6 +130,7 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
             (self.scale_rewards in SCALINGS, f"--scale-rewards must be one of {', '.join(SCALINGS)}")])
         self.weights = flags.numbers(self.reward_weights, "reward-weights")
         tasks.builtin_task(self.task)  # a bad --task fails here, before anything loads
+        reward_weights(self, reward_functions(self))  # one weight per reward function
 
 
 # ----------------------------------------------------------------------------- rewards

@@ -8,7 +8,7 @@ an end-of-sequence token; shapes are bucketed so a run compiles once per
 (batch, prompt-length bucket, max_new_tokens, sampling settings). The loop runs the layers
 unrolled, over per-layer weights and cache; prompts that repeat in runs (GRPO's groups) are
 prefilled once per run. The file reads in that order: generate → prefill and the decode loop →
-next_token; then beam search and the prompt helpers. At <= 4 rows the next token may come from
+next_token; then beam search and the CLI (its flags from a Config, as the scripts'). At <= 4 rows the next token may come from
 int8head.py, an int8 copy of the output head with a proof of which tokens can win (the same ids,
 a quarter of the head's bytes): one call in `decide`, skippable on a first reading.
 

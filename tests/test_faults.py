@@ -212,10 +212,18 @@ def test_a_broken_newest_checkpoint_falls_back_to_the_one_before(script, tmp_pat
 
 def test_a_state_of_another_model_is_one_clear_line(tmp_path, full_runs):
     out = copy_of_full_run("sft.py", tmp_path, full_runs)
-    rc, err = finish("sft.py", out, "--resume", "--model", "tiny-llama3")
+    rc, err = finish("sft.py", out, "--resume", "--model", "tiny-llama3")  # refused by its saved settings
     assert rc == 1
     line = last_line(err)
-    assert line.startswith("error: ") and "cannot restore" in line and "Traceback" not in err, err[-2000:]
+    assert line.startswith("error: ") and "written with --model 'tiny-qwen3'" in line and "Traceback" not in err, \
+        err[-2000:]
+    for step in (12, 14, 16):  # settings that claim the other model: the state itself cannot be restored
+        meta = out / "checkpoints" / str(step) / "meta" / "metadata"
+        saved = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**saved, "config": {**saved["config"], "model": "tiny-llama3"}}))
+    rc, err = finish("sft.py", out, "--resume", "--model", "tiny-llama3")
+    line = last_line(err)
+    assert rc == 1 and line.startswith("error: ") and "cannot restore" in line and "Traceback" not in err, err[-2000:]
 
 
 # ----------------------------------------------------------------------------- disk

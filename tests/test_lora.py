@@ -301,7 +301,7 @@ def test_qlora_on_real_gemma3_saves_memory_and_learns(gemma3_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lora-rank", "0"], "need --lora-rank >= 1"),
+    (["--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
     (["--lora-targets", "q,attn"], "unknown --lora-targets attn"),
     (["--quant", "nf3"], "--quant must be nf4 or int8"),
     (["--adapter", "/no/such/adapter"], "/no/such/adapter: not a PEFT adapter directory"),

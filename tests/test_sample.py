@@ -251,8 +251,8 @@ def test_cli_generates_with_a_checkpoint(gemma3_dir):
 @pytest.mark.parametrize("args,message", [
     (["--ckpt", "/nonexistent/dir", "--prompt", "x"], "no such checkpoint directory"),
     (["--model", "gpt5", "--prompt", "x"], "unknown model preset 'gpt5'"),
-    (["--prompt", "x", "--top-p", "1.5"], "0 < top_p <= 1"),
-    (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--prompt", "x", "--top-p", "1.5"], "0 < --top-p <= 1"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "need --max-new-tokens >= 1"),
     (["--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
     (["--max-new-tokens", "3"], "--prompt"),
 ])
