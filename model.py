@@ -11,12 +11,10 @@ embedding scaling. Everything else is the same pre-norm block:
 
 Parameters of all layers are stacked on a leading `L` axis. The forward pass scans over
 them (jit compiles one block) or, given `layers=unstack_layers(model)`, runs them unrolled:
-faster on CPU for decoding (sample.py) and for small models' training steps (next_token_hidden, which
-every learner calls, picks it by size: unrolled_if_small).
+faster on CPU for decoding and small models' training steps (next_token_hidden picks it by size).
 
-Einsum letters (as in Gemma's reference code): B batch, T query time, S key time,
-D model dim, N query heads, K kv heads, G query heads per kv head, H head dim,
-F feed-forward dim, V vocab, L layers.
+Einsum letters (as in Gemma's reference code): B batch, T query time, S key time, D model dim,
+N query heads, K kv heads, G query heads per kv head, H head dim, F feed-forward dim, V vocab, L layers.
 
     from model import CONFIGS, Transformer
     model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(0))
@@ -566,7 +564,7 @@ def next_token_hidden(model: Transformer, tokens, positions, segment_ids, last: 
     share their first T - C tokens (a GRPO group's prompt); those run once per run, into a KV cache that
     the run's rows attend to, so the prompt's work is done once, not `group` times (gradients flow
     through the cache: the run's contributions add up). taps (group 1): also the model's taps of tokens[:, :-1].
-    layers: None picks for the model's size (unrolled_if_small), so no algorithm passes a CPU-speed knob."""
+    layers None: unrolled_if_small's choice, so no algorithm passes a CPU-speed knob."""
     C, P = last, tokens.shape[1] - last
     layers = unrolled_if_small(model) if layers is None else layers
     if group == 1 or C == 1:
@@ -581,15 +579,14 @@ def next_token_hidden(model: Transformer, tokens, positions, segment_ids, last: 
 
 
 def token_logps(model: Transformer, batch: dict, last: int | None = None, group: int = 1, temperature: float = 1.0,
-                entropy: bool = False, layers=None, dropout_key=None):
+                entropy: bool = False, dropout_key=None):
     """log π(x_t | x_<t) [B, C] of the last C = `last` tokens of each row (default: every token after the
     first), π = softmax(logits / temperature); with `entropy`, also π's entropy there [B, C].
     batch: tokens, positions, segment_ids [B, T]; group as in next_token_hidden. The output head runs
     a chunk of positions at a time (logprobs.py): no [B, C, V] float32 tensor, forward or backward."""
     tokens = batch["tokens"]
     C = tokens.shape[1] - 1 if last is None else last
-    x = next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], C, group, layers,
-                          dropout_key)  # [B, C, D]
+    x = next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], C, group, dropout_key=dropout_key)
     return logprobs.token_logps(x, model.head(model.cfg.param_dtype), tokens[:, -C:], cap=model.cfg.final_softcap,
                                 temperature=temperature, entropy=entropy)
 

@@ -277,6 +277,53 @@ def test_later_updates_clip_against_the_old_policy():
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new)))
 
 
+def test_every_update_of_a_rollout_takes_its_ratio_against_the_sampling_policy():
+    """μ = 3: updates 2 and 3 both use π_old = the policy that sampled the batch (θ_0), as the docstring, TRL and
+    CleanRL say; not the weights after the update before (update 3 against θ_1 was a bug)."""
+    graphdef, params, frozen, batch, tx, step, logps = step_inputs(0.0)
+    theta0 = np.asarray(logps(params, batch))
+    seen = []
+
+    def spy(params, opt_state, frozen, batch):
+        seen.append(None if "old_logp" not in batch else np.asarray(batch["old_logp"]))
+        return step(params, opt_state, frozen, batch)
+    cfg = grpo.Config(beta=0.0, temperature=0.8, max_completion_len=6, num_iterations=3, lr=0.5)
+    new, _, metrics = grpo.policy_updates(spy, params, tx.init(params), frozen, dict(batch), cfg)
+    assert len(seen) == 3 and len(metrics) == 3
+    for old in seen[1:]:  # the first update has none: it runs at θ_0, its ratio exactly 1
+        np.testing.assert_allclose(old, theta0, atol=1e-6)
+    assert not np.allclose(np.asarray(logps(new, batch)), theta0, atol=1e-3)  # the updates did move the policy
+
+
+def test_several_hosts_average_the_loss_over_the_whole_batch(monkeypatch):
+    """On H hosts each feeds its rows, and the weights that average the loss are those of the whole rollout
+    batch: the hosts' losses add up to the one-host loss (each host once normalised over its own rows: H×)."""
+    model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(2))
+    tok = tokenizer.ByteTokenizer()
+    G, N = 4, 16
+    ids = [tok.encode(p) for p in PROMPTS for _ in range(G)]
+    completions, sampler = sample.generate(model, ids, max_new_tokens=6, temperature=1.0, seed=3, eos_ids=EOS,
+                                           return_logprobs=True)
+    rng = np.random.default_rng(0)
+    per_token = rng.normal(size=(N, 8)).astype(np.float32)  # any token losses: the test is about their weights
+    for loss_type in grpo.LOSS_TYPES:
+        cfg = grpo.Config(max_completion_len=6, loss_type=loss_type, grad_accum=2, num_generations=G,
+                          prompts_per_step=4)
+        advantages = rng.normal(size=N)
+        r = grpo.Rollout([{}] * N, ids, completions, sampler, np.zeros((N, 1)), np.zeros(N), advantages, np.zeros(N))
+
+        def loss(hosts, host):
+            monkeypatch.setattr(jax, "process_count", lambda: hosts)
+            monkeypatch.setattr(jax, "process_index", lambda: host)
+            monkeypatch.setattr(grpo.shard, "global_batch", lambda v, mesh, axis=0: np.asarray(v))
+            batch = grpo.learner_batch(r, EOS, tok.pad_id, cfg, None)
+            C = batch["mask"].shape[-1]
+            rows = np.arange(N).reshape(hosts, -1)[host]  # this host's rows, in its micro-batch order
+            return float(np.sum(batch["weights"].reshape(-1, C) * per_token[rows, :C]))
+        one = loss(1, 0)
+        assert abs(loss(2, 0) + loss(2, 1) - one) < 1e-5 * max(1.0, abs(one)), loss_type
+
+
 # ----------------------------------------------------------------------------- rewards
 
 ADVERSARIAL = ["9" * 5000, "<answer>" * 3000 + "7", "", "٤٢", "__import__('os').system('echo hacked')",
