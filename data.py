@@ -132,12 +132,13 @@ def prompt_row(row, where: str) -> dict:
     return {**row, "answer": row.get("answer", row.get("completion"))}
 
 
-def encode_prompt(prompt, tok, family, max_len: int) -> list[int]:
+def encode_prompt(prompt, tok, family, max_len: int, enable_thinking: bool = True) -> list[int]:
     """A prompt's ids, its last max_len kept: text (with BOS), or chat messages in the family's template."""
     if isinstance(prompt, list):  # chat messages: the family's template, up to the assistant's turn
         if family is None:
             raise DataError("chat prompts need a checkpoint of a known family (--ckpt)")
-        return tok.encode(apply_chat_template(prompt, family), add_bos=False)[-max_len:]
+        switch = {} if enable_thinking or family != "qwen3" else {"enable_thinking": False}
+        return tok.encode(apply_chat_template(prompt, family, **switch), add_bos=False)[-max_len:]
     return tok.encode(prompt)[-max_len:]
 
 
@@ -299,11 +300,12 @@ class Prompts(NamedTuple):
 
 
 def prompt_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: int, seed: int, max_prompt_len: int,
-                system_prompt: str = "", chat: bool = False) -> Prompts:
+                system_prompt: str = "", chat: bool = False, enable_thinking: bool = True) -> Prompts:
     """RL data: training and eval rows {"prompt", "answer", ...} (from files or a Hub dataset, whose test
     split is the eval rows unless eval_path says otherwise; or the built-in task's splits) and their prompt
     ids (the last max_prompt_len tokens). system_prompt: put before each prompt, as a system turn of the
-    family's chat template when `chat` (an instruct checkpoint), else as text and a blank line."""
+    family's chat template when `chat` (an instruct checkpoint), else as text and a blank line. enable_thinking
+    False: Qwen 3's template opens the answer with an empty <think></think> (the other families have no switch)."""
     if path:
         train = read_rows(path, prompt_row)
     else:
@@ -321,7 +323,8 @@ def prompt_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: i
                 return [{"role": "system", "content": system_prompt}, *turns]
             return f"{system_prompt}\n\n{prompt}\n"
         train, evals = ([{**r, "prompt": with_system(r["prompt"])} for r in rows] for rows in (train, evals))
-    ids = [[encode_prompt(r["prompt"], tok, family, max_prompt_len) for r in rows] for rows in (train, evals)]
+    ids = [[encode_prompt(r["prompt"], tok, family, max_prompt_len, enable_thinking) for r in rows]
+           for rows in (train, evals)]
     return Prompts(train, evals, ids[0], ids[1])
 
 

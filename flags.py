@@ -238,6 +238,11 @@ def positive(cfg, *names: str) -> list[tuple[bool, str]]:
     return [(getattr(cfg, n) >= 1, f"--{n.replace('_', '-')} must be >= 1, got {getattr(cfg, n)}") for n in names]
 
 
+def one_of(cfg, name: str, choices) -> tuple[bool, str]:
+    """A check for `check`: the field's value is one of the choices."""
+    return getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)}"
+
+
 def check(conditions: list[tuple[bool, str]]) -> None:
     """A Config's range checks (its __post_init__): the first condition that fails raises ValueError
     with its message, which `parse` prints as one line."""

@@ -314,6 +314,13 @@ class MetricsLog:
                 close()
 
 
+def append_jsonl(path, records: list[dict]) -> None:
+    """Records appended to a JSONL file (grpo's completions.jsonl), by the main process only."""
+    if shard.is_main_process():
+        with open(path, "a") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+
+
 def reporter(name: str, out: pathlib.Path, cfg):
     """--report-to's writers: (report(step, {name: number}), close)."""
     try:

@@ -208,9 +208,11 @@ def micro_batches(batch: dict, mesh: Mesh | None, count: int) -> dict:
     return {k: global_batch(v[rows].reshape(count, -1, *v.shape[1:]), mesh, axis=1) for k, v in batch.items()}
 
 
-def global_batch(local: np.ndarray, mesh: Mesh, axis: int = 0) -> jax.Array:
+def global_batch(local: np.ndarray, mesh: Mesh | None, axis: int = 0) -> jax.Array:
     """Assemble the per-host slices (rows along `axis`) into one global array sharded as
-    batch_sharding(mesh, local.ndim, axis)."""
+    batch_sharding(mesh, local.ndim, axis); mesh None: unsharded, on the default device."""
+    if mesh is None:
+        return jnp.asarray(local)
     global_shape = list(local.shape)
     global_shape[axis] *= jax.process_count()
     return jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim, axis), local, tuple(global_shape))

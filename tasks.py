@@ -123,6 +123,25 @@ def format_reward(prompts, completions, **columns) -> list[float]:
     return [float(TAG_FORMAT.fullmatch(c) is not None) for c in completions]
 
 
+def score(funcs, rows, completions, completion_ids=None) -> np.ndarray:
+    """Rewards [N, F] of every reward function f(prompts, completions, completion_ids, **columns): functions see
+    the rows' other columns as keyword lists."""
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k not in ("prompt", "completion")}
+    prompts, ids = [row["prompt"] for row in rows], completion_ids or [[]] * len(rows)
+    return np.array([f(prompts, completions, completion_ids=ids, **columns) for f in funcs],
+                    np.float64).T.reshape(len(rows), -1)
+
+
+def soft_overlong_punishment(max_completion_len: int, cache: int):
+    """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13; TRL's get_soft_overlong_punishment), counted
+    in tokens: 0 up to L_max − L_cache tokens, then falling linearly to −1 at L_max (and −1 past it)."""
+    def soft_overlong_punishment(prompts, completions, completion_ids, **columns):
+        start = max_completion_len - cache
+        return [0.0 if len(ids) <= start else -1.0 if len(ids) > max_completion_len else (start - len(ids)) / cache
+                for ids in completion_ids]
+    return soft_overlong_punishment
+
+
 def builtin_task(spec: str) -> Arithmetic:
     """--task "op,a,b" (e.g. "*,3,1") → the built-in task; ValueError naming the flag otherwise."""
     try:
