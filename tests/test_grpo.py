@@ -2,6 +2,7 @@
 rewards never raise, the default run learns, it resumes exactly, it shards, and bad input ends
 in one clear line."""
 import builtins
+import dataclasses
 import functools
 import json
 import os
@@ -167,6 +168,230 @@ def test_k3_kl_is_nonnegative_and_its_expectation_is_the_kl():
     p = np.exp(np.asarray(logp, np.float64))
     samples = rng.choice(50, 40_000, p=p / p.sum())  # tokens drawn from the policy
     assert abs(k3[samples].mean() - exact) < 4 * k3[samples].std() / np.sqrt(len(samples))
+
+
+# ----------------------------------------------------------------------------- the variants, against their references
+
+def np_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def trl_per_token(logp, old, adv, mask, loss_type, level, eps, eps_high, delta=None, tau_pos=1.0, tau_neg=1.05):
+    """TRL's GRPOTrainer._compute_loss (f2cd577) in numpy, its policy term before aggregation: the importance
+    weights at `level` (sequence_token: GSPO-token, trl.experimental.gspo_token, the same values as sequence),
+    then cispo / sapo / the clip with `delta`."""
+    log_ratio = logp - old
+    if level == "token":
+        log_w = log_ratio
+    else:
+        log_w = ((log_ratio * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0))[..., None]
+    coef_1, a = np.exp(log_w), adv[..., None]
+    if loss_type == "cispo":
+        return -np.minimum(coef_1, eps_high) * a * logp
+    if loss_type == "sapo":
+        temps = np.where(a > 0, tau_pos, tau_neg)
+        return -(np_sigmoid(temps * (coef_1 - 1)) * 4 / temps) * a
+    coef_2 = np.clip(coef_1, 1 - eps, 1 + eps_high)
+    if delta is not None:
+        coef_1 = np.minimum(coef_1, delta)
+    return -np.minimum(coef_1 * a, coef_2 * a)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence_token"])
+@pytest.mark.parametrize("loss_type,delta", [("grpo", None), ("grpo", 3.0), ("dapo", 1.5), ("cispo", None),
+                                             ("sapo", None)])
+def test_every_policy_loss_is_trls_on_a_grid_of_ratios_and_advantages(loss_type, delta, level):
+    ratios = np.exp(np.linspace(-1.5, 1.5, 13))  # ρ from 0.22 to 4.5, 1 in the middle
+    adv = np.array([-2.0, -0.3, 0.0, 0.4, 1.5])
+    logp = np.log(np.linspace(0.05, 0.95, 13))[None].repeat(5, 0)  # [5 sequences, 13 tokens]
+    old = logp - np.log(ratios)[None]
+    mask = np.ones_like(logp)
+    mask[1, 9:] = 0  # one shorter sequence
+    eps_high = 5.0 if loss_type == "cispo" else 0.28
+    cfg = grpo.Config(loss_type=loss_type, epsilon_high=eps_high, delta=delta, importance_sampling_level=level,
+                      importance_sampling_correction=False, beta=0.0, warmup_sft_steps=0)
+    got, terms = grpo.token_losses(jnp.asarray(logp, jnp.float32), jnp.asarray(old, jnp.float32),
+                                   jnp.asarray(old, jnp.float32), None, jnp.asarray(adv, jnp.float32),
+                                   jnp.asarray(mask, jnp.float32), jnp.zeros(logp.shape), cfg)
+    want = trl_per_token(logp, old, adv, mask, loss_type, level, 0.2, eps_high, delta)
+    np.testing.assert_allclose(np.broadcast_to(got, logp.shape) * mask, np.broadcast_to(want, logp.shape) * mask,
+                               rtol=2e-5, atol=2e-6)
+    if level != "token":  # GSPO-token: GSPO's values, and with one advantage a sequence, GSPO's gradient
+        def objective(lp, lvl):
+            c = dataclasses.replace(cfg, importance_sampling_level=lvl)
+            loss, _ = grpo.token_losses(lp, jnp.asarray(old, jnp.float32), jnp.asarray(old, jnp.float32), None,
+                                        jnp.asarray(adv, jnp.float32), jnp.asarray(mask, jnp.float32),
+                                        jnp.zeros(logp.shape), c)
+            return jnp.sum(jnp.broadcast_to(loss, lp.shape) * mask / mask.sum(-1, keepdims=True))  # grpo averaging
+        g_seq, g_tok = (jax.grad(objective)(jnp.asarray(logp, jnp.float32), lvl) for lvl in ("sequence", "sequence_token"))
+        np.testing.assert_allclose(g_tok, g_seq, rtol=1e-5, atol=1e-6)
+
+
+def test_cispo_and_sapo_average_as_trl_does():
+    assert grpo.LOSS_TYPES["cispo"][1] == "dapo" and grpo.LOSS_TYPES["sapo"][1] == "grpo"
+    assert grpo.Config(loss_type="cispo", warmup_sft_steps=0).epsilon_high == 5.0  # ScaleRL's cap, TRL's docs
+
+
+@pytest.mark.parametrize("mode", grpo.IS_MODES)
+@pytest.mark.parametrize("low", [None, 0.6])
+def test_the_sampler_correction_is_trls_in_every_mode(mode, low):
+    rng = np.random.default_rng(4)
+    old, sampler = rng.normal(-2, 0.5, (6, 7)), rng.normal(-2, 0.5, (6, 7))
+    mask = (np.arange(7) < rng.integers(2, 8, 6)[:, None]).astype(np.float64)
+    cfg = grpo.Config(importance_sampling_mode=mode, importance_sampling_min=low, importance_sampling_max=3.0,
+                      warmup_sft_steps=0)
+    got = np.asarray(grpo.sampler_weights(jnp.asarray(old), jnp.asarray(sampler), jnp.asarray(mask), cfg))
+    diff = (old - sampler) * mask  # TRL l.2581-2620, in numpy
+    ratio = np.exp(diff.sum(-1, keepdims=True) if mode.startswith("sequence") else diff)
+    lo, hi = (-np.inf if low is None else low), 3.0
+    want = np.clip(ratio, low, hi) if mode.endswith("truncate") else np.where((ratio < lo) | (ratio > hi), 0.0, ratio)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got.shape == ((6, 1) if mode.startswith("sequence") else (6, 7))
+    if mode == "sequence_mask":
+        assert 0 < np.mean(want == 0) < 1  # the grid has sequences on both sides
+
+
+def test_the_correction_is_1_when_sampler_and_learner_agree_and_follows_a_forced_mismatch():
+    """f32: the sampler's log-probs are the learner's (to ~1e-6): w = 1 to 1e-5 and the loss is the uncorrected
+    one to 1e-6. Sampled at temperature 1 and scored at 0.9, w follows exp(Σ (log π_0.9 − log π_1)) exactly."""
+    model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(5))
+    batch, _ = sampled_batch(model, 1.0, G=4)
+    N = batch["mask"].shape[0]
+    adv = jnp.asarray(np.random.default_rng(1).normal(size=N), jnp.float32)
+    m = jnp.asarray(batch["mask"])
+    for temperature in (1.0, 0.9):
+        logp, entropy = grpo.policy_logps(model, batch, temperature)
+        cfg = grpo.Config(temperature=temperature, warmup_sft_steps=0)  # sequence_mask, [None, 3]
+        corrected, terms = grpo.token_losses(logp, jax.lax.stop_gradient(logp), jnp.asarray(batch["sampler_logp"]),
+                                             None, adv, m, entropy, cfg)
+        plain, _ = grpo.token_losses(logp, logp, logp, None, adv, m, entropy,
+                                     dataclasses.replace(cfg, importance_sampling_correction=False))
+        w = np.asarray(terms["is_weight"])[:, 0]
+        delta = np.sum((np.asarray(logp, np.float64) - batch["sampler_logp"]) * batch["mask"], -1)
+        if temperature == 1.0:
+            np.testing.assert_allclose(w, 1.0, atol=1e-5)
+            np.testing.assert_allclose(corrected * m, plain * m, atol=1e-6)
+        else:
+            assert np.abs(delta).max() > 0.05  # a real mismatch
+            np.testing.assert_allclose(w, np.where(np.exp(delta) > 3.0, 0.0, np.exp(delta)), rtol=1e-5)
+
+
+def test_the_entropy_and_off_policy_masks_are_trls():
+    rng = np.random.default_rng(6)
+    logp, sampler = rng.normal(-2, 0.6, (5, 8)), rng.normal(-2, 0.6, (5, 8))
+    entropy, adv = rng.uniform(0, 3, (5, 8)), np.array([-1.0, -0.5, 0.5, 1.0, -2.0])
+    mask = (np.arange(8) < np.array([8, 3, 6, 8, 5])[:, None]).astype(np.float64)
+    cfg = grpo.Config(top_entropy_quantile=0.2, off_policy_mask_threshold=0.1, importance_sampling_correction=False,
+                      beta=0.0, warmup_sft_steps=0)
+    args = [jnp.asarray(x, jnp.float32) for x in (logp, logp, sampler)]
+    got, _ = grpo.token_losses(*args, None, jnp.asarray(adv, jnp.float32), jnp.asarray(mask, jnp.float32),
+                               jnp.asarray(entropy, jnp.float32), cfg)
+    tau = np.quantile(entropy[mask > 0], 1 - 0.2)  # TRL's get_high_entropy_mask: torch.quantile, linear
+    kl = ((sampler - logp) * mask).sum(-1, keepdims=True) / mask.sum(-1, keepdims=True)  # TRL's get_off_policy_mask
+    keep = (adv[:, None] >= 0) | (kl <= 0.1)
+    want = -adv[:, None] * (entropy >= tau) * keep  # ρ = 1: the clipped term is −A
+    np.testing.assert_allclose(np.asarray(got) * mask, want * mask, rtol=1e-6, atol=1e-7)
+    assert 0 < np.mean(~keep) < 1 and 0.1 < np.mean((entropy >= tau)[mask > 0]) < 0.3
+
+
+def test_the_advantage_estimators_are_verls_and_trls():
+    rng = np.random.default_rng(7)
+    G, per_func = 4, rng.integers(0, 3, (12, 2)).astype(np.float64)
+    weights, lengths = np.array([1.0, 0.5]), rng.integers(1, 9, 12)
+    r = per_func @ weights
+    cfg = grpo.Config(advantage_estimator="rloo", warmup_sft_steps=0, num_generations=G)
+    got, _ = grpo.advantages(per_func, weights, lengths, cfg)
+    want = [r[i] - (r[g:g + G].sum() - r[i]) / (G - 1) for g in range(0, 12, G) for i in range(g, g + G)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)  # verl's compute_rloo_outcome_advantage
+    got, _ = grpo.advantages(per_func, weights, lengths, dataclasses.replace(cfg, advantage_estimator=
+                                                                             "reinforce_plus_plus_baseline"))
+    scores = np.array([r[i] - r[i // G * G:i // G * G + G].mean() for i in range(12)])  # verl, then masked_whiten
+    tokens = np.repeat(scores, lengths)
+    mean, var = tokens.mean(), tokens.var() * len(tokens) / (len(tokens) - 1)
+    np.testing.assert_allclose(got, (scores - mean) / np.sqrt(var + 1e-8), rtol=1e-10)
+    got, _ = grpo.advantages(per_func, weights, lengths, dataclasses.replace(
+        cfg, advantage_estimator="grpo", multi_objective_aggregation="normalize_then_sum"))
+    grouped = per_func.reshape(-1, G, 2)  # TRL's normalize_then_sum
+    reward_k = ((grouped - grouped.mean(1, keepdims=True)) / (grouped.std(1, ddof=1, keepdims=True) + 1e-4))
+    total = reward_k.reshape(-1, 2) @ weights
+    np.testing.assert_allclose(got, (total - total.mean()) / (total.std(ddof=1) + 1e-4), rtol=1e-10)
+
+
+def test_soft_overlong_punishment_is_dapos_in_tokens():
+    f = tasks.soft_overlong_punishment(100, 20)  # TRL's docstring example: 90 tokens of 100 with a cache of 20
+    ids = [[1] * n for n in (10, 80, 81, 90, 100, 101)]
+    assert f(["p"] * 6, ["x"] * 6, completion_ids=ids) == [0.0, 0.0, -0.05, -0.5, -1.0, -1.0]
+    assert f.__name__ == "soft_overlong_punishment"
+    assert grpo.reward_functions(grpo.Config(soft_punish_cache=2, warmup_sft_steps=0))[-1].__name__ == \
+        "soft_overlong_punishment"
+
+
+def test_several_steps_per_generation_keep_the_sampling_policy_and_score_it_once():
+    """--steps-per-generation k: one pass of π_old over the k slices before the first update, all k (x μ)
+    updates against it; k = μ = 1: no such pass (the update's own forward is π_old)."""
+    graphdef, params, frozen, batch, tx, step, logps = step_inputs(0.0)
+    theta0, calls, seen = np.asarray(logps(params, batch)), [], []
+
+    def counted(p, f, b):  # grpo.learner's logps(params, frozen, batch)
+        calls.append(1)
+        return logps(p, b)
+
+    def spy(params, opt_state, frozen, b):
+        seen.append(np.asarray(b["old_logp"]))
+        return step(params, opt_state, frozen, b)
+    half = [{k: v[:, :3] for k, v in batch.items()}, {k: v[:, 3:] for k, v in batch.items()}]  # two slices
+    cfg = grpo.Config(beta=0.0, temperature=0.8, max_completion_len=6, num_iterations=2, steps_per_generation=2)
+    grpo.policy_updates(spy, counted, params, tx.init(params), frozen, half, cfg)
+    assert len(calls) == 2 and len(seen) == 4
+    for i, old in enumerate(seen):
+        np.testing.assert_allclose(old, theta0[:, :3] if i % 2 == 0 else theta0[:, 3:], atol=1e-5)  # other shapes
+    calls.clear()
+    grpo.policy_updates(step, counted, params, tx.init(params), frozen, [batch],
+                        dataclasses.replace(cfg, num_iterations=1, steps_per_generation=1))
+    assert not calls
+
+
+def test_no_enable_thinking_reaches_qwen3s_template():
+    import data
+    tok = tokenizer.ByteTokenizer()
+    turn = [{"role": "user", "content": "2+2?"}]
+    on, off = (tok.decode(data.encode_prompt(turn, tok, "qwen3", 512, thinking)) for thinking in (True, False))
+    assert off == on + "<think>\n\n</think>\n\n" and "<think>" not in on
+    assert data.encode_prompt(turn, tok, "gemma3", 512, False) == data.encode_prompt(turn, tok, "gemma3", 512)
+
+
+VARIANTS = [  # every new flag value, in five tiny runs
+    ["--loss-type", "cispo", "--importance-sampling-level", "sequence_token", "--importance-sampling-mode",
+     "token_truncate", "--log-completions-every", "1", "--no-enable-thinking"],
+    ["--loss-type", "sapo", "--steps-per-generation", "2", "--num-iterations", "2", "--importance-sampling-mode",
+     "token_mask", "--importance-sampling-min", "0.5"],
+    ["--importance-sampling-level", "sequence", "--delta", "4", "--advantage-estimator", "rloo",
+     "--importance-sampling-mode", "sequence_truncate"],
+    ["--advantage-estimator", "reinforce_plus_plus_baseline", "--top-entropy-quantile", "0.2",
+     "--off-policy-mask-threshold", "0.5", "--no-importance-sampling-correction"],
+    ["--loss-type", "dapo", "--epsilon-high", "0.28", "--dynamic-sampling", "--soft-punish-cache", "1",
+     "--multi-objective-aggregation", "normalize_then_sum"],
+]
+
+
+@pytest.mark.parametrize("args", VARIANTS)
+def test_every_variant_runs_three_steps(tmp_path, args):
+    warm = "20" if "--dynamic-sampling" in args else "0"  # groups with different rewards to keep
+    r = run_grpo("--warmup-sft-steps", warm, "--warmup-sft-batch-size", "32", "--prompts-per-step", "4",
+                 "--num-generations", "4", "--train-examples", "200", "--eval-examples", "8", "--steps", "3",
+                 "--eval-every", "1000", "--log-every", "1", *args, "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = [m for m in metrics(tmp_path / "run") if "loss" in m]
+    assert [m["step"] for m in records] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in records)
+    if "--dynamic-sampling" in args:
+        assert all(m["frac_reward_zero_std"] == 0 and m["num_gen_batches"] >= 1 for m in records)
+        assert "rewards/soft_overlong_punishment" in records[0]
+    if "--log-completions-every" in args:
+        rows = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 * 8 and {"prompt", "completion", "reward", "advantage", "accuracy_reward"} <= set(rows[0])
+    if "--no-importance-sampling-correction" not in args:
+        assert 0 < records[0]["sampling/importance_sampling_ratio/min"] <= 1 <= \
+            records[0]["sampling/importance_sampling_ratio/max"] < 1.001  # f32 sampler and learner agree
 
 
 # ----------------------------------------------------------------------------- the learner's log-probs
