@@ -64,7 +64,7 @@ class Config(sft.Config):
     merge: bool = False  # also write out/hf: the base with the adapters merged in
     task: str = "+,3,3"  # built-in task: operator, digits of a, digits of b (the demo's adapters learn addition)
     lr: float | None = None  # peak learning rate (pretrained: TRL's and PEFT's LoRA examples' rate, adapters start at 0)
-    AUTO: ClassVar[dict] = {"lr": (3e-3, 2e-4)}  # the fields left None: (a random tiny model, pretrained)
+    AUTO: ClassVar[dict] = {"lr": (5e-3, 2e-4)}  # the fields left None: (a random tiny model, pretrained)
 
     def __post_init__(self):
         super().__post_init__()

@@ -12,9 +12,9 @@ per request; the first step (compilation) is reported separately.
     python benchmarks/bench_grpo.py                           # B,G,C,mu: 2,4,32,1 2,4,32,2 16,8,16,2 64,8,8,1
     python benchmarks/bench_grpo.py --settings 16,8,16,2 --repeats 30 --beta 0.02
 
-nanotune's step is grpo.py's main loop body, through grpo.py's own phase functions (rollout,
-score, group_advantages, learner_batch, the reference log-probs, policy_updates with
-make_train_step), timed here as four phases. Tunix runs when benchmarks/.tunix-venv
+nanotune's step is grpo.py's main loop body, through grpo.py's own phase functions (generate,
+score, advantages, step_batches, the reference log-probs, policy_updates with make_train_step;
+the rollout-learner correction on, as by default), timed here as four phases. Tunix runs when benchmarks/.tunix-venv
 exists (see benchmarks/RESULTS.md for its install).
 """
 import argparse
@@ -49,6 +49,7 @@ def nanotune_worker(setting):
     import run as run_lib
     import sample
     import shard
+    import tasks
     cfg = grpo.Config(prompts_per_step=setting["prompts_per_step"], num_generations=setting["num_generations"],
                       max_completion_len=setting["max_completion_len"], num_iterations=setting["num_iterations"],
                       beta=setting["beta"], warmup_sft_steps=0)
@@ -59,7 +60,7 @@ def nanotune_worker(setting):
     tx, _ = run_lib.adamw(cfg, cfg.steps * cfg.num_iterations)
     opt_state, param_sh, opt_sh = run_lib.init_optimizer(tx, params, mesh)
     ref = None if not cfg.beta else jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(params)
-    train_step, ref_logps = grpo.learner(graphdef, tx, cfg, mesh, param_sh, opt_sh)
+    train_step, logps = grpo.learner(graphdef, tx, cfg, mesh, param_sh, opt_sh)
     G = cfg.num_generations
     state = {"params": params, "opt_state": opt_state, "step": 0}
 
@@ -68,23 +69,25 @@ def nanotune_worker(setting):
         t = [time.perf_counter()]
         rows = [{"prompt": p} for p in prompts for _ in range(G)]
         prompt_ids = [tok.encode(r["prompt"]) for r in rows]
-        completions, sampler_logps = grpo.rollout(nnx.merge(graphdef, params, frozen), prompt_ids, cfg, step, eos_ids)
+        completions, sampler_logps = sample.generate(nnx.merge(graphdef, params, frozen), prompt_ids, seed=step,
+                                                     max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature,
+                                                     eos_ids=eos_ids, return_logprobs=True)
         t.append(time.perf_counter())
-        per_func = grpo.score([reward], rows, [tok.decode(c) for c in completions])
+        per_func = tasks.score([reward], rows, [tok.decode(c) for c in completions], completions)
         rewards = per_func @ np.ones(1)
-        advantages, std = grpo.group_advantages(rewards, G, cfg.scale_rewards)
+        advantages, std = grpo.advantages(per_func, np.ones(1), [len(c) for c in completions], cfg)
         rollout = grpo.Rollout(rows, prompt_ids, completions, sampler_logps, per_func, rewards, advantages, std)
-        batch = grpo.learner_batch(rollout, eos_ids, pad_id, cfg, mesh)
+        steps = grpo.step_batches(rollout, eos_ids, pad_id, cfg, mesh, step)
         t.append(time.perf_counter())
-        if cfg.beta:
-            batch["ref_logp"] = jax.block_until_ready(ref_logps(ref, frozen, batch))
+        for s in steps if cfg.beta else ():
+            s["ref_logp"] = jax.block_until_ready(logps(ref, frozen, s))
         t.append(time.perf_counter())
-        params, opt_state, _ = grpo.policy_updates(train_step, params, opt_state, frozen, batch, cfg)
+        params, opt_state, _ = grpo.policy_updates(train_step, logps, params, opt_state, frozen, steps, cfg)
         jax.block_until_ready((params, opt_state))
         t.append(time.perf_counter())
         state.update(params=params, opt_state=opt_state, step=step + 1)
         phases = dict(zip(("rollout", "rewards_batch", "ref_logps", "updates"), np.diff(t).tolist()))
-        compiles = {"train_step": train_step._cache_size(), "ref_logps": ref_logps._cache_size(),
+        compiles = {"train_step": train_step._cache_size(), "ref_logps": logps._cache_size(),
                     "generate": sample._generate._cache_size()}
         return {"seconds": t[-1] - t[0], "phases": phases, "lengths": sorted({len(c) for c in completions}),
                 "reward_std": float(np.std(rewards)), "compiles": compiles}

@@ -268,9 +268,10 @@ def test_the_correction_is_1_when_sampler_and_learner_agree_and_follows_a_forced
                                      dataclasses.replace(cfg, importance_sampling_correction=False))
         w = np.asarray(terms["is_weight"])[:, 0]
         delta = np.sum((np.asarray(logp, np.float64) - batch["sampler_logp"]) * batch["mask"], -1)
-        if temperature == 1.0:
+        if temperature == 1.0:  # w to 1e-5; the loss (grpo's average of the token terms) to 1e-6
             np.testing.assert_allclose(w, 1.0, atol=1e-5)
-            np.testing.assert_allclose(corrected * m, plain * m, atol=1e-6)
+            weights = grpo.loss_weights(np.asarray(m)[None], "grpo", 6)[0]
+            assert abs(float(jnp.sum((corrected - plain) * weights))) < 1e-6
         else:
             assert np.abs(delta).max() > 0.05  # a real mismatch
             np.testing.assert_allclose(w, np.where(np.exp(delta) > 3.0, 0.0, np.exp(delta)), rtol=1e-5)
@@ -278,7 +279,8 @@ def test_the_correction_is_1_when_sampler_and_learner_agree_and_follows_a_forced
 
 def test_the_entropy_and_off_policy_masks_are_trls():
     rng = np.random.default_rng(6)
-    logp, sampler = rng.normal(-2, 0.6, (5, 8)), rng.normal(-2, 0.6, (5, 8))
+    logp = rng.normal(-2, 0.6, (5, 8))
+    sampler = logp + np.array([0.5, -0.5, 0.5, 0.0, 0.05])[:, None] + rng.normal(0, 0.01, (5, 8))  # drifts
     entropy, adv = rng.uniform(0, 3, (5, 8)), np.array([-1.0, -0.5, 0.5, 1.0, -2.0])
     mask = (np.arange(8) < np.array([8, 3, 6, 8, 5])[:, None]).astype(np.float64)
     cfg = grpo.Config(top_entropy_quantile=0.2, off_policy_mask_threshold=0.1, importance_sampling_correction=False,
@@ -392,6 +394,29 @@ def test_every_variant_runs_three_steps(tmp_path, args):
     if "--no-importance-sampling-correction" not in args:
         assert 0 < records[0]["sampling/importance_sampling_ratio/min"] <= 1 <= \
             records[0]["sampling/importance_sampling_ratio/max"] < 1.001  # f32 sampler and learner agree
+
+
+def test_dynamic_sampling_and_several_steps_per_generation_resume_exactly(tmp_path):
+    """The data position advances by every prompt batch drawn, and the shuffle and samples derive from the step:
+    a run resumed from step 2 logs steps 3 and 4 exactly as the uninterrupted run did."""
+    args = ["--warmup-sft-steps", "20", "--warmup-sft-batch-size", "32", "--prompts-per-step", "4",
+            "--num-generations", "4", "--train-examples", "200", "--eval-examples", "8", "--eval-every", "1000",
+            "--steps", "4", "--log-every", "1", "--save-every", "2", "--dynamic-sampling", "--steps-per-generation",
+            "2", "--num-iterations", "2"]
+    full = tmp_path / "full"
+    r = run_grpo(*args, "--out", str(full))
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = tmp_path / "again"
+    shutil.copytree(full, again)
+    shutil.rmtree(again / "checkpoints" / "4")
+    r = run_grpo(*args, "--out", str(again), "--resume")
+    assert r.returncode == 0 and "resumed from step 2" in r.stderr, r.stderr[-2000:]
+    want = {m["step"]: m for m in metrics(full) if "loss" in m}
+    got = [m for m in metrics(again) if "loss" in m][-2:]
+    assert [m["step"] for m in got] == [3, 4] and want[4]["num_gen_batches"] >= 1
+    for m in got:
+        assert {k: v for k, v in m.items() if "seconds" not in k} == \
+            {k: v for k, v in want[m["step"]].items() if "seconds" not in k}
 
 
 # ----------------------------------------------------------------------------- the learner's log-probs
