@@ -8,7 +8,6 @@ import sys
 import traceback
 
 import numpy as np
-import tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -16,6 +15,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import ckpt  # noqa: E402
 import data  # noqa: E402
+import tokenizer  # noqa: E402
 from test_fuzz import mutate  # noqa: E402
 
 OWN = (ckpt.CheckpointError, data.DataError, tokenizer.TokenizerError)
