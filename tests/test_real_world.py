@@ -13,6 +13,7 @@ import sys
 import pytest
 
 import ckpt
+import flags
 import run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -147,7 +148,7 @@ def wandb_history(path) -> list[dict]:
 
 def test_report_to_checks_its_names():
     with pytest.raises(ValueError, match="--report-to"):
-        run.check_report_to("tensorboard,mlflow")
+        flags.check_report_to("tensorboard,mlflow")
 
 
 def test_curves_draws_a_png(tmp_path):
