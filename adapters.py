@@ -18,14 +18,16 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can wrap
 QUANT_FORMATS = ("nf4", "int8")
-NF4_LEVELS = jnp.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-                        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], jnp.float32)
+# numpy, not jax: a jax array made at import would start the runtime before jax.distributed can
+NF4_LEVELS = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                       -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                       0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                       0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 
 
 def projection_shapes(cfg) -> dict[str, tuple[int, ...]]:
@@ -111,7 +113,7 @@ def quantize(w, fmt: str, block: int = 64) -> tuple[jax.Array, jax.Array]:
 def dequantize(codes, scales, shape: tuple[int, ...], dtype) -> jax.Array:
     """The inverse of `quantize` (the format is in the codes' dtype), reshaped to `shape`."""
     x = codes.astype(jnp.float32) if codes.dtype == jnp.int8 else \
-        NF4_LEVELS[jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(*codes.shape[:-1], -1)]  # 2 per byte
+        jnp.asarray(NF4_LEVELS)[jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(*codes.shape[:-1], -1)]  # 2 per byte
     return (x * scales[..., None]).astype(dtype).reshape(shape)
 
 

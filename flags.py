@@ -61,12 +61,19 @@ class RunConfig:
     # -- devices --
     mesh: str = ""  # device mesh, e.g. data=1,fsdp=-1,tp=1 ("": all devices on fsdp)
     tpu: bool = False  # multi-host TPU start-up (jax.distributed)
+    # -- several processes (hosts) --
+    coordinator: str = ""  # HOST:PORT of process 0, which listens there; every process passes the same one
+    num_processes: int = 1  # processes in the run, with --coordinator
+    process_id: int = 0  # this process's number, 0 .. num_processes - 1, with --coordinator
+    distributed: bool = False  # jax.distributed finds the processes itself (SLURM, Open MPI, TPU pod, Kubernetes)
+    join_timeout: int = 300  # seconds to wait for every process to join; then one line and exit 2
 
     # The fields a resumed run may change: how long it runs, how often it logs, evaluates and saves, where
     # and on what devices. Any other difference from the checkpoint's saved settings changes the algorithm,
     # and --resume refuses it (run.resume).
     RESUMABLE: typing.ClassVar[frozenset] = frozenset({
-        "steps", "eval_every", "save_every", "log_every", "keep", "report_to", "resume", "out", "mesh", "tpu"})
+        "steps", "eval_every", "save_every", "log_every", "keep", "report_to", "resume", "out", "mesh", "tpu",
+        "coordinator", "num_processes", "process_id", "distributed", "join_timeout"})
 
 
 @dataclasses.dataclass
@@ -220,8 +227,8 @@ def parse(config_class, argv=None):
         check_report_to(getattr(cfg, "report_to", ""))
     except ValueError as e:
         fail(str(e), status=2)
-    if getattr(cfg, "tpu", False):
-        shard.init_tpu()
+    if isinstance(cfg, RunConfig):
+        shard.start_processes(cfg)
     return cfg
 
 

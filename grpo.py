@@ -588,8 +588,9 @@ def main(argv=None):
             if progress.stopping(step):
                 break
         progress.close(step)
-    if shard.is_main_process():  # 6. export
-        run.export_policy(nnx.merge(graphdef, params, frozen), cfg.out, loaded, cfg.lora,
+    final = shard.gather_model(nnx.merge(graphdef, params, frozen))  # 6. export: whole on every process first
+    if shard.is_main_process():
+        run.export_policy(final, cfg.out, loaded, cfg.lora,
                           time.perf_counter() - start_time)
 
 

@@ -108,6 +108,7 @@ def main(argv=None):
               f"{memory['param_bytes'] / 2**20:.1f} MiB = {100 * share:.0f}% of float32 ({cfg.quant or 'float32'} base)",
               file=sys.stderr)
     trained = sft.train(cfg, loaded, loaded.model, trainable=adapters.LoRA, first_record=memory)
+    trained = shard.gather_model(trained)  # whole on every process, to export
 
     if shard.is_main_process():  # the adapters in PEFT's layout; with --merge, a full HF checkpoint as well
         run.export_peft(trained, out / "adapter", loaded)

@@ -468,8 +468,9 @@ def train_supervised(model, examples, plan: Supervised, accuracy, mesh, save_to=
                 break
     bar.close()
     model = shard.shard_model(nnx.merge(graphdef, params, frozen), mesh)
+    whole = shard.gather_model(model) if save_to else None  # every process takes part; process 0 writes
     if save_to and shard.is_main_process():
-        ckpt.save_hf(model, save_to)
+        ckpt.save_hf(whole, save_to)
         copy_tokenizer(loaded, save_to)
         print(f"warm-up done: {i} steps, training-prompt accuracy {score:.3f}; saved {save_to}", file=sys.stderr)
     return model, {"warmup_sft/steps": i, "warmup_sft/train_accuracy": score}
@@ -487,7 +488,7 @@ def cached_arrays(directory, key_parts, compute, what: str = "arrays") -> dict[s
         digest.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
         digest.update(b"\0")
     path = pathlib.Path(directory).expanduser() / f"{digest.hexdigest()[:32]}.npz"
-    if path.is_file():
+    if shard.agreed(path.is_file()):  # process 0's answer for all: computing takes every process
         with np.load(path, allow_pickle=False) as stored:
             print(f"{what}: read from {path}", file=sys.stderr)
             return {k: stored[k] for k in stored.files}

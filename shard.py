@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +149,33 @@ def shard_model(model, mesh: Mesh):
     return model
 
 
+def agreed(flag: bool) -> bool:
+    """Process 0's flag on every process (a collective), so that all take the same branch: one process reading
+    a file that another lacks, while the other computes with collectives, would hang both."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.array(flag)))
+
+
+def gather(tree):
+    """Every array of a pytree whole on every process (numpy), for process 0 to write. A collective: every
+    process calls it. One process: unchanged (its arrays are all addressable already)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), tree)
+
+
+def gather_model(model):
+    """gather() for an nnx model: a copy whose parameters are whole on every process (one process: the model)."""
+    if jax.process_count() == 1:
+        return model
+    from flax import nnx
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, gather(state))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
     """Batches [B, T, ...]: rows (dimension `axis`) over (data, fsdp), the rest whole."""
     return NamedSharding(mesh, P(*[BATCH if d == axis else None for d in range(ndim)]))
@@ -155,27 +183,54 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
 
 # ----------------------------------------------------------------------------- multi-host
 
-def init_tpu() -> None:
-    """--tpu: start the multi-host runtime and check that the devices really are TPUs;
-    one clear line on stderr and exit status 2 otherwise.
+def start_processes(cfg) -> None:
+    """Several processes (hosts) become one run: jax.distributed.initialize, before anything touches a device.
 
-    jax.distributed.initialize() must run before anything touches a device, so the
-    first check looks only at what a TPU VM exposes: its device files and environment.
-    """
-    # TPU VMs expose /dev/accel* (v2-v4) or /dev/vfio/* (v5+); TPU_WORKER_ID names a pod host.
-    has_tpu = any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) or "TPU_WORKER_ID" in os.environ
-    if not has_tpu:
-        _exit("--tpu given but this machine has no TPU (no /dev/accel* or /dev/vfio devices)")
+    --tpu: a TPU VM or pod slice (the runtime finds its hosts); --distributed: any cluster JAX detects (SLURM,
+    Open MPI, Kubernetes, TPU); --coordinator HOST:PORT --num-processes N --process-id I: started by hand.
+    A coordinator that never answers, or a process that never joins, is one line after --join-timeout
+    seconds: JAX's own time-out aborts the process with a C++ stack trace, so ours fires first."""
+    by_hand = bool(cfg.coordinator) or cfg.num_processes != 1 or cfg.process_id != 0
+    if sum([cfg.tpu, cfg.distributed, by_hand]) > 1:
+        _exit("--tpu, --distributed and --coordinator are three ways to start several processes: pick one")
+    if by_hand:
+        host, _, port = cfg.coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            _exit(f"--coordinator must be HOST:PORT (process 0's address), got {cfg.coordinator!r}")
+        if not 0 <= cfg.process_id < cfg.num_processes:
+            _exit(f"--process-id must be in 0 .. {cfg.num_processes - 1} (--num-processes {cfg.num_processes}), "
+                  f"got {cfg.process_id}")
+    if cfg.tpu:
+        has_tpu = any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) or "TPU_WORKER_ID" in os.environ
+        if not has_tpu:  # TPU VMs expose /dev/accel* (v2-v4) or /dev/vfio/* (v5+); TPU_WORKER_ID names a pod host
+            _exit("--tpu given but this machine has no TPU (no /dev/accel* or /dev/vfio devices)")
+    if not (cfg.tpu or cfg.distributed or by_hand):
+        return
+    where = f"the coordinator {cfg.coordinator}" if by_hand else "the cluster's other processes"
+    timer = threading.Timer(cfg.join_timeout, lambda: _exit(
+        f"{where} did not answer, or not every process joined, within --join-timeout {cfg.join_timeout} s", now=True))
+    timer.daemon = True
+    timer.start()
     try:
-        jax.distributed.initialize()
-    except (RuntimeError, ValueError) as e:  # a single-host TPU VM needs no coordinator
-        print(f"note: jax.distributed.initialize() skipped ({e})", file=sys.stderr)
-    if {d.platform for d in jax.devices()} != {"tpu"}:
+        if by_hand:
+            jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id,
+                                       initialization_timeout=cfg.join_timeout + 60)
+        else:
+            jax.distributed.initialize(initialization_timeout=cfg.join_timeout + 60)
+    except (RuntimeError, ValueError) as e:
+        if not cfg.tpu:
+            _exit(f"could not start several processes: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
+        print(f"note: jax.distributed.initialize() skipped ({e})", file=sys.stderr)  # a one-host TPU VM needs none
+    finally:
+        timer.cancel()
+    if cfg.tpu and {d.platform for d in jax.devices()} != {"tpu"}:
         _exit(f"--tpu given but the devices are {describe_devices()}, not TPUs")
 
 
-def _exit(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def _exit(message: str, now: bool = False) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if now:  # from another thread, or with the runtime half started: no interpreter shutdown, no atexit hooks
+        os._exit(2)
     sys.exit(2)
 
 
@@ -204,8 +259,9 @@ def micro_batches(batch: dict, mesh: Mesh | None, count: int) -> dict:
     mesh None: unsharded, on the default device."""
     if mesh is None:
         return {k: jnp.asarray(v).reshape(count, -1, *v.shape[1:]) for k, v in batch.items()}
-    rows = host_rows(len(next(iter(batch.values()))))  # each host feeds its slice of the global batch
-    return {k: global_batch(v[rows].reshape(count, -1, *v.shape[1:]), mesh, axis=1) for k, v in batch.items()}
+    micro = {k: np.asarray(v).reshape(count, -1, *v.shape[1:]) for k, v in batch.items()}
+    rows = host_rows(next(iter(micro.values())).shape[1])  # each host feeds its share of every micro-batch,
+    return {k: global_batch(v[:, rows], mesh, axis=1) for k, v in micro.items()}  # so each equals one host's
 
 
 def global_batch(local: np.ndarray, mesh: Mesh | None, axis: int = 0) -> jax.Array:

@@ -137,7 +137,7 @@ def test_real_preset_is_split_eight_ways_without_allocating():
 
 
 def test_tpu_flag_fails_cleanly_without_tpu():
-    r = subprocess.run([sys.executable, "-c", "import shard; shard.init_tpu()"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "sft.py", "--tpu"], capture_output=True, text=True,
                        cwd=shard.__file__.rsplit("/", 1)[0], timeout=120)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
