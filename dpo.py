@@ -369,13 +369,13 @@ def reference(cfg: Config, graphdef, params, frozen, param_sh, splits: dict, pad
                          out_shardings=param_sh)(params) if live else None
     if cfg.precompute_ref_log_probs and not cfg.reference_free:
         def compute():
-            return {split: np.concatenate([np.asarray(fn(params, frozen, pair_batch(
-                pairs[i:i + cfg.batch_size], None, pad_id))) for i in range(0, len(pairs), cfg.batch_size)]
+            return {split: np.concatenate([np.asarray(shard.gather(fn(params, frozen, pair_batch(
+                pairs[i:i + cfg.batch_size], None, pad_id)))) for i in range(0, len(pairs), cfg.batch_size)]
                 + [np.zeros((1, 0), np.float32)], axis=1).reshape(-1, 2) for split, pairs in splits.items()}
         tokens = [np.array([len(ids) for p in pairs for ids in p] + [t for p in pairs for ids in p for t in ids])
                   for pairs in splits.values()]  # every split's pairs, their lengths and ids
         key = ["dpo reference log-probs v1", cfg.dtype, cfg.ld_alpha, *splits, *tokens,
-               *map(np.asarray, jax.tree.leaves((params, frozen)))]
+               *map(np.asarray, jax.tree.leaves(shard.gather((params, frozen))))]
         with flags.user_errors():
             sums = run.cached_arrays(cfg.ref_cache, key, compute, "reference log-probs")
     return Reference(fn, ref_params, sums)

@@ -277,6 +277,9 @@ def int_pairs(text: str, flag: str, meaning: str = "integer") -> list[tuple[int,
 def fail(message: str, status: int = 1):
     """User error: one line on stderr and a non-zero exit, never a traceback (status 1: SystemExit
     carries the line; 2, bad flags: the line is printed and the code is 2, as argparse does)."""
+    if shard.several_processes():  # at once: see shard.leave
+        print(f"error: {message}", file=sys.stderr)
+        shard.leave(status)
     if status == 1:
         sys.exit(f"error: {message}")
     print(f"error: {message}", file=sys.stderr)

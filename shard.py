@@ -225,13 +225,51 @@ def start_processes(cfg) -> None:
         timer.cancel()
     if cfg.tpu and {d.platform for d in jax.devices()} != {"tpu"}:
         _exit(f"--tpu given but the devices are {describe_devices()}, not TPUs")
+    if several_processes():
+        sys.excepthook = _stop_every_process
 
 
-def _exit(message: str, now: bool = False) -> None:
+def _close_bars() -> None:
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):  # the line starts on its own, not after a progress bar
+        bar.close()
+
+
+def _stop_every_process(kind, error, traceback) -> None:
+    """Several processes: an uncaught error ends this one at once. A normal exit would wait at jax.distributed's
+    shutdown barrier while the others wait in a collective for it; exiting closes its connections, so their
+    collectives fail and they end the same way. The other process's failure is one line; our own bug keeps its
+    traceback."""
+    _close_bars()
+    text = str(error).strip()
+    if isinstance(error, jax.errors.JaxRuntimeError) and any(
+            s in text for s in ("Gloo", "Connection reset", "connection", "heartbeat", "coordination")):
+        print(f"error: process {jax.process_index()}: another process of the run stopped, so this one stops too "
+              f"({text.splitlines()[0][:200]}); the newest checkpoint is kept", file=sys.stderr, flush=True)
+    else:
+        sys.__excepthook__(kind, error, traceback)
+    leave(1)
+
+
+def several_processes() -> bool:
+    """Whether this run has several processes (without starting JAX's runtime when it has not started)."""
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def leave(status: int) -> None:
+    """Exit with `status`; with several processes at once, as _stop_every_process explains."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if several_processes():
+        os._exit(status)
+    sys.exit(status)
+
+
+def _exit(message: str, now: bool = False, status: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     if now:  # from another thread, or with the runtime half started: no interpreter shutdown, no atexit hooks
-        os._exit(2)
-    sys.exit(2)
+        os._exit(status)
+    sys.exit(status)
 
 
 def describe_devices() -> str:
