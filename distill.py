@@ -391,7 +391,7 @@ def teacher_topk(teacher, splits: dict, cfg: Config, pad_id: int, V: int) -> dic
     each split's examples (run.top_logps), made once and kept in --teacher-cache under a hash of the
     teacher's weights, the examples' tokens and K, τ, V."""
     key = ["distill teacher top-k v1", cfg.teacher_topk, cfg.temperature, V, *splits,
-           *[np.asarray(x) for x in jax.tree.leaves(nnx.state(teacher))],
+           *[np.asarray(x) for x in jax.tree.leaves(shard.gather(nnx.state(teacher)))],
            *[np.array([len(ids) for ids, _ in ex] + [t for ids, m in ex for t in ids + m]) for ex in splits.values()]]
     return run.cached_arrays(cfg.teacher_cache, key, lambda: run.top_logps(
         teacher, splits, cfg.teacher_topk, cfg.temperature, V, pad_id), f"teacher top-{cfg.teacher_topk}")

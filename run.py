@@ -520,7 +520,7 @@ def top_logps(model, splits: dict, k: int, temperature: float, V: int, pad_id: i
         for i in range(0, len(examples), 64):
             chunk = examples[i:i + 64]
             b = data.collate([[ex] for ex in chunk], data.bucket_length(max(len(e[0]) for e in chunk), 1 << 20), pad_id)
-            values, top_ids = jax.device_get(score(state, {name: jnp.asarray(v) for name, v in b.items()}))
+            values, top_ids = jax.device_get(shard.gather(score(state, b)))  # b: numpy, the same on every host
             for r in range(len(chunk)):
                 where = np.flatnonzero(b["loss_mask"][r, 1:])
                 ids.append(top_ids[r, where])

@@ -88,7 +88,9 @@ def full_runs(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- preemption
 
-@pytest.mark.parametrize("script", list(RUNS))
+# sft and grpo (a supervised and an RL loop): the stop is run.Progress's, the same in every script, and what a
+# stop saves is what every save holds, which the kill -9 test below resumes exactly for all five scripts
+@pytest.mark.parametrize("script", ["sft.py", "grpo.py"])
 def test_sigterm_saves_the_step_and_exits_zero_then_resume_is_exact(script, tmp_path, full_runs):
     out = tmp_path / "run"
     proc = start(script, out)
