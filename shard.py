@@ -265,11 +265,11 @@ def leave(status: int) -> None:
     sys.exit(status)
 
 
-def _exit(message: str, now: bool = False, status: int = 2) -> None:
+def _exit(message: str, now: bool = False) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     if now:  # from another thread, or with the runtime half started: no interpreter shutdown, no atexit hooks
-        os._exit(status)
-    sys.exit(status)
+        os._exit(2)
+    sys.exit(2)
 
 
 def describe_devices() -> str:
