@@ -52,15 +52,15 @@ def by_step(out, key) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_dapo_recipe_learns_and_trains_only_groups_that_teach(tmp_path):
-    """DAPO: clip-higher, token-level averaging, dynamic sampling and the soft overlong punishment, the first 100
-    steps of the README's recipe: eval/reward rises past the bar, and no trained group has equal rewards."""
+    """DAPO: clip-higher, token-level averaging, dynamic sampling and the soft overlong punishment, 150 steps of
+    the README's recipe: eval/reward rises past the bar, and no trained group has equal rewards."""
     start = time.time()
     r = run_grpo("--loss-type", "dapo", "--epsilon-high", "0.28", "--dynamic-sampling", "--soft-punish-cache", "1",
-                 "--steps", "100", "--eval-every", "50", "--out", str(tmp_path / "run"))
+                 "--steps", "150", "--eval-every", "50", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
     evals = by_step(tmp_path / "run", "eval/reward")
     print(f"\ndapo: eval/reward {evals[0]} -> {evals[max(evals)]} in {time.time() - start:.0f} s")
-    assert evals[max(evals)] - evals[0] >= 0.12, evals  # measured 0.34 -> 0.50 at step 100 (0.69 at 300)
+    assert evals[max(evals)] - evals[0] >= 0.15, evals  # CI measured 0.34 -> 0.54 (300 steps: 0.69)
     logged = [m for m in metrics(tmp_path / "run") if "loss" in m]
     assert logged and all(m["frac_reward_zero_std"] == 0 and m["kept_groups"] == 64 for m in logged)
 
