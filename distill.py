@@ -508,14 +508,12 @@ def main(argv=None):
             if progress.stopping(step):
                 break
         progress.close(step)
-    final = shard.gather_model(nnx.merge(graphdef, params["student"], student_frozen))  # whole on every process
-    projections = projections and shard.gather(params["projections"])
-    if shard.is_main_process():
-        if projections:  # the hidden-state projections, as trained
-            safetensors.numpy.save_file({k: np.asarray(v) for k, v in projections.items()},
-                                        str(pathlib.Path(cfg.out) / "projections.safetensors"))
-        run.export_policy(final, cfg.out, s.loaded, cfg.lora,
-                          time.perf_counter() - start_time)
+    projections = projections and shard.gather(params["projections"])  # the hidden-state projections, trained
+    if projections and shard.is_main_process():
+        safetensors.numpy.save_file({k: np.asarray(v) for k, v in projections.items()},
+                                    str(pathlib.Path(cfg.out) / "projections.safetensors"))
+    run.export_policy(nnx.merge(graphdef, params["student"], student_frozen), cfg.out, s.loaded, cfg.lora,
+                      time.perf_counter() - start_time)
 
 
 if __name__ == "__main__":

@@ -511,10 +511,8 @@ def main(argv=None):
             if progress.stopping(step):
                 break
         progress.close(step)
-    final = shard.gather_model(nnx.merge(graphdef, params, frozen))  # whole on every process, to export
-    if shard.is_main_process():
-        run.export_policy(final, cfg.out, s.loaded, cfg.lora,
-                          time.perf_counter() - start_time)
+    run.export_policy(nnx.merge(graphdef, params, frozen), cfg.out, s.loaded, cfg.lora,
+                      time.perf_counter() - start_time)
 
 
 if __name__ == "__main__":

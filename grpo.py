@@ -588,10 +588,8 @@ def main(argv=None):
             if progress.stopping(step):
                 break
         progress.close(step)
-    final = shard.gather_model(nnx.merge(graphdef, params, frozen))  # 6. export: whole on every process first
-    if shard.is_main_process():
-        run.export_policy(final, cfg.out, loaded, cfg.lora,
-                          time.perf_counter() - start_time)
+    run.export_policy(nnx.merge(graphdef, params, frozen), cfg.out, loaded, cfg.lora,  # 6. export
+                      time.perf_counter() - start_time)
 
 
 if __name__ == "__main__":

@@ -108,14 +108,13 @@ def main(argv=None):
               f"{memory['param_bytes'] / 2**20:.1f} MiB = {100 * share:.0f}% of float32 ({cfg.quant or 'float32'} base)",
               file=sys.stderr)
     trained = sft.train(cfg, loaded, loaded.model, trainable=adapters.LoRA, first_record=memory)
-    trained = shard.gather_model(trained)  # whole on every process, to export
-
-    if shard.is_main_process():  # the adapters in PEFT's layout; with --merge, a full HF checkpoint as well
-        run.export_peft(trained, out / "adapter", loaded)
-        saved = [out / "adapter"]
-        if cfg.merge:
-            run.export_hf(adapters.merge_lora(trained), out / "hf", loaded)
-            saved.append(out / "hf")
+    # the adapters in PEFT's layout; with --merge, a full HF checkpoint as well
+    run.export_peft(trained, out / "adapter", loaded)
+    saved = [out / "adapter"]
+    if cfg.merge:
+        run.export_hf(adapters.merge_lora(trained), out / "hf", loaded)
+        saved.append(out / "hf")
+    if shard.is_main_process():
         print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'}", file=sys.stderr)
 
 

@@ -382,17 +382,23 @@ def copy_tokenizer(loaded: Loaded, path) -> None:
             shutil.copy(loaded.directory / name, pathlib.Path(path) / name)
 
 
+# Every process calls the exports: the parameters are gathered whole on each (a collective), process 0 writes.
+
 def export_hf(model, path, loaded: Loaded) -> None:
     """A Hugging Face checkpoint that transformers loads (config.json, safetensors, tokenizer files)."""
-    model.cfg = model.cfg.replace(remat=False)
-    ckpt.save_hf(model, path)
-    copy_tokenizer(loaded, path)
+    model = shard.gather_model(model)
+    if shard.is_main_process():
+        model.cfg = model.cfg.replace(remat=False)
+        ckpt.save_hf(model, path)
+        copy_tokenizer(loaded, path)
 
 
 def export_peft(model, path, loaded: Loaded) -> None:
     """The adapters alone, in PEFT's layout (`peft.PeftModel.from_pretrained(hf_model, path)`)."""
-    ckpt.save_peft(model, path, base_model=str(loaded.directory) if loaded.directory else None)
-    copy_tokenizer(loaded, path)
+    model = shard.gather_model(model)
+    if shard.is_main_process():
+        ckpt.save_peft(model, path, base_model=str(loaded.directory) if loaded.directory else None)
+        copy_tokenizer(loaded, path)
 
 
 def export_policy(final, out, loaded: Loaded, lora: bool, seconds: float) -> None:
@@ -403,7 +409,9 @@ def export_policy(final, out, loaded: Loaded, lora: bool, seconds: float) -> Non
         export_peft(final, out / "adapter", loaded)
         final, saved = adapters.merge_lora(final), saved + [out / "adapter"]
     export_hf(final, out / "hf", loaded)
-    print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'} ({seconds:.0f} s)", file=sys.stderr)
+    if shard.is_main_process():
+        print(f"saved {', '.join(map(str, saved))}; metrics in {out / 'metrics.jsonl'} ({seconds:.0f} s)",
+              file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- the demos' supervised warm-up

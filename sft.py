@@ -170,9 +170,9 @@ def main(argv=None):
     cfg = flags.parse(Config, argv)
     with flags.user_errors():
         loaded = run.load(cfg)
-    trained = shard.gather_model(train(cfg, loaded, loaded.model))  # whole on every process, to export
-    if shard.is_main_process():  # the final model as a Hugging Face checkpoint (+ the tokenizer files)
-        run.export_hf(trained, pathlib.Path(cfg.out) / "hf", loaded)
+    trained = train(cfg, loaded, loaded.model)
+    run.export_hf(trained, pathlib.Path(cfg.out) / "hf", loaded)  # the final model (+ the tokenizer files)
+    if shard.is_main_process():
         print(f"saved {cfg.out}/hf; metrics in {cfg.out}/metrics.jsonl", file=sys.stderr)
 
 
