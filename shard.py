@@ -23,10 +23,13 @@ What an algorithm script calls:
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import select
 import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -206,6 +209,7 @@ def start_processes(cfg) -> None:
             _exit("--tpu given but this machine has no TPU (no /dev/accel* or /dev/vfio devices)")
     if not (cfg.tpu or cfg.distributed or by_hand):
         return
+    _one_line_runtime_abort(cfg.process_id if by_hand else None)
     where = f"the coordinator {cfg.coordinator}" if by_hand else "the cluster's other processes"
     timer = threading.Timer(cfg.join_timeout, lambda: _exit(
         f"{where} did not answer, or not every process joined, within --join-timeout {cfg.join_timeout} s", now=True))
@@ -251,6 +255,85 @@ def _stop_every_process(kind, error, traceback) -> None:
     leave(1)
 
 
+# One of JAX's runtime log records about the other processes ("E1205 02:22:54.183301 24365 client.h:80] ...")
+RUNTIME_RECORD = re.compile(rb"^[WEF]\d{4} [\d:.]+ +\d+ (coordination_\w+|preemption_sync_manager|client)\.(cc|h):\d+\] ",
+                            re.M)
+RUNTIME_ABORT = b"Terminating process because the JAX distributed service detected fatal errors"
+HOLD_SECONDS = 2.0
+
+
+def _one_line_runtime_abort(process_id: int | None) -> None:
+    """When another process dies, JAX's coordination service may end this one itself, before any collective fails:
+    a C++ abort that prints its log records and a stack trace, and that Python cannot catch. So stderr goes
+    through a small forked process that passes everything on as it comes, except the runtime's records about
+    other processes, held HOLD_SECONDS: if the abort follows they become our one line, if not they pass on."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the filter: its own session, so Ctrl-C and a scheduler's signal leave it to finish the output
+        os.setsid()
+        os.close(write)
+        _filter_stderr(read, f"process {process_id}" if process_id is not None else "this process")
+        os._exit(0)
+    os.close(read)
+    original = os.dup(2)
+    os.dup2(write, 2)  # sys.stderr and the runtime's C++ logging both write to fd 2
+    os.close(write)
+
+    def finish_output() -> None:  # the run's last line is out before the exit status is (a shell, a test reads it)
+        sys.stderr.flush()
+        os.dup2(original, 2)  # the pipe's last writer closed: the filter writes what it holds and ends
+        for _ in range(100):
+            if os.waitpid(child, os.WNOHANG)[0]:
+                return
+            time.sleep(0.05)
+    atexit.register(finish_output)  # registered before JAX's own hooks, so it runs after them
+    global _finish_output
+    _finish_output = finish_output
+
+
+_finish_output = None
+
+
+def _filter_stderr(read: int, who: str) -> None:
+    held, deadline, last = b"", 0.0, b"\n"
+
+    def write(data: bytes) -> None:
+        nonlocal last
+        if data:
+            os.write(2, data)
+            last = data[-1:]
+    while True:
+        ready = select.select([read], [], [], max(0.0, deadline - time.monotonic()) if held else None)[0]
+        chunk = os.read(read, 1 << 16) if ready else None
+        if chunk == b"":
+            break
+        if chunk is None:  # no abort followed: it was only a warning
+            write(held)
+            held = b""
+            continue
+        text = held + chunk
+        record = RUNTIME_RECORD.search(text)
+        if RUNTIME_ABORT in text:
+            write(text[:record.start()] if record else b"")
+            status = text.split(RUNTIME_ABORT, 1)[1].split(b"absl::Status: ", 1)[-1].split(b"\n")[0]
+            reason = status.decode(errors="replace").split(". ")[0].rstrip(":.")[:200]
+            write((b"" if last == b"\n" else b"\n") + f"error: {who}: another process of the run stopped, so this "
+                  f"one stops too (JAX's coordination service: {reason}); the newest checkpoint is kept\n".encode())
+            while os.read(read, 1 << 16):  # the runtime's stack trace
+                pass
+            return
+        if record:
+            write(text[:record.start()])
+            if not held:
+                deadline = time.monotonic() + HOLD_SECONDS
+            held = text[record.start():]
+        else:
+            write(text)
+            held = b""
+    ours = [line for line in held.splitlines(keepends=True) if line.startswith(b"error: ")]
+    write(b"".join(ours) if ours else held)  # the run ended with our line: the records before it said the same
+
+
 def several_processes() -> bool:
     """Whether this run has several processes (without starting JAX's runtime when it has not started)."""
     return jax.distributed.is_initialized() and jax.process_count() > 1
@@ -261,6 +344,8 @@ def leave(status: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     if several_processes():
+        if _finish_output:
+            _finish_output()
         os._exit(status)
     sys.exit(status)
 
@@ -268,6 +353,8 @@ def leave(status: int) -> None:
 def _exit(message: str, now: bool = False) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     if now:  # from another thread, or with the runtime half started: no interpreter shutdown, no atexit hooks
+        if _finish_output:
+            _finish_output()
         os._exit(2)
     sys.exit(2)
 
