@@ -1,17 +1,16 @@
 """model.py — one decoder-only Transformer for Gemma, Gemma 2, Gemma 3, Llama 3, Qwen 2, Qwen 3.
 
-The six families differ only in a handful of switches, all of them fields of
-`Config`: the MLP activation (SwiGLU / GeGLU-tanh), the RMSNorm weight convention
-(`w` or `1 + w`), QK-norm, QKV bias, sandwich norms around attention and MLP,
-soft-capping, sliding-window layers with their own RoPE base, RoPE scaling, and
-embedding scaling. Everything else is the same pre-norm block:
+The six families differ only in a handful of switches, all of them fields of `Config`: the MLP activation
+(SwiGLU / GeGLU-tanh), the RMSNorm weight convention (`w` or `1 + w`), QK-norm, QKV bias, sandwich norms around
+attention and MLP, soft-capping, sliding-window layers with their own RoPE base, RoPE scaling, and embedding
+scaling. Everything else is the same pre-norm block:
 
     x = x + post_attn_norm(Attn(attn_norm(x)))      # post norms: Gemma 2/3 only
     x = x + post_ffw_norm(MLP(ffw_norm(x)))
 
-Parameters of all layers are stacked on a leading `L` axis. The forward pass scans over
-them (jit compiles one block) or, given `layers=unstack_layers(model)`, runs them unrolled:
-faster on CPU for decoding and small models' training steps (next_token_hidden picks it by size).
+Parameters of all layers are stacked on a leading `L` axis. The forward pass scans over them (jit compiles one
+block) or, given `layers=unstack_layers(model)`, runs them unrolled: faster on CPU for decoding and small
+models' training steps (next_token_hidden picks it by size).
 
 Einsum letters (as in Gemma's reference code): B batch, T query time, S key time, D model dim,
 N query heads, K kv heads, G query heads per kv head, H head dim, F feed-forward dim, V vocab, L layers.
@@ -104,7 +103,8 @@ _LLAMA3_ROPE = dict(rope_scaling="llama3", rope_low_freq_factor=1.0, rope_high_f
 _LLAMA3 = dict(family="llama3", vocab_size=128_256, norm_eps=1e-5, rope_theta=500_000.0,
                max_seq_len=131_072, bos_id=128_000, eos_ids=(128_001,), **_LLAMA3_ROPE)
 _QWEN = dict(vocab_size=151_936, rope_theta=1_000_000.0, bos_id=151_643, eos_ids=(151_643,), pad_id=151_643)
-_QWEN3 = dict(_QWEN, eos_ids=(151_645,))
+_QWEN2 = dict(_QWEN, family="qwen2", qkv_bias=True)
+_QWEN3 = dict(_QWEN, family="qwen3", eos_ids=(151_645,), head_dim=128, qk_norm=True, max_seq_len=40_960)
 _GEMMA = dict(act="gelu_tanh", norm_plus_one=True, embed_scale=True, head_dim=256, bos_id=2,
               eos_ids=(1,), pad_id=0)
 _GEMMA3 = dict(_GEMMA, family="gemma3", vocab_size=262_144, qk_norm=True, post_norms=True,
@@ -120,19 +120,14 @@ CONFIGS: dict[str, Config] = {
                           ffn_dim=8192, rope_factor=32.0),
     "llama3.1-8b": Config(**_LLAMA3, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                           ffn_dim=14_336, rope_factor=8.0, tie_embeddings=False),
-    "qwen2.5-0.5b": Config(**_QWEN, family="qwen2", dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
-                           head_dim=64, ffn_dim=4864, qkv_bias=True, max_seq_len=32_768),
-    "qwen2.5-1.5b": Config(**_QWEN, family="qwen2", dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
-                           head_dim=128, ffn_dim=8960, qkv_bias=True, max_seq_len=131_072),
-    "qwen3-0.6b": Config(**_QWEN3, family="qwen3", dim=1024, n_layers=28, n_heads=16, n_kv_heads=8,
-                         head_dim=128, ffn_dim=3072, qk_norm=True, max_seq_len=40_960),
-    "qwen3-1.7b": Config(**_QWEN3, family="qwen3", dim=2048, n_layers=28, n_heads=16, n_kv_heads=8,
-                         head_dim=128, ffn_dim=6144, qk_norm=True, max_seq_len=40_960),
-    "qwen3-4b": Config(**_QWEN3, family="qwen3", dim=2560, n_layers=36, n_heads=32, n_kv_heads=8,
-                       head_dim=128, ffn_dim=9728, qk_norm=True, max_seq_len=40_960),
-    "qwen3-8b": Config(**_QWEN3, family="qwen3", dim=4096, n_layers=36, n_heads=32, n_kv_heads=8,
-                       head_dim=128, ffn_dim=12_288, qk_norm=True, max_seq_len=40_960,
-                       tie_embeddings=False),
+    "qwen2.5-0.5b": Config(**_QWEN2, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, ffn_dim=4864,
+                           max_seq_len=32_768),
+    "qwen2.5-1.5b": Config(**_QWEN2, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128, ffn_dim=8960,
+                           max_seq_len=131_072),
+    "qwen3-0.6b": Config(**_QWEN3, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, ffn_dim=3072),
+    "qwen3-1.7b": Config(**_QWEN3, dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, ffn_dim=6144),
+    "qwen3-4b": Config(**_QWEN3, dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, ffn_dim=9728),
+    "qwen3-8b": Config(**_QWEN3, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, ffn_dim=12_288, tie_embeddings=False),
     "gemma-2b": Config(**_GEMMA, family="gemma", vocab_size=256_000, dim=2048, n_layers=18,
                        n_heads=8, n_kv_heads=1, ffn_dim=16_384),
     "gemma2-2b": Config(**_GEMMA, family="gemma2", vocab_size=256_000, dim=2304, n_layers=26,
@@ -249,12 +244,12 @@ def attention(q, k, v, mask, scale: float, cap: float | None) -> tuple[jax.Array
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for prefill + decode. Slot s of every row holds the
-    token at sequence index s; prompts are left-padded so all rows write at one index."""
+    """Keys and values of every layer for prefill + decode. Slot s of a row holds its token at sequence index s;
+    all rows write at one index (prompts left-padded), or with index [B] each at its own (engine.py's slots)."""
     k: jax.Array  # [L, B, S, K, H], or L arrays [B, S, K, H] (unrolled layers: each updated in place)
     v: jax.Array  # [L, B, S, K, H], or L arrays [B, S, K, H]
     segment_ids: jax.Array  # [B, S] int32, 0 for empty or padding slots
-    index: jax.Array  # [] int32, the next slot to write
+    index: jax.Array  # [] int32 (or [B]), the next slot to write
 
     @staticmethod
     def init(cfg: Config, batch: int, length: int, dtype=None) -> KVCache:
@@ -262,13 +257,20 @@ class KVCache(NamedTuple):
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros(shape[1:3], jnp.int32), jnp.int32(0))
 
 
+def write_slots(cache, new, start):
+    """cache [B, S, ...] with new [B, T, ...] written at slots start..start+T-1 (start [] or one per row [B])."""
+    if jnp.ndim(start) == 0:
+        return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, start) + (0,) * (cache.ndim - 2))
+    rows, cols = jnp.arange(cache.shape[0])[:, None], start[:, None] + jnp.arange(new.shape[1])  # [B, 1], [B, T]
+    return cache.at[rows, cols].set(new.astype(cache.dtype))
+
+
 def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None):
-    """[B, T, S]: causal on slot index, same non-zero segment, and (if window) within it."""
-    ok = (k_slots[None, None, :] <= q_slots[None, :, None])
-    ok &= (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
-    if window:
-        ok &= q_slots[None, :, None] - k_slots[None, None, :] < window
-    return ok
+    """[B, T, S]: causal on slot index (q_slots [T] or [B, T]), same non-zero segment, and (if window) within it."""
+    q_slots = jnp.broadcast_to(q_slots, q_segments.shape)[:, :, None]
+    ok = (k_slots[None, None, :] <= q_slots) & (k_segments[:, None, :] != 0)
+    ok &= q_segments[:, :, None] == k_segments[:, None, :]
+    return ok & (q_slots - k_slots[None, None, :] < window) if window else ok
 
 
 # ----------------------------------------------------------------------------- a block's weights
@@ -343,8 +345,7 @@ def self_attention(p: dict, h, cfg: Config, rope: Rope, mask, kv, start, adapter
     q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
     cache_k, cache_v = kv
     if cache_k is not None:
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+        cache_k, cache_v = write_slots(cache_k, k, start), write_slots(cache_v, v, start)
         k, v = cache_k.astype(h.dtype), cache_v.astype(h.dtype)
     scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
     heads, attention_map = attention(q, k, v, mask, scale, cfg.attn_softcap)
@@ -486,9 +487,9 @@ class Transformer(nnx.Module):
             start, k_segments, k_slots = 0, segment_ids, jnp.arange(T)
         else:
             start = cache.index
-            k_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, start))
+            k_segments = write_slots(cache.segment_ids, segment_ids, start)
             k_slots = jnp.arange(cache.segment_ids.shape[1])
-        q_slots = start + jnp.arange(T)
+        q_slots = jnp.asarray(start)[..., None] + jnp.arange(T)  # [T], or [B, T] with a per-row index
         masks = tuple(attention_mask(q_slots, k_slots, segment_ids, k_segments, window)
                       for window in (None, cfg.sliding_window))
         global_rope = Rope(*rope_table(positions, rope_inv_freq(cfg, cfg.rope_theta, scaled=True)))
@@ -591,8 +592,7 @@ def token_logps(model: Transformer, batch: dict, last: int | None = None, group:
                                 temperature=temperature, entropy=entropy)
 
 
-def param_bytes(model: nnx.Module) -> int:
-    """Bytes of every stored parameter, trainable or frozen, quantized or not."""
+def param_bytes(model: nnx.Module) -> int:  # every stored parameter, trainable or frozen, quantized or not
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
 
 
