@@ -275,3 +275,12 @@ class Engine:
                     out[u.request][1].extend(u.logprobs)
         results = [out[r][0] for r in rids]
         return (results, [out[r][1] for r in rids]) if return_logprobs else results
+
+
+def generate(model: Transformer, prompts: list[list[int]], *, slots: int = 8, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids=None,
+             return_logprobs: bool = False, chunk: int = 16):
+    """sample.generate's call and answer (request r draws from (seed, r)), decoded in `slots` slots."""
+    eng = Engine(model, slots=slots, max_new_tokens=max_new_tokens, max_prompt_len=max(map(len, prompts)), chunk=chunk,
+                 top_k=top_k, eos_ids=eos_ids)
+    return eng.generate(prompts, temperature=temperature, top_p=top_p, seed=seed, return_logprobs=return_logprobs)

@@ -1,8 +1,8 @@
 """grpo.py — group relative policy optimisation (GRPO) with verifiable rewards, and the variants people run.
 
-GRPO (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300) is PPO without a value network: for each
-prompt q the policy samples a group of G completions o_1..o_G, programs score them (rewards r_i),
-and a completion's advantage is its reward relative to its own group's:
+GRPO (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300) is PPO without a value network: for each prompt q the policy
+samples a group of G completions o_1..o_G, programs score them (rewards r_i), and a completion's advantage is its
+reward relative to its own group's:
 
     A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + 1e-4)
 
@@ -28,14 +28,14 @@ weighs the policy term only, never the KL. The variants, with TRL's knobs (LOSS_
 - DAPO (Yu et al. 2025): --epsilon-high 0.28, --loss-type dapo, --dynamic-sampling (groups whose rewards
   are all equal teach nothing: dropped, more prompts drawn) and --soft-punish-cache (an overlong penalty).
 
-Where it departs from TRL's GRPOTrainer: TRL defaults to loss_type dapo and β = 0 (no reference
-model); ours are the paper's grpo averaging and a KL to π_ref, β = 0.02 (DeepSeekMath used 0.04), a
-small KL having helped the tiny demo most. dapo averages over each optimizer step's own tokens (TRL
-divides each of --steps-per-generation steps by the whole generation batch's count).
+Where it departs from TRL's GRPOTrainer: TRL defaults to loss_type dapo and β = 0 (no reference model); ours are the
+paper's grpo averaging and a KL to π_ref, β = 0.02 (DeepSeekMath used 0.04), a small KL having helped the tiny demo
+most. dapo averages over each optimizer step's own tokens (TRL divides each of --steps-per-generation steps by the
+whole generation batch's count).
 
-The logged loss reads ~0: on the first update of a rollout batch π_old = π_θ, so ρ = 1 and the
-loss is −mean(A) + β·KL, and advantages are centred in each group (they sum to zero). Its
-gradient is the policy gradient −Σ A ∇log π_θ, not zero: watch reward and eval/reward instead.
+The logged loss reads ~0: on the first update of a rollout batch π_old = π_θ, so ρ = 1 and the loss is −mean(A) +
+β·KL, and advantages are centred in each group (they sum to zero). Its gradient is the policy gradient −Σ A ∇log
+π_θ, not zero: watch reward and eval/reward instead.
 
 With no arguments: the built-in task ("123*4=" → "0492", reward 1 for the exact answer) on the tiny Qwen 3,
 about 3 minutes on a laptop CPU; a supervised warm-up first (run.warm_up: a random policy never earns a
@@ -52,6 +52,7 @@ Outputs in --out: metrics.jsonl (TRL's names), completions.jsonl, checkpoints/ (
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import sys
 import time
@@ -64,6 +65,7 @@ from flax import nnx
 
 import adapters
 import data
+import engine
 import flags
 import model as model_lib
 import run
@@ -94,6 +96,7 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
     temperature: float | None = None  # sampling temperature, the learner scores logits / temperature too
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # top-k sampling (0: off)
+    rollout_slots: int = 0  # S > 0: decode in S slots refilled as completions end (engine.py); 0: one static batch
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw prompts until B are kept
     max_num_gen_batches: int = 10  # dynamic sampling: most prompt batches drawn for one step (then: what was kept)
     # -- rewards and advantages --
@@ -166,8 +169,9 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
             flags.one_of(self, "multi_objective_aggregation", ("sum_then_normalize", "normalize_then_sum")),
             (self.multi_objective_aggregation == "sum_then_normalize" or self.advantage_estimator == "grpo",
              "normalize_then_sum (GDPO) is grpo's advantage"),
-            (0 <= self.soft_punish_cache < self.max_completion_len and self.log_completions_every >= 0,
-             "need 0 <= --soft-punish-cache < --max-completion-len and --log-completions-every >= 0")])
+            (0 <= self.soft_punish_cache < self.max_completion_len and self.log_completions_every >= 0 and
+             self.rollout_slots >= 0, "need 0 <= --soft-punish-cache < --max-completion-len, "
+             "--log-completions-every >= 0 and --rollout-slots >= 0")])
         self.weights = flags.numbers(self.reward_weights, "reward-weights")
         reward_weights(self, reward_functions(self))  # one weight per reward function (and a bad --task fails here)
 
@@ -331,9 +335,8 @@ def token_losses(logp, old_logp, sampler_logp, ref_logp, advantages, mask, entro
 
 
 def policy_logps(model, batch, temperature: float, rows_per_prompt: int = 1):
-    """log π(o_t | q, o_<t) [b, C] of the completion tokens under softmax(logits / temperature), and π's entropy
-    there; batch: data.completion_batch's rows. rows_per_prompt: rows come in runs of that many with one
-    prompt (a GRPO group), whose forward pass then runs once (model.next_token_hidden)."""
+    """log π(o_t | q, o_<t) [b, C] of the completion tokens under softmax(logits / temperature), π's entropy there;
+    batch: data.completion_batch's rows, in runs of rows_per_prompt with one prompt (forward pass run once)."""
     return model_lib.token_logps(model, batch, last=batch["mask"].shape[-1], group=rows_per_prompt,
                                  temperature=temperature, entropy=True)
 
@@ -396,15 +399,16 @@ def draw(train, train_ids, policy, funcs, tok, cfg: Config, step: int, position:
     and more batches of B prompts drawn, up to --max-num-gen-batches, the kept cut to B (still short: whole
     slices of them). → the rollout, the data position after it, what was drawn (for the log)."""
     B, G, weights = cfg.prompts_per_step, cfg.num_generations, reward_weights(cfg, funcs)
+    decode = functools.partial(engine.generate, slots=cfg.rollout_slots) if cfg.rollout_slots else sample.generate
     kept, drawn = [], 0  # kept: each group's (rows, prompt ids, completions, sampler log-probs, rewards [G, F])
     while drawn < (cfg.max_num_gen_batches if cfg.dynamic_sampling else 1) and len(kept) < B:
         picked = data.stream(len(train), cfg.seed, position, B)
         position, drawn = position + B, drawn + 1
         rows, ids = [train[i] for i in picked for _ in range(G)], [train_ids[i] for i in picked for _ in range(G)]
         seed = int(np.random.SeedSequence([cfg.seed, step] + [drawn - 1] * (drawn > 1)).generate_state(1)[0])
-        completions, logps = sample.generate(policy, ids, max_new_tokens=cfg.max_completion_len, seed=seed,
-                                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                             eos_ids=eos_ids, return_logprobs=True)  # 1. sample
+        completions, logps = decode(policy, ids, max_new_tokens=cfg.max_completion_len, seed=seed,
+                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=eos_ids,
+                                    return_logprobs=True)  # 1. sample
         per_func = tasks.score(funcs, rows, [tok.decode(c) for c in completions], completions)  # 2. score
         std = (per_func @ weights).reshape(B, G).std(1)
         kept += [tuple(x[g * G:(g + 1) * G] for x in (rows, ids, completions, logps, per_func)) for g in range(B)

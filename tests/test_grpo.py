@@ -413,11 +413,12 @@ def test_every_variant_runs_three_steps(tmp_path, args):
 
 def test_dynamic_sampling_and_several_steps_per_generation_resume_exactly(tmp_path):
     """The data position advances by every prompt batch drawn, and the shuffle and samples derive from the step:
-    a run resumed from step 2 logs steps 3 and 4 exactly as the uninterrupted run did."""
+    a run resumed from step 2 logs steps 3 and 4 exactly as the uninterrupted run did. Rollouts in 4 slots of
+    the decode engine (the static batch's resume is test_faults')."""
     args = ["--warmup-sft-steps", "20", "--warmup-sft-batch-size", "32", "--prompts-per-step", "4",
             "--num-generations", "4", "--train-examples", "200", "--eval-examples", "8", "--eval-every", "1000",
             "--steps", "4", "--log-every", "1", "--save-every", "2", "--dynamic-sampling", "--steps-per-generation",
-            "2", "--num-iterations", "2"]
+            "2", "--num-iterations", "2", "--rollout-slots", "4"]
     full = tmp_path / "full"
     r = run_grpo(*args, "--out", str(full))
     assert r.returncode == 0, r.stderr[-2000:]
