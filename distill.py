@@ -54,11 +54,11 @@ from flax import nnx
 import adapters
 import ckpt
 import data
+import engine
 import flags
 import logprobs
 import model as model_lib
 import run
-import sample
 import shard
 import tasks
 import tokenizer
@@ -92,6 +92,7 @@ class Config(flags.RunConfig):
     sampling_temperature: float = 0.9  # temperature of the sampled completions (GKD's default)
     top_p: float = 1.0  # nucleus sampling of the sampled completions
     max_new_tokens: int = 128  # longest sampled completion
+    rollout_slots: int = 0  # S > 0: sample in S slots refilled as completions end (engine.py); 0: one static batch
     # -- optimisation --
     steps: int = 1000  # optimizer steps
     batch_size: int = 128  # sequences per optimizer step (all micro-batches together)
@@ -128,7 +129,8 @@ class Config(flags.RunConfig):
             (0 <= self.beta <= 1 and 0 < self.skew_alpha < 1, "need 0 <= --beta <= 1 and 0 < --skew-alpha < 1"),
             (self.temperature > 0 and self.sampling_temperature > 0 and 0 < self.top_p <= 1,
              "need --temperature > 0, --sampling-temperature > 0 and 0 < --top-p <= 1"),
-            (0 <= self.kd_ratio <= 1 and 0 <= self.lmbda <= 1, "need 0 <= --kd-ratio <= 1 and 0 <= --lmbda <= 1"),
+            (0 <= self.kd_ratio <= 1 and 0 <= self.lmbda <= 1 and self.rollout_slots >= 0,
+             "need 0 <= --kd-ratio <= 1, 0 <= --lmbda <= 1 and --rollout-slots >= 0"),
             (not self.teacher_topk or (self.teacher_topk > 0 and not self.lmbda and not self.seq_kd and
                                        self.loss != "sampled_reverse_kl"),
              "--teacher-topk K > 0 scores the dataset's completions: not with --lmbda, --seq-kd or sampled_reverse_kl"),
@@ -336,7 +338,7 @@ def step_examples(examples, picked_ids, student, teacher, tok, cfg: Config, step
         return [examples[i] for i in picked_ids], None
     prompts = [data.prompt_of(examples[i]) for i in picked_ids]
     room = max(1, min(cfg.max_new_tokens, cfg.max_len - max(map(len, prompts))))  # rows stay within max_len
-    outs = sample.generate(student if on_policy else teacher, prompts, max_new_tokens=room,
+    outs = engine.generate(student if on_policy else teacher, prompts, slots=cfg.rollout_slots, max_new_tokens=room,
                            temperature=cfg.sampling_temperature, top_p=cfg.top_p, seed=int(draw.integers(2**31)),
                            eos_ids=data.stop_ids(tok, student.cfg))
     return [((p + o)[:cfg.max_len], ([0] * len(p) + [1] * len(o))[:cfg.max_len]) for p, o in zip(prompts, outs)], \

@@ -34,6 +34,7 @@ from flax import nnx
 
 from data import MIN_PROMPT_BUCKET, left_pad
 from model import KVCache, Transformer, unstack_layers
+import sample
 from sample import first_argmax
 
 
@@ -277,10 +278,15 @@ class Engine:
         return (results, [out[r][1] for r in rids]) if return_logprobs else results
 
 
-def generate(model: Transformer, prompts: list[list[int]], *, slots: int = 8, max_new_tokens: int,
+def generate(model: Transformer, prompts: list[list[int]], *, slots: int, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_ids=None,
              return_logprobs: bool = False, chunk: int = 16):
-    """sample.generate's call and answer (request r draws from (seed, r)), decoded in `slots` slots."""
+    """sample.generate's call and answer, decoded in `slots` slots (request r draws from (seed, r)); slots 0: one
+    static batch, sample.generate itself (what a script's --rollout-slots 0 asks for)."""
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                    return_logprobs=return_logprobs)
+    if not slots:
+        return sample.generate(model, prompts, top_k=top_k, eos_ids=eos_ids, **sampling)
     eng = Engine(model, slots=slots, max_new_tokens=max_new_tokens, max_prompt_len=max(map(len, prompts)), chunk=chunk,
                  top_k=top_k, eos_ids=eos_ids)
-    return eng.generate(prompts, temperature=temperature, top_p=top_p, seed=seed, return_logprobs=return_logprobs)
+    return eng.generate(prompts, **sampling)

@@ -52,7 +52,6 @@ Outputs in --out: metrics.jsonl (TRL's names), completions.jsonl, checkpoints/ (
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import sys
 import time
@@ -399,16 +398,15 @@ def draw(train, train_ids, policy, funcs, tok, cfg: Config, step: int, position:
     and more batches of B prompts drawn, up to --max-num-gen-batches, the kept cut to B (still short: whole
     slices of them). → the rollout, the data position after it, what was drawn (for the log)."""
     B, G, weights = cfg.prompts_per_step, cfg.num_generations, reward_weights(cfg, funcs)
-    decode = functools.partial(engine.generate, slots=cfg.rollout_slots) if cfg.rollout_slots else sample.generate
     kept, drawn = [], 0  # kept: each group's (rows, prompt ids, completions, sampler log-probs, rewards [G, F])
     while drawn < (cfg.max_num_gen_batches if cfg.dynamic_sampling else 1) and len(kept) < B:
         picked = data.stream(len(train), cfg.seed, position, B)
         position, drawn = position + B, drawn + 1
         rows, ids = [train[i] for i in picked for _ in range(G)], [train_ids[i] for i in picked for _ in range(G)]
         seed = int(np.random.SeedSequence([cfg.seed, step] + [drawn - 1] * (drawn > 1)).generate_state(1)[0])
-        completions, logps = decode(policy, ids, max_new_tokens=cfg.max_completion_len, seed=seed,
-                                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=eos_ids,
-                                    return_logprobs=True)  # 1. sample
+        completions, logps = engine.generate(policy, ids, slots=cfg.rollout_slots, seed=seed,  # 1. sample
+                                             max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature,
+                                             top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=eos_ids, return_logprobs=True)
         per_func = tasks.score(funcs, rows, [tok.decode(c) for c in completions], completions)  # 2. score
         std = (per_func @ weights).reshape(B, G).std(1)
         kept += [tuple(x[g * G:(g + 1) * G] for x in (rows, ids, completions, logps, per_func)) for g in range(B)

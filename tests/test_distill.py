@@ -240,6 +240,10 @@ def test_on_policy_steps_sample_from_the_student_reproducibly():
     assert all(ids[:len(p)] == p and mask == [0] * len(p) + [1] * (len(ids) - len(p))
                for (ids, mask), p in zip(a, prompts))
     assert a != distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg, 4)[0]
+    in_slots = cfg_for(lmbda=1.0, max_new_tokens=5, rollout_slots=3)  # the decode engine: reproducible too
+    c, slot_lengths = distill.step_examples(examples, list(range(8)), student, teacher, tok, in_slots, 3)
+    assert c == distill.step_examples(examples, list(range(8)), student, teacher, tok, in_slots, 3)[0]
+    assert all(1 <= n <= 5 for n in slot_lengths) and [ids[:len(p)] for (ids, _), p in zip(c, prompts)] == prompts
     offline, none = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg_for(), 3)
     assert offline == examples and none is None
     seq_kd, _ = distill.step_examples(examples, list(range(8)), student, teacher, tok, cfg_for(seq_kd=True,
@@ -348,11 +352,11 @@ def test_a_cache_trained_run_equals_the_live_teacher_run(tmp_path):
 
 
 def test_mesh_4x2_logs_the_single_device_metrics(tmp_path):
-    """The same run on 8 devices (fsdp 4 x tp 2), with a step sampled by the student and both layer
-    losses, logs the one-device numbers."""
+    """The same run on 8 devices (fsdp 4 x tp 2), with a step sampled by the student (in 4 slots of the decode
+    engine) and both layer losses, logs the one-device numbers."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     args = [*SMALL, "--steps", "2", "--eval-every", "2", "--lmbda", "0.5", "--max-new-tokens", "6",
-            "--hidden-layers", "1:1", "--attention-layers", "1:1"]
+            "--hidden-layers", "1:1", "--attention-layers", "1:1", "--rollout-slots", "4"]
     runs = {name: subprocess.Popen([sys.executable, "distill.py", *args, "--mesh", mesh, "--out", str(tmp_path / name)],
                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
             for name, mesh in (("one", "fsdp=1,tp=1"), ("eight", "fsdp=4,tp=2"))}
