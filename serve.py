@@ -11,7 +11,8 @@ requests and the engine's prefills, decode chunks and tokens.
 Requests are decoded with continuous batching (engine.py): one worker thread owns an engine.Engine of
 --slots sequences and adds every request (each of its n choices, streamed or not, greedy or sampled) as
 soon as it sees it; the request joins the running decode at the next chunk boundary (--chunk steps) and
-its slot takes the next request when it ends. A streamed request gets its ids as its slot makes them.
+its slot takes the next request when it ends. The step that admits requests decodes one token, so their
+first ids come back right after their prefill; a streamed request gets its ids as its slot makes them.
 A choice draws from (seed, its number) alone, so a sampled answer is the same sent alone or beside
 others, and a greedy one equals sample.generate's. The KV cache holds --max-prompt-len +
 --max-completion-len columns per slot and every step attends all of them: keep them modest.
@@ -66,6 +67,7 @@ class Worker:
         self.make_engine, self.tok, self.eos_ids = make_engine, tok, tuple(eos_ids)
         self.engine: engine.Engine = make_engine()
         self.max_prompt, self.max_new = self.engine.max_prompt, self.engine.N  # the most a request may bring, ask
+        self.chunk = self.engine.chunk
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.running: dict[int, tuple[Job, int]] = {}  # engine request id → its job and choice number
         self.stats = {"requests": 0, "running": 0, "peak_running": 0, "failed_steps": 0, **self.engine.stats}
@@ -79,6 +81,10 @@ class Worker:
     def work(self):
         while True:
             self.take(block=not self.engine.busy())
+            # a step that admits requests decodes one token only, so their first ids come back at once (engine.step
+            # hands out ids after its decode chunk, and a stream waits for them); the others run whole chunks
+            admits = self.engine.waiting and None in self.engine.owner
+            self.engine.chunk = 1 if admits else self.chunk
             try:
                 updates = self.engine.step()
             except Exception as e:  # a failure answers every request in flight; the worker goes on
@@ -320,7 +326,7 @@ class Config(sample.LoadFlags):
     max_prompt_len: int = 1024
     # the largest max_tokens a request may ask; the cache holds prompt + completion and every decode step attends all
     max_completion_len: int = 512
-    chunk: int = 16  # decode steps between two visits of the worker (a new request waits at most this many to join)
+    chunk: int = 4  # decode steps between two visits of the worker (a new request waits at most this many to join)
 
     def __post_init__(self):
         flags.check([(self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
