@@ -86,13 +86,19 @@ def nucleus(x, top_p):
     return jnp.where((x < cutoff) & (top_p < 1), -jnp.inf, x)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "top_k"), donate_argnums=(3,))
-def decode_chunk(graphdef, state, layers, slots: Slots, eos_ids, return_early, *, chunk: int, top_k: int) -> Slots:
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "top_k", "span"), donate_argnums=(3,))
+def decode_chunk(graphdef, state, layers, slots: Slots, eos_ids, return_early, *, chunk: int, top_k: int,
+                 span: int) -> Slots:
     """Up to `chunk` decode steps of every slot; returns early when a slot finishes and `return_early` (requests
-    wait for it). Finished and free slots run too (the shapes are fixed) but write nothing that is read."""
+    wait for it). Finished and free slots run too (the shapes are fixed) but write nothing that is read. Only
+    the cache's first `span` columns (every running slot's, and room for the chunk) are attended: a step reads
+    what the requests hold, not the longest one the cache could."""
     model = nnx.merge(graphdef, state)
     S, N = slots.ids.shape
-    done_before = slots.done
+    done_before, full = slots.done, slots.cache
+    window = lambda x: x[:, :span]  # noqa: E731
+    slots = slots._replace(cache=KVCache(tuple(map(window, full.k)), tuple(map(window, full.v)),
+                                         window(full.segment_ids), full.index))
 
     def one(carry):
         i, s = carry
@@ -112,7 +118,11 @@ def decode_chunk(graphdef, state, layers, slots: Slots, eos_ids, return_early, *
         i, s = carry
         return (i < chunk) & ~jnp.all(s.done) & ~(return_early & jnp.any(s.done & ~done_before))
 
-    return jax.lax.while_loop(more, one, (jnp.int32(0), slots))[1]
+    slots = jax.lax.while_loop(more, one, (jnp.int32(0), slots))[1]
+    back = lambda big, small: jax.lax.dynamic_update_slice(big, small, (0,) * big.ndim)  # noqa: E731
+    cache = slots.cache
+    return slots._replace(cache=KVCache(tuple(map(back, full.k, cache.k)), tuple(map(back, full.v, cache.v)),
+                                        back(full.segment_ids, cache.segment_ids), cache.index))
 
 
 class Admission(NamedTuple):
@@ -182,7 +192,8 @@ class Engine:
         self.max_prompt = left_pad([[0] * max_prompt_len])[0].shape[1]  # the largest prompt bucket
         eos = model.cfg.eos_ids if eos_ids is None else tuple(eos_ids)
         self.eos = jnp.asarray(eos or (-2,), jnp.int32)
-        cache = KVCache.init(model.cfg, slots, self.max_prompt + max_new_tokens)
+        self.C = self.max_prompt + max_new_tokens  # cache columns per slot
+        cache = KVCache.init(model.cfg, slots, self.C)
         cache = KVCache(tuple(cache.k), tuple(cache.v), cache.segment_ids, jnp.zeros(slots, jnp.int32))
         S, N = slots, max_new_tokens
         self.slots = Slots(cache, jnp.zeros(S, jnp.int32), jnp.zeros(S, jnp.int32), jnp.zeros(S, jnp.int32),
@@ -192,6 +203,7 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self.owner: list[int | None] = [None] * S  # the request in each slot
         self.sent = [0] * S  # ids of the slot's request already handed out
+        self.prompt_len = [0] * S  # the slot's prompt bucket: its first columns
         self.next_id = 0
         self.stats = {"chunks": 0, "prefills": 0, "tokens": 0}
 
@@ -219,8 +231,11 @@ class Engine:
         self.admit()
         if all(r is None for r in self.owner):
             return []
+        # the columns written so far (a slot's prompt bucket, then one per id after its first) and the chunk's
+        held = max(self.prompt_len[s] + max(self.sent[s], 1) - 1 for s, r in enumerate(self.owner) if r is not None)
+        span = min(self.C, 1 << (held + self.chunk - 1).bit_length())  # a power of two: few shapes
         self.slots = decode_chunk(self.graphdef, self.state, self.layers, self.slots, self.eos,
-                                  jnp.bool_(bool(self.waiting)), chunk=self.chunk, top_k=self.top_k)
+                                  jnp.bool_(bool(self.waiting)), chunk=self.chunk, top_k=self.top_k, span=span)
         self.stats["chunks"] += 1
         count, done = np.asarray(self.slots.count), np.asarray(self.slots.done)
         ids, logprobs = np.asarray(self.slots.ids), np.asarray(self.slots.logprobs)
@@ -261,7 +276,7 @@ class Engine:
                              self.eos, top_k=self.top_k)
         self.stats["prefills"] += 1
         for s, rid in zip(free, taken):
-            self.owner[s], self.sent[s] = rid, 0
+            self.owner[s], self.sent[s], self.prompt_len[s] = rid, 0, tokens.shape[1]
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, return_logprobs: bool = False):
