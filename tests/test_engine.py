@@ -65,14 +65,14 @@ def test_sampled_ids_depend_on_the_request_alone():
     sampling = dict(temperature=1.0, top_p=0.9, seed=7, max_new_tokens=20)
     runs = [run_in_order(engine.Engine(model, slots=s, max_new_tokens=20, max_prompt_len=32, chunk=3), prompts,
                          range(len(prompts)), **sampling) for s in (2, 4, 8)]
-    runs.append(run_in_order(engine.Engine(model, slots=4, max_new_tokens=20, max_prompt_len=32, chunk=5), prompts,
+    runs.append(run_in_order(engine.Engine(model, slots=4, max_new_tokens=20, max_prompt_len=32, chunk=3), prompts,
                              [7, 0, 12, 3, 1, 11, 2, 10, 4, 9, 5, 8, 6], **sampling))
     assert runs[0] == runs[1] == runs[2] == runs[3]
-    other_seed = run_in_order(engine.Engine(model, slots=4, max_new_tokens=20, max_prompt_len=32), prompts,
+    other_seed = run_in_order(engine.Engine(model, slots=4, max_new_tokens=20, max_prompt_len=32, chunk=3), prompts,
                               range(len(prompts)), **{**sampling, "seed": 8})
     assert other_seed != runs[0]
     # sampling is sampling: a random tiny model at temperature 1 rarely repeats its greedy answer
-    greedy = engine.Engine(model, slots=4, max_new_tokens=20, max_prompt_len=32).generate(prompts, max_new_tokens=20)
+    greedy = engine.Engine(model, slots=4, max_new_tokens=20, max_prompt_len=32, chunk=3).generate(prompts)
     assert sum(a != b for a, b in zip(runs[0], greedy)) >= len(prompts) // 2
 
 
