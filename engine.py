@@ -35,7 +35,7 @@ from flax import nnx
 from data import MIN_PROMPT_BUCKET, left_pad
 from model import KVCache, Transformer, unstack_layers
 import sample
-from sample import first_argmax
+from sample import filter_logits, first_argmax
 
 
 class Slots(NamedTuple):
@@ -67,23 +67,13 @@ def pick(logits, keys, count, temperature, top_p, top_k: int):
     logprobs = jax.nn.log_softmax(logits / t, axis=-1)
 
     def sampled():
-        x = logits / t
-        if top_k:
-            x = jnp.where(x < jax.lax.top_k(x, top_k)[0][:, -1:], -jnp.inf, x)
-        x = jax.lax.cond(jnp.any(top_p < 1), lambda: nucleus(x, top_p[:, None]), lambda: x)
+        x = jax.lax.cond(jnp.any(top_p < 1), lambda: filter_logits(logits, t, top_k, top_p[:, None]),
+                         lambda: filter_logits(logits, t, top_k, 1.0))  # the nucleus's sort only when asked for
         noise = jax.vmap(lambda k, c: jax.random.gumbel(jax.random.fold_in(k, c), x.shape[1:], x.dtype))(keys, count)
         return jnp.where(temperature > 0, first_argmax(x + noise), first_argmax(logits))
 
     ids = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: first_argmax(logits)).astype(jnp.int32)
     return ids, jnp.take_along_axis(logprobs, ids[:, None], axis=-1)[:, 0]
-
-
-def nucleus(x, top_p):
-    """x [S, V] with each row cut to its smallest most-likely set of mass >= top_p [S, 1] (rows at 1 untouched)."""
-    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_x, axis=-1)
-    cutoff = jnp.min(jnp.where(jnp.cumsum(probs, axis=-1) - probs < top_p, sorted_x, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where((x < cutoff) & (top_p < 1), -jnp.inf, x)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk", "top_k", "span"), donate_argnums=(3,))

@@ -172,19 +172,20 @@ def _stream_step(graphdef, state, layers, tokens, segment_ids, positions, cache,
 
 # ----------------------------------------------------------------------------- the next token
 
-def filter_logits(logits, temperature: float, top_k: int, top_p: float):
-    """Temperature, then top-k, then top-p (nucleus) on logits [B, V]; masked entries -inf."""
+def filter_logits(logits, temperature, top_k: int, top_p):
+    """Temperature, then top-k, then top-p (nucleus) on logits [B, V]; masked entries -inf. temperature and top_p:
+    floats, or one per row [B, 1] (the decode engine's slots; a row at top_p 1 is left whole)."""
     logits = logits / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
+    if not isinstance(top_p, float) or top_p < 1.0:
         # keep the smallest set of most likely tokens whose mass reaches top_p (at least one)
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        logits = jnp.where((logits < cutoff) & (top_p < 1.0), -jnp.inf, logits)
     return logits
 
 
