@@ -164,7 +164,8 @@ def answer(worker: Worker, job: Job, stop, kind: str, head: dict) -> dict:
     for i, (ids, reason) in enumerate(job.done.result()):
         text, stopped = cut_at_stop(worker.tok.decode(ids), stop)
         used += len(ids)
-        body = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text, "logprobs": None}
+        body = ({"message": {"role": "assistant", "content": text}} if kind == "chat"
+                else {"text": text, "logprobs": None})
         choices.append({"index": i, **body, "finish_reason": "stop" if stopped else reason})
     return {**head, "choices": choices, "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": used,
                                                   "total_tokens": len(job.prompt) + used}}
@@ -235,32 +236,12 @@ def request_types():
 
 def make_app(worker: Worker, model_name: str, family: str | None, max_len: int, api_key: str | None = None):
     """The FastAPI application over a Worker."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
     Common, CompletionRequest, ChatRequest = request_types()
 
     app = FastAPI()
-
-    @app.exception_handler(Refusal)
-    async def refused(request: Request, e: Refusal):
-        return JSONResponse(e.body, status_code=e.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:] if isinstance(p, str)) or None
-        return JSONResponse({"error": {"message": f"{where or 'body'}: {first.get('msg', 'invalid request')}",
-                                       "type": "invalid_request_error", "param": where, "code": None}},
-                            status_code=400)
-
-    @app.middleware("http")
-    async def authorise(request: Request, call_next):
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse({"error": {"message": "a valid API key is needed (Authorization: Bearer ...)",
-                                           "type": "invalid_request_error", "param": None,
-                                           "code": "invalid_api_key"}}, status_code=401)
-        return await call_next(request)
+    answer_errors(app, api_key)
 
     @app.get("/v1/models")
     def models():
@@ -314,6 +295,33 @@ def make_app(worker: Worker, model_name: str, family: str | None, max_len: int, 
     return app
 
 
+def answer_errors(app, api_key: str | None):
+    """Refusals, invalid bodies and a missing API key answered as OpenAI's error objects."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(Refusal)
+    async def refused(request: Request, e: Refusal):
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:] if isinstance(p, str)) or None
+        return JSONResponse({"error": {"message": f"{where or 'body'}: {first.get('msg', 'invalid request')}",
+                                       "type": "invalid_request_error", "param": where, "code": None}},
+                            status_code=400)
+
+    @app.middleware("http")
+    async def authorise(request: Request, call_next):
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            return JSONResponse({"error": {"message": "a valid API key is needed (Authorization: Bearer ...)",
+                                           "type": "invalid_request_error", "param": None,
+                                           "code": "invalid_api_key"}}, status_code=401)
+        return await call_next(request)
+
+
 @dataclasses.dataclass
 class Config(sample.LoadFlags):
     # -- server --
@@ -329,7 +337,8 @@ class Config(sample.LoadFlags):
     chunk: int = 4  # decode steps between two visits of the worker (a new request waits at most this many to join)
 
     def __post_init__(self):
-        flags.check([(self.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
+        flags.check([(self.dtype in ("float32", "bfloat16"),
+                      f"--dtype must be float32 or bfloat16, got {self.dtype!r}"),
                      (0 <= self.port < 65536, f"--port must be 0..65535, got {self.port}"),
                      (min(self.slots, self.max_prompt_len, self.max_completion_len, self.chunk) >= 1,
                       "need --slots, --max-prompt-len, --max-completion-len and --chunk >= 1")])
