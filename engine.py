@@ -216,16 +216,23 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.owner)
 
-    def step(self) -> list[Update]:
-        """Fill free slots with waiting requests, decode one chunk, return what every running request made."""
+    def admitting(self) -> bool:
+        """Whether the next step puts waiting requests into free slots."""
+        return bool(self.waiting) and None in self.owner
+
+    def step(self, steps: int | None = None) -> list[Update]:
+        """Fill free slots with waiting requests, decode one chunk (`steps` decode steps, default --chunk; a server
+        asks for 1 when admitting, so new requests' first ids come back right after their prefill), return
+        what every running request made."""
+        chunk = steps or self.chunk
         self.admit()
         if all(r is None for r in self.owner):
             return []
         # the columns written so far (a slot's prompt bucket, then one per id after its first) and the chunk's
         held = max(self.prompt_len[s] + max(self.sent[s], 1) - 1 for s, r in enumerate(self.owner) if r is not None)
-        span = min(self.C, 1 << (held + self.chunk - 1).bit_length())  # a power of two: few shapes
+        span = min(self.C, 1 << (held + chunk - 1).bit_length())  # a power of two: few shapes
         self.slots = decode_chunk(self.graphdef, self.state, self.layers, self.slots, self.eos,
-                                  jnp.bool_(bool(self.waiting)), chunk=self.chunk, top_k=self.top_k, span=span)
+                                  jnp.bool_(bool(self.waiting)), chunk=chunk, top_k=self.top_k, span=span)
         self.stats["chunks"] += 1
         count, done = np.asarray(self.slots.count), np.asarray(self.slots.done)
         ids, logprobs = np.asarray(self.slots.ids), np.asarray(self.slots.logprobs)

@@ -67,7 +67,6 @@ class Worker:
         self.make_engine, self.tok, self.eos_ids = make_engine, tok, tuple(eos_ids)
         self.engine: engine.Engine = make_engine()
         self.max_prompt, self.max_new = self.engine.max_prompt, self.engine.N  # the most a request may bring, ask
-        self.chunk = self.engine.chunk
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.running: dict[int, tuple[Job, int]] = {}  # engine request id → its job and choice number
         self.stats = {"requests": 0, "running": 0, "peak_running": 0, "failed_steps": 0, **self.engine.stats}
@@ -83,10 +82,8 @@ class Worker:
             self.take(block=not self.engine.busy())
             # a step that admits requests decodes one token only, so their first ids come back at once (engine.step
             # hands out ids after its decode chunk, and a stream waits for them); the others run whole chunks
-            admits = self.engine.waiting and None in self.engine.owner
-            self.engine.chunk = 1 if admits else self.chunk
             try:
-                updates = self.engine.step()
+                updates = self.engine.step(1 if self.engine.admitting() else None)
             except Exception as e:  # a failure answers every request in flight; the worker goes on
                 self.fail_all(e)
                 continue

@@ -232,7 +232,6 @@ class FailingFirstEngine:
     def __init__(self):
         self.broken, FailingFirstEngine.made = FailingFirstEngine.made == 0, FailingFirstEngine.made + 1
         self.max_prompt, self.N, self.stats, self.requests = 64, 8, {"chunks": 0, "prefills": 0, "tokens": 0}, []
-        self.chunk, self.waiting, self.owner = 4, (), [None]  # what serve.Worker reads to size a step
 
     def add(self, prompt, **settings) -> int:
         self.requests.append(len(self.requests))
@@ -241,7 +240,10 @@ class FailingFirstEngine:
     def busy(self) -> bool:
         return bool(self.requests)
 
-    def step(self):
+    def admitting(self) -> bool:
+        return False
+
+    def step(self, steps=None):
         if self.broken and len(self.requests) == 3:
             raise RuntimeError("the device went away")
         if self.broken:
