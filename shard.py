@@ -275,13 +275,14 @@ def _one_line_runtime_abort(process_id: int | None) -> None:
         _filter_stderr(read, f"process {process_id}" if process_id is not None else "this process")
         os._exit(0)
     os.close(read)
-    original = os.dup(2)
     os.dup2(write, 2)  # sys.stderr and the runtime's C++ logging both write to fd 2
     os.close(write)
 
     def finish_output() -> None:  # the run's last line is out before the exit status is (a shell, a test reads it)
         sys.stderr.flush()
-        os.dup2(original, 2)  # the pipe's last writer closed: the filter writes what it holds and ends
+        # the pipe's last writer closed: the filter writes what it holds and ends. Not the terminal again: an
+        # abort racing this exit would print its stack trace there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         for _ in range(100):
             if os.waitpid(child, os.WNOHANG)[0]:
                 return
