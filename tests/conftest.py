@@ -18,3 +18,13 @@ def gemma3_dir() -> pathlib.Path:
     """The real Gemma 3 270M as an HF directory, built once per machine from the PyPI GGUF."""
     import gemma3_reference
     return gemma3_reference.build()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """After each test file, JAX's compiled programs go: the suite is one process compiling for an hour, and
+    every program keeps memory mappings of its code (the decode engine's shapes alone, ~900 each). Past the
+    kernel's 65530 mappings XLA's compiler aborts the whole process, as it once did here in test_sample."""
+    yield
+    import jax
+    jax.clear_caches()
