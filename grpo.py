@@ -46,7 +46,8 @@ reward), then GRPO raises greedy held-out accuracy (eval/reward; tests/test_grpo
     python grpo.py --loss-type dapo --epsilon-high 0.28 --dynamic-sampling --soft-punish-cache 1  # DAPO
     python grpo.py --ckpt path/to/qwen3-0.6b --data gsm8k.jsonl --lora --max-completion-len 256 --tpu
 
-Data: JSONL of {"prompt", "answer"} (GSM8K's "… #### 72" reads 72); a prompt is text or chat messages.
+Data: JSONL of {"prompt", "answer"} (GSM8K's "… #### 72" reads 72; a prompt: text or chat messages), or --task
+sequence, one a pretrained model can partly do (README, "Real models": the real Gemma 3 270M learns it on a CPU).
 Outputs in --out: metrics.jsonl (TRL's names), completions.jsonl, checkpoints/ (--resume), hf/, adapter/.
 """
 from __future__ import annotations
@@ -84,7 +85,7 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
     eval_data: str | None = None  # the same, for eval/reward (held-out task problems; a Hub dataset's test split)
     system_prompt: str | None = None  # before each prompt, a system turn with a chat template
     enable_thinking: bool = True  # Qwen 3's chat template: --no-enable-thinking asks for answers without <think>
-    task: str = "*,3,1"  # built-in task: operator, digits of a, digits of b
+    task: str | None = None  # built-in task, "op,a,b" (digits) or sequence; named: the data on any model (None: *,3,1)
     train_examples: int = 50_000  # built-in task: problems that prompts (and warm-up examples) come from
     eval_examples: int = 512  # held-out prompts for eval/reward (greedy decoding)
     # -- sampling --
@@ -146,6 +147,9 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
     RESUMABLE: ClassVar[frozenset] = flags.RunConfig.RESUMABLE | {"log_completions_every", "num_completions_to_print"}
 
     def __post_init__(self):
+        if self.task is not None and self.data is None:  # a named task is the data, a pretrained model's too
+            self.data, self.system_prompt = "", self.system_prompt or ""  # its prompts as they are
+        self.task = self.task or "*,3,1"
         flags.fill_defaults(self)  # the fields left None: AUTO's value for this start
         if self.epsilon_high is None:
             self.epsilon_high = 5.0 if self.loss_type == "cispo" else self.epsilon
@@ -232,8 +236,7 @@ def advantages(per_func: np.ndarray, weights: np.ndarray, lengths, cfg: Config) 
     dynamic sampling). sum_then_normalize: the weighted sum, then --advantage-estimator; normalize_then_sum
     (GDPO, TRL's): each function's rewards normalised in their group, summed with the weights, the sum
     normalised over the batch."""
-    G = cfg.num_generations
-    rewards = per_func @ weights
+    G, rewards = cfg.num_generations, per_func @ weights
     std = np.repeat(rewards.reshape(-1, G).std(1, ddof=1), G)
     if cfg.multi_objective_aggregation == "normalize_then_sum":
         groups = per_func.reshape(-1, G, per_func.shape[1])
@@ -251,8 +254,7 @@ def advantages(per_func: np.ndarray, weights: np.ndarray, lengths, cfg: Config) 
 def loss_weights(mask: np.ndarray, loss_type: str, max_completion_len: int) -> np.ndarray:
     """mask [M, b, C] (one optimizer step's micro-batches, completions, tokens) → weights such that Σ weight ·
     token_loss is the step's loss, averaged as TRL's GRPOTrainer does (each micro-batch's loss / M, but dapo's)."""
-    M, b, _ = mask.shape
-    averaging = LOSS_TYPES[loss_type][1]
+    (M, b, _), averaging = mask.shape, LOSS_TYPES[loss_type][1]
     if averaging == "grpo":  # mean over each completion's tokens, then over completions
         w = mask / np.maximum(mask.sum(-1, keepdims=True), 1) / (M * b)
     elif averaging == "bnpo":  # mean over the tokens of each micro-batch
@@ -448,9 +450,8 @@ def policy_updates(train_step, old_logps, params, opt_state, frozen, steps: list
     step per pass, the first update's own log-probs (it runs at the sampling parameters); with several, one pass
     of old_logps over every slice first (the later slices are not seen before the first update)."""
     steps, metrics = [dict(s) for s in steps], []
-    if len(steps) > 1:
-        for s in steps:
-            s["old_logp"] = old_logps(params, frozen, s)
+    for s in steps if len(steps) > 1 else ():
+        s["old_logp"] = old_logps(params, frozen, s)
     for _ in range(cfg.num_iterations):
         for s in steps:
             params, opt_state, m, logp = train_step(params, opt_state, frozen, s)
@@ -493,8 +494,7 @@ def evaluate(model, ev: Evaluation, cfg: Config) -> dict:
         return {}
     outs = sample.generate(model, ev.ids, max_new_tokens=cfg.max_completion_len, eos_ids=ev.eos_ids)
     rewards = tasks.score(ev.funcs, ev.rows, [ev.tok.decode(o) for o in outs], outs).mean(0)
-    return {"eval/reward": float(rewards[0]),
-            **{f"eval/rewards/{f.__name__}": float(x) for f, x in zip(ev.funcs, rewards)}}
+    return {"eval/reward": float(rewards[0]), **{f"eval/rewards/{f.__name__}": x for f, x in zip(ev.funcs, rewards)}}
 
 
 # ----------------------------------------------------------------------------- main
@@ -566,13 +566,15 @@ def main(argv=None):
             log.write({"step": 0, **first_record, **evaluate(nnx.merge(graphdef, params, frozen), ev, cfg)})
         progress = run.Progress(cfg, step, manager)
         while step < cfg.steps:
-            r, position, drew = draw(prompts.train, prompts.train_ids, nnx.merge(graphdef, params, frozen), funcs,
-                                     tok, cfg, step, position, eos_ids)  # 1. sample, 2. score, 3. advantages
+            with progress.timed("rollout"):  # 1. sample, 2. score, 3. advantages
+                r, position, drew = draw(prompts.train, prompts.train_ids, nnx.merge(graphdef, params, frozen),
+                                         funcs, tok, cfg, step, position, eos_ids)
             steps = step_batches(r, eos_ids, pad_id, cfg, mesh, step) if r.completions else []
-            for s in steps if cfg.beta else ():  # π_ref, for the KL
-                s["ref_logp"] = logps(ref_params, frozen, s)
-            params, opt_state, update_metrics = policy_updates(train_step, logps, params, opt_state, frozen, steps,
-                                                               cfg)  # 4. the updates
+            with progress.timed("update"):  # π_ref's log-probs for the KL, then 4. the updates (waited for)
+                for s in steps if cfg.beta else ():
+                    s["ref_logp"] = logps(ref_params, frozen, s)
+                params, opt_state, update_metrics = jax.block_until_ready(policy_updates(
+                    train_step, logps, params, opt_state, frozen, steps, cfg))
             step += 1
             if progress.due(step, cfg.log_every) and update_metrics:  # 5. log
                 record = {**progress.record(step, update_metrics[-1], schedule(cfg.num_iterations * cfg.steps_per_generation * step - 1)),

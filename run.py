@@ -22,6 +22,7 @@ shard, never a script.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -218,7 +219,7 @@ class Progress:
       saved (checked at every log and save), so no checkpoint holds what made it."""
 
     def __init__(self, cfg, step: int, manager=None):
-        self.last, self.logged, self.t0 = cfg.steps, step, time.perf_counter()
+        self.last, self.logged, self.t0, self.phases = cfg.steps, step, time.perf_counter(), {}
         self.save_every, self.out, self.manager, self.signal = cfg.save_every, cfg.out, manager, None
         self.bar = tqdm(total=cfg.steps, initial=step, disable=not shard.is_main_process(), dynamic_ncols=True)
         self.previous = {sig: signal.signal(sig, self.on_signal)  # restored by close()
@@ -256,11 +257,22 @@ class Progress:
                 fail(f"step {step}: {name} is {value}: stopped before saving it; " + (
                     "no checkpoint was saved yet" if kept is None else f"the newest checkpoint is step {kept}"))
 
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Seconds in a phase of the step (the caller waits for its results inside), logged per step as
+        seconds_per_step/<phase> with the next record."""
+        start = time.perf_counter()
+        yield
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
+
     def record(self, step: int, metrics: dict, lr) -> dict:
-        """step, loss, grad_norm, lr, and seconds_per_step since the last record (its eval not counted)."""
+        """step, loss, grad_norm, lr, seconds_per_step since the last record (its eval not counted) and the
+        timed phases' seconds per step."""
         self.check_finite(step, metrics)
+        steps, phases, self.phases = max(step - self.logged, 1), self.phases, {}
         return {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                "lr": float(lr), "seconds_per_step": (time.perf_counter() - self.t0) / max(step - self.logged, 1)}
+                "lr": float(lr), "seconds_per_step": (time.perf_counter() - self.t0) / steps,
+                **{f"seconds_per_step/{phase}": seconds / steps for phase, seconds in phases.items()}}
 
     def close(self, step: int) -> None:
         """The bar closed; after a stop signal, one line saying where the step was saved, and exit 0."""

@@ -2,7 +2,8 @@
 
 The demos train on a task whose every answer can be checked exactly, so a tiny model shows in
 minutes whether an algorithm learns: Arithmetic ("123*4=" → "0492"), with its held-out split fixed
-by a hash, its GRPO rewards and a plausible wrong answer for DPO's pairs. accuracy_reward and
+by a hash, its GRPO rewards and a plausible wrong answer for DPO's pairs; Sequence ("46, 50, 54, 58," →
+" 62") is the task a pretrained model can partly do already (--task sequence). accuracy_reward and
 format_reward check free-form completions against a dataset's answers (GSM8K's "#### 72" form).
 """
 from __future__ import annotations
@@ -82,6 +83,52 @@ class Arithmetic:
         return "".join(right)
 
 
+class Sequence:
+    """The real-model task: continue an arithmetic progression, "46, 50, 54, 58," → " 62".
+
+    Plain text that a pretrained model already reads as a sequence to continue, and gets right some of the
+    time: the real Gemma 3 270M answers 20% of the held-out problems greedily, and its wrong answers are all
+    too small; GRPO removes that bias in minutes (README, "Real models"). First terms 0–99, steps 2–19, four
+    terms shown: 1,800 problems, a quarter held out by a hash. A completion is right when its first number is
+    the next term (the model may go on with the sequence).
+    """
+
+    terms = 4
+
+    def held_out(self, prompt: str) -> bool:
+        return zlib.crc32(prompt.encode()) % 4 == 0
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[dict]:
+        """n problems of the split ("train" or "eval") as {"prompt", "completion"} rows: the split's problems
+        shuffled, repeated only when n is larger than the split."""
+        rows = [{"prompt": p, "completion": " " + self.answer(p)} for p in
+                (", ".join(str(a + i * d) for i in range(self.terms)) + "," for a in range(100) for d in range(2, 20))
+                if self.held_out(p) == (split == "eval")]
+        order = np.concatenate([np.random.default_rng([seed, split == "eval", k]).permutation(len(rows))
+                                for k in range(-(-n // len(rows)))])
+        return [rows[i] for i in order[:n]]
+
+    def answer(self, prompt: str) -> str:
+        *_, before, last = (int(x) for x in prompt.rstrip(",").split(","))
+        return str(2 * last - before)
+
+    def is_correct(self, prompt: str, completion: str) -> bool:
+        """The completion's first number is the next term."""
+        first = re.search(r"[0-9]+", completion)  # digits only: " 62, 66" is 62
+        return first is not None and first.group() == self.answer(prompt)
+
+    def rewards(self) -> list:
+        """GRPO's reward function for the task: the next term first."""
+        def accuracy_reward(prompts, completions, **columns):
+            return [float(self.is_correct(p, c)) for p, c in zip(prompts, completions)]
+        return [accuracy_reward]
+
+    def wrong_answer(self, prompt: str, rng: np.random.Generator) -> str:
+        """A plausible mistake: one step too many or too few."""
+        *_, before, last = (int(x) for x in prompt.rstrip(",").split(","))
+        return " " + str(last + (last - before) * int(rng.choice([0, 2])))
+
+
 # ----------------------------------------------------------------------------- rewards: checks of completions
 #
 # A reward function is plain Python, (prompts, completions, **columns) -> list[float], where columns are
@@ -142,10 +189,13 @@ def soft_overlong_punishment(max_completion_len: int, cache: int):
     return soft_overlong_punishment
 
 
-def builtin_task(spec: str) -> Arithmetic:
-    """--task "op,a,b" (e.g. "*,3,1") → the built-in task; ValueError naming the flag otherwise."""
+def builtin_task(spec: str) -> Arithmetic | Sequence:
+    """--task "op,a,b" (e.g. "*,3,1": Arithmetic) or "sequence" → the built-in task; ValueError naming the flag
+    otherwise."""
+    if spec == "sequence":
+        return Sequence()
     try:
         op, a, b = spec.split(",")
         return Arithmetic(op, int(a), int(b))
     except ValueError as e:
-        raise ValueError(f"bad --task {spec!r} (want e.g. *,3,1): {e}") from None
+        raise ValueError(f"bad --task {spec!r} (want e.g. *,3,1 or sequence): {e}") from None

@@ -79,6 +79,49 @@ def test_default_run_raises_eval_reward(tmp_path):
     assert (tmp_path / "run" / "hf" / "config.json").is_file()
 
 
+@pytest.mark.slow
+def test_the_real_gemma3_doubles_its_accuracy_on_the_sequence_task(gemma3_dir, tmp_path):
+    """The README's real-model recipe (Real models), its first 24 steps: the real Gemma 3 270M's greedy accuracy on
+    256 held-out progressions at least doubles and rises by 0.2 (measured: 0.195 -> 0.418 at step 10 of 50)."""
+    start = time.time()
+    r = run_grpo("--ckpt", str(gemma3_dir), "--task", "sequence", "--max-completion-len", "4", "--prompts-per-step",
+                 "4", "--lr", "3e-6", "--temperature", "1.0", "--beta", "0", "--dynamic-sampling",
+                 "--max-num-gen-batches", "4", "--steps", "24", "--eval-every", "12", "--eval-examples", "256",
+                 "--log-every", "4", "--save-every", "1000", "--out", str(tmp_path / "run"), timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    evals = by_step(tmp_path / "run", "eval/reward")
+    first, last = evals[0], evals[max(evals)]
+    timing = {k: v for k, v in metrics(tmp_path / "run")[-1].items() if k.startswith("seconds_per_step/")}
+    print(f"\nreal gemma3 on sequences: eval/reward {evals} in {time.time() - start:.0f} s; a step: {timing}")
+    assert last >= 2 * first and last - first >= 0.2, evals
+    assert set(timing) == {"seconds_per_step/rollout", "seconds_per_step/update"} and all(v > 0 for v in timing.values())
+
+
+def test_the_sequence_task_and_its_reward():
+    task = tasks.builtin_task("sequence")
+    train, evals = task.examples("train", 5000), task.examples("eval", 5000)
+    seen, held_out = {r["prompt"] for r in train}, {r["prompt"] for r in evals}
+    assert not seen & held_out and len(seen | held_out) == 1800 and 0.2 < len(held_out) / 1800 < 0.3
+    assert len({r["prompt"] for r in task.examples("eval", 256)}) == 256  # no repeats below the split's size
+    assert task.answer("9, 17, 25, 33,") == "41" and all(r["completion"] == " " + task.answer(r["prompt"])
+                                                          for r in train[:100])
+    accuracy, = task.rewards()
+    completions = [" 41", " 41, 49", "41", " 410", " 4 1", " 041", "٤١", "<answer>41</answer>"] + ADVERSARIAL
+    want = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0] + [0.0] * len(ADVERSARIAL)
+    assert accuracy(["9, 17, 25, 33,"] * len(completions), completions) == want
+    rng = np.random.default_rng(0)
+    assert all(not task.is_correct(r["prompt"], task.wrong_answer(r["prompt"], rng)) for r in evals[:200])
+
+
+def test_a_named_task_is_the_data_of_a_pretrained_model_too():
+    named, default = grpo.Config(ckpt="runs/x/hf", task="sequence"), grpo.Config(ckpt="runs/x/hf")
+    assert (named.data, named.system_prompt, named.task) == ("", "", "sequence")
+    assert [f.__name__ for f in grpo.reward_functions(named)] == ["accuracy_reward"]
+    assert grpo.reward_functions(named)[0](["1, 2, 3, 4,"], [" 5"]) == [1.0]  # the task's, not GSM8K's
+    assert (default.data, default.system_prompt, default.task) == ("openai/gsm8k:main", tasks.REASONING_PROMPT, "*,3,1")
+    assert grpo.Config().task == "*,3,1" and grpo.Config().data is None
+
+
 # ----------------------------------------------------------------------------- advantages and losses
 
 def test_advantages_match_trl_for_every_scaling():
@@ -723,7 +766,7 @@ def test_bad_data_is_one_clear_line(capsys, tmp_path, content, message):
     (["--reward-weights", "1,x"], "--reward-weights must be comma-separated numbers, got '1,x'"),
     (["--reward-weights", "1,2,3", "--warmup-sft-steps", "0"], "3 weights for 2 reward functions"),
     (["--prompts-per-step", "3", "--num-generations", "2", "--grad-accum", "4"], "multiple of --grad-accum"),
-    (["--task", "/,3,1"], "bad --task '/,3,1' (want e.g. *,3,1)"),
+    (["--task", "/,3,1"], "bad --task '/,3,1' (want e.g. *,3,1 or sequence)"),
     (["--ckpt", "/no/such/dir"], "/no/such/dir: no such checkpoint directory"),
     (["--data", "/no/such.jsonl"], "/no/such.jsonl: no such file"),
     (["--model", "gpt5"], "unknown model preset 'gpt5'"),
