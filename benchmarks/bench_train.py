@@ -220,7 +220,7 @@ def main():
         print("no benchmarks/.tunix-venv: Tunix skipped (benchmarks/RESULTS.md says how to install it)", file=sys.stderr)
     roof = [roofline_in_process()]
     print(f"roofline before: {roof[0]}", file=sys.stderr)
-    rows = []
+    rows, failed = [], []
     for setting in args.settings.split(","):
         sys.path.insert(0, str(ROOT))
         cfg = model_config(setting)
@@ -231,8 +231,9 @@ def main():
                     for system in systems:
                         try:
                             out = measure(system, args, setting, mode, dtype)
-                        except RuntimeError as e:
+                        except RuntimeError as e:  # the others still run; the exit status says so at the end
                             print(f"{system} {setting} {mode} {dtype}: {e}", file=sys.stderr)
+                            failed.append((system, f"{setting} {mode} {dtype}"))
                             continue
                         out["step"] = statistics.median(out["step_s"][1:])
                         results[system].append(out)
@@ -257,6 +258,9 @@ def main():
             rss = statistics.median(x["peak_rss_bytes"] for x in runs) / 2**30
             print(f"| {setting} {B}x{T} | {mode} | {dtype} | {system} | {step[system]:.3f} | {B * T / step[system]:.0f} | "
                   f"{mfu:.0%} | {rss:.2f} | {ratio} |")
+    if failed:  # after the table: a benchmark that broke must not pass for one that ran
+        print(f"{len(failed)} measurement(s) failed: {', '.join(f'{s} {x}' for s, x in failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def last_json(argv, stdin: str | None = None) -> dict:
     its last stderr line)."""
     proc = subprocess.run([str(a) for a in argv], input=stdin, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1])
+        raise RuntimeError((proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -78,15 +78,16 @@ def side_by_side(script, nanotune_worker, tunix_script, tunix_config, describe, 
             return last_json([tunix_python, tunix_script, json.dumps(tunix_config(setting))],
                              json.dumps({"steps": args.steps + 1}) + "\n")
         return last_json([sys.executable, script, f"--steps={args.steps}", f"--worker={setting}"])
-    rows = []
+    rows, failed = [], []
     for setting in args.settings.split(","):
         results = {s: [] for s in systems}
         for r in range(args.repeats):
             for system in systems:
                 try:
                     out = measure(system, setting)
-                except RuntimeError as e:
+                except RuntimeError as e:  # the others still run; the exit status says so at the end
                     print(f"{system} {setting}: {e}", file=sys.stderr)
+                    failed.append((system, setting))
                     continue
                 out["step"] = statistics.median(out["step_s"][1:])
                 results[system].append(out)
@@ -97,6 +98,8 @@ def side_by_side(script, nanotune_worker, tunix_script, tunix_config, describe, 
     print(f"\n| setting | system | step (ms) | {units}/s | peak RSS (GiB) | Tunix / nanotune |")
     print("| --- | --- | --- | --- | --- | --- |")
     for setting, results in rows:
+        if not any(results.values()):  # nothing measured (an unknown setting fails describe too)
+            continue
         label, per_step = describe(setting)
         step = {s: statistics.median(x["step"] for x in v) for s, v in results.items() if v}
         for system, runs in results.items():
@@ -106,3 +109,6 @@ def side_by_side(script, nanotune_worker, tunix_script, tunix_config, describe, 
             rss = statistics.median(x["peak_rss_bytes"] for x in runs) / 2**30
             print(f"| {label} | {system} | {step[system] * 1e3:.1f} | {per_step / step[system]:.3g} | {rss:.2f} | "
                   f"{ratio} |")
+    if failed:  # after the table: a benchmark that broke must not pass for one that ran
+        print(f"{len(failed)} measurement(s) failed: {', '.join(f'{s} {x}' for s, x in failed)}", file=sys.stderr)
+        sys.exit(1)
