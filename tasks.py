@@ -15,6 +15,13 @@ import zlib
 import numpy as np
 
 
+def task_accuracy(task):
+    """A built-in task's GRPO accuracy reward: 1.0 where task.is_correct(prompt, completion), else 0.0."""
+    def accuracy_reward(prompts, completions, **columns):
+        return [float(task.is_correct(p, c)) for p, c in zip(prompts, completions)]
+    return accuracy_reward
+
+
 class Arithmetic:
     """A procedurally generated, exactly checkable task: fixed-width arithmetic.
 
@@ -67,12 +74,9 @@ class Arithmetic:
         """GRPO's reward functions for the task: the exact answer, and the answer's fixed-width format."""
         width = rf"[+-][0-9]{{{self.width - 1}}}" if self.op == "-" else rf"[0-9]{{{self.width}}}"
 
-        def accuracy_reward(prompts, completions, **columns):
-            return [float(self.is_correct(p, c)) for p, c in zip(prompts, completions)]
-
         def format_reward(prompts, completions, **columns):
             return [float(re.fullmatch(width, c) is not None) for c in completions]
-        return [accuracy_reward, format_reward]
+        return [task_accuracy(self), format_reward]
 
     def wrong_answer(self, prompt: str, rng: np.random.Generator) -> str:
         """The right answer with one digit changed: a plausible mistake."""
@@ -119,9 +123,7 @@ class Sequence:
 
     def rewards(self) -> list:
         """GRPO's reward function for the task: the next term first."""
-        def accuracy_reward(prompts, completions, **columns):
-            return [float(self.is_correct(p, c)) for p, c in zip(prompts, completions)]
-        return [accuracy_reward]
+        return [task_accuracy(self)]
 
     def wrong_answer(self, prompt: str, rng: np.random.Generator) -> str:
         """A plausible mistake: one step too many or too few."""
