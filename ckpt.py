@@ -269,13 +269,10 @@ SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "
 
 
 class SafetensorsFile:
-    """Zero-copy, read-only views into a memory-mapped .safetensors file.
-
-    The format is an 8-byte little-endian header size, a JSON header {name: {dtype, shape,
-    data_offsets}}, then raw bytes. Mapping it lets the loader copy each tensor straight from
-    the page cache into its final stacked array, with no intermediate host copy; every
-    header entry is checked against the file size, so a truncated file fails by name.
-    """
+    """Zero-copy, read-only views into a memory-mapped .safetensors file: an 8-byte little-endian header
+    size, a JSON header {name: {dtype, shape, data_offsets}}, raw bytes. Mapping it lets the loader copy each
+    tensor straight from the page cache into its final stacked array, with no intermediate host copy; every
+    header entry is checked against the file size, so a truncated file fails by name."""
 
     def __init__(self, file: pathlib.Path):
         self.file = file
@@ -301,6 +298,10 @@ class SafetensorsFile:
 
     def keys(self):
         return self.header.keys()
+
+    def release(self) -> None:  # the pages read so far leave the resident set (a view still in use reads them again)
+        if isinstance(self.map, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED)
 
     def get(self, name: str) -> np.ndarray:
         t = self.header[name]
@@ -373,6 +374,8 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
             stacked = np.array(read(hf, var.shape, n_in), target)  # a copy: never alias the file map
         var.set_value(jnp.asarray(stacked))
         del stacked
+        for handle in handles.values():  # the loader holds about one tensor of the file at a time
+            handle.release()
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

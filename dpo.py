@@ -434,7 +434,7 @@ def prepare(cfg: Config) -> Start:
                                                    data.truncate_pairs(evals[:cfg.eval_examples], cfg.max_len))
         if not train:
             raise data.DataError(f"no training pairs left after --max-len {cfg.max_len}: {dropped}")
-        manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
+        manager, mesh = run.checkpoints(cfg, loaded.model), shard.make_mesh(cfg.mesh)
     print(f"pairs: {len(train)} training, {len(evals)} held-out; dropped {dropped} (held-out: {eval_dropped})",
           file=sys.stderr)
     model, first_record = shard.shard_model(loaded.model, mesh), {f"data/dropped_{k}": v for k, v in dropped.items()}

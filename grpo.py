@@ -517,7 +517,7 @@ def prepare(cfg: Config) -> Start:
         prompts = data.prompt_data(loaded.tokenizer, loaded.family, cfg.data, cfg.eval_data, cfg.task,
                                    cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.max_prompt_len,
                                    cfg.system_prompt, data.has_chat_template(loaded.directory), cfg.enable_thinking)
-        manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
+        manager, mesh = run.checkpoints(cfg, loaded.model), shard.make_mesh(cfg.mesh)
     print(f"prompt 0 as the model sees it: {loaded.tokenizer.decode(prompts.train_ids[0])!r}", file=sys.stderr)
     model, first_record = shard.shard_model(loaded.model, mesh), {}
     if cfg.warmup_sft_steps:

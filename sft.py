@@ -118,7 +118,7 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
     with flags.user_errors():
         train_rows, evals = data.completion_data(tok, loaded.family, cfg.data, cfg.eval_data, cfg.task,
                                                  cfg.train_examples, cfg.eval_examples, cfg.seed)
-        manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
+        manager, mesh = run.checkpoints(cfg, model), shard.make_mesh(cfg.mesh)
     graphdef, params, frozen = nnx.split(shard.shard_model(model, mesh), trainable, ...)  # trained | the rest
     tx, schedule = run.adamw(cfg, cfg.steps)
     opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
