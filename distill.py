@@ -23,7 +23,8 @@ Data, off- and on-policy (GKD): each step, with probability --lmbda the student 
 and the teacher scores them; else, with --seq-kd, the teacher generates them; else the dataset's are
 used. The teacher runs without gradients, may be kept in bf16 (--teacher-dtype), and with --teacher-topk
 K is replaced by its top-K log-probs of the data, made once and cached. Teacher and student may differ in
-size and family when their tokenizers agree; never a [B, T, V] float32 pair exists.
+size and family when their tokenizers agree; never a [B, T, V] float32 pair exists, and each chunk of positions'
+logits is made once, the student's gradient taken in the forward pass (logprobs.summed_terms): no recompute.
 
 With no arguments: the built-in task ("123*4=" → "0492"). The teacher, tiny-qwen3 (0.43M parameters), is
 trained on it first (saved to <out>/teacher; or runs/sft/hf when `python sft.py` has run); the student,
@@ -184,14 +185,15 @@ def token_terms(log_s, log_t, s1, t1, target, cfg: Config) -> dict:
             "top1_agreement": (jnp.argmax(s1_fixed, axis=-1) == jnp.argmax(t1, axis=-1)).astype(jnp.float32)}
 
 
-def student_teacher_terms(student, teacher, batch, cfg: Config, projections=None):
-    """token_terms [B, T − 1] and the intermediate layers' losses: the teacher without gradients, both heads a
-    chunk of positions at a time (the teacher's logits inside the student's chunk, cut to the common vocabulary)."""
+def student_teacher_terms(student, teacher, batch, mask, coefficients: dict, cfg: Config, projections=None):
+    """Σ mask · token_terms [B, T − 1] by name, the loss Σ coefficients[name] · those, the layers' losses: the
+    teacher without gradients, both heads a chunk of positions at a time (the teacher's logits inside the
+    student's chunk, cut to the common vocabulary), each made once, the gradient taken there (summed_terms)."""
     tokens, T = batch["tokens"], batch["tokens"].shape[1]
     taps = tuple(name for name, pairs in (("hidden", cfg.hidden_layers), ("attention", cfg.attention_layers)) if pairs)
     x = model_lib.next_token_hidden(student, tokens, batch["positions"], batch["segment_ids"], T - 1, taps=taps)
     if teacher is None:  # --teacher-topk: the teacher's top-K log-probs from the cache, in K + 1 buckets
-        return topk_terms(student, x, batch, cfg), {}
+        return (*topk_terms(student, x, batch, mask, coefficients, cfg), {})
     x_t = jax.lax.stop_gradient(model_lib.next_token_hidden(teacher, tokens, batch["positions"], batch["segment_ids"],
                                                             T - 1, taps=taps))
     (x, taps_s), (x_t, taps_t) = (x, x_t) if taps else ((x, None), (x_t, None))
@@ -202,17 +204,19 @@ def student_teacher_terms(student, teacher, batch, cfg: Config, projections=None
         t_logits = logprobs.softcap(jnp.einsum("RD,VD->RV", x_t, head_t.astype(x_t.dtype),
                                                preferred_element_type=jnp.float32), cap_t)[:, :V]
         s_logits = logits[:, :V]
-        log_s, log_t = (jax.nn.log_softmax(z / cfg.temperature, axis=-1) for z in (s_logits, t_logits))
         s1, t1 = jax.nn.log_softmax(s_logits, axis=-1), jax.nn.log_softmax(t_logits, axis=-1)
+        log_s, log_t = (s1, t1) if cfg.temperature == 1 else (
+            jax.nn.log_softmax(z / cfg.temperature, axis=-1) for z in (s_logits, t_logits))
         return token_terms(log_s, log_t, s1, t1, target, cfg)
-    return logprobs.per_position(per_token, x, student.head(student.cfg.param_dtype), tokens[:, 1:], x_t,
-                                 cap=student.cfg.final_softcap), layer_terms(taps_s, taps_t, projections, cfg)
+    loss, sums = logprobs.summed_terms(per_token, x, student.head(student.cfg.param_dtype), mask, coefficients,
+                                       tokens[:, 1:], x_t, cap=student.cfg.final_softcap)
+    return loss, sums, layer_terms(taps_s, taps_t, projections, cfg)
 
 
-def topk_terms(student, x, batch, cfg: Config) -> dict:
-    """token_terms against the cached teacher: batch["topk_ids"], ["topk_logps"] [B, T − 1, K], its K most likely
-    tokens and their log-probs at --temperature. Both distributions become K + 1 buckets (the tail as one more:
-    K = V is the full divergence); the KLs are logged over those, the teacher's NLL where the token is one of K."""
+def topk_terms(student, x, batch, mask, coefficients: dict, cfg: Config):
+    """(loss, sums) against the cached teacher: batch["topk_ids"], ["topk_logps"] [B, T − 1, K], its K likeliest
+    tokens, their log-probs at --temperature. Both distributions become K + 1 buckets (the tail as one more: K = V
+    is the full divergence); the KLs are logged over those, the teacher's NLL where the token is one of K."""
     def bucketed(top_logps):  # log-probs of K tokens [c, K] → K + 1 buckets: the K, and the rest as one (floored)
         rest = jnp.log(jnp.maximum(1.0 - jnp.sum(jnp.exp(top_logps), axis=-1), 1e-12))
         return jnp.concatenate([top_logps, rest[:, None]], axis=-1)
@@ -225,8 +229,9 @@ def topk_terms(student, x, batch, cfg: Config) -> dict:
         return {**terms, "nll_loss": -picked(jax.nn.log_softmax(logits, axis=-1), target),
                 "teacher_nll": -jnp.where(jnp.any(hit, -1), jnp.sum(top_logps * hit, -1), t_buckets[:, -1]),
                 "top1_agreement": (jnp.argmax(logits, axis=-1) == ids[:, 0]).astype(jnp.float32)}
-    return logprobs.per_position(per_token, x, student.head(student.cfg.param_dtype), batch["tokens"][:, 1:],
-                                 batch["topk_ids"], batch["topk_logps"], cap=student.cfg.final_softcap)
+    return logprobs.summed_terms(per_token, x, student.head(student.cfg.param_dtype), mask, coefficients,
+                                 batch["tokens"][:, 1:], batch["topk_ids"], batch["topk_logps"],
+                                 cap=student.cfg.final_softcap)
 
 
 def layer_terms(taps_s, taps_t, projections: dict, cfg: Config) -> dict:
@@ -283,11 +288,12 @@ def make_projections(cfg: Config, student_cfg, teacher_cfg) -> dict:
 def distill_loss(student, teacher, batch, cfg: Config, projections=None):
     """Σ over completion tokens of kd_ratio · divergence + (1 − kd_ratio) · NLL (+ the weighted intermediate
     layers' losses), and {name: the sum of what is logged}, with "tokens", their count."""
-    terms, layers = student_teacher_terms(student, teacher, batch, cfg, projections)
-    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    sums = {name: jnp.sum(term * mask) for name, term in {**terms, **layers}.items()}
-    loss = cfg.kd_ratio * sums["kd_loss"] + (1 - cfg.kd_ratio) * sums["nll_loss"] + \
-        cfg.hidden_weight * sums.get("hidden_loss", 0.0) + cfg.attention_weight * sums.get("attention_loss", 0.0)
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)  # [B, T − 1]
+    token_loss, sums, layers = student_teacher_terms(student, teacher, batch, mask, {  # Σ m·(kd_ratio·D + ...)
+        "kd_loss": cfg.kd_ratio, "nll_loss": 1 - cfg.kd_ratio}, cfg, projections)
+    sums = {**sums, **{name: jnp.sum(term * mask) for name, term in layers.items()}}
+    loss = token_loss + cfg.hidden_weight * sums.get("hidden_loss", 0.0) + \
+        cfg.attention_weight * sums.get("attention_loss", 0.0)
     return loss, {**sums, "tokens": jnp.sum(mask)}
 
 
@@ -321,8 +327,7 @@ def make_train_step(graphdef, teacher_graphdef, tx, cfg: Config):
 
     def train_step(params, opt_state, frozen, batch, key):
         targets = jnp.maximum(jnp.sum(batch["loss_mask"][:, :, 1:]), 1.0)  # Σ m of every micro-batch
-        return update(params, opt_state, frozen, {**batch, "targets": jnp.full(batch["tokens"].shape[:1], targets)},
-                      key)
+        return update(params, opt_state, frozen, {**batch, "targets": jnp.full(batch["tokens"].shape[:1], targets)}, key)
     return train_step
 
 
@@ -445,7 +450,7 @@ def prepare(cfg: Config) -> Start:
         loaded = run.load(cfg)
         train, evals = data.completion_data(loaded.tokenizer, loaded.family, cfg.data, cfg.eval_data, cfg.task,
                                             cfg.train_examples, cfg.eval_examples, cfg.seed)
-        manager, mesh = run.checkpoints(cfg), shard.make_mesh(cfg.mesh)
+        manager, mesh = run.checkpoints(cfg, loaded.model), shard.make_mesh(cfg.mesh)
     cut = lambda examples: [(ids[:cfg.max_len], mask[:cfg.max_len]) for ids, mask in examples]  # noqa: E731
     train, eval_examples = cut(train), cut(data.tokenize(row, loaded.tokenizer, loaded.family) for row in evals)
     teacher = load_teacher(cfg, loaded, mesh, train)

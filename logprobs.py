@@ -68,11 +68,77 @@ def per_position(fn, x: jax.Array, head: jax.Array, *rows: jax.Array, cap: float
     return jax.tree.map(lambda o: o.reshape(*lead, *o.shape[1:]), outs)
 
 
+def summed_terms(fn, x: jax.Array, head: jax.Array, weights: jax.Array, coefficients: dict, *rows: jax.Array,
+                 cap: float | None = None, chunk_bytes: int | None = None):
+    """A loss that is a weighted sum of per-position terms, its gradient taken inside the forward pass: fn(logits
+    [c, V] float32, *row chunks) → {name: term [c]} at every position of x [..., D] (as per_position), and
+    → (loss, sums): sums[name] = Σ weights · term over the positions (weights [...]: the loss mask), loss =
+    Σ coefficients[name] · sums[name]. Each chunk's logits are made once: its terms and d loss / d logits come
+    from one jax.vjp of fn there, then d x and d head (three matmuls with the head, none in the backward pass,
+    as weighted_nll; per_position under jax.grad makes them twice). Only loss carries a gradient: sums are
+    what is logged (their cotangents are dropped). Same values and gradients as the per_position sums."""
+    lead = x.shape[:-1]
+    n = math.prod(lead)
+    chunks, size = chunk_rows(n, head.shape[0], chunk_bytes)
+    flat = [jnp.pad(a.reshape(n, *a.shape[len(lead):]), [(0, chunks * size - n)] + [(0, 0)] * (a.ndim - len(lead)))
+            .reshape(chunks, size, *a.shape[len(lead):]) for a in (x, weights, *rows)]  # [chunks, size, ...]
+
+    def forward(x, head, grads: tuple[bool, bool], weights, *rows):  # grads: (d x, d head) wanted
+        def chunk(d_head, inputs):
+            x_c, weight, *rows_c = inputs  # [c, D], [c], [c, ...]
+            logits_of = lambda x_c, head: softcap(jnp.einsum(  # noqa: E731
+                "RD,VD->RV", x_c, head.astype(x_c.dtype), preferred_element_type=jnp.float32), cap)
+
+            def weighted(z):  # the chunk's share of loss, and of sums
+                terms = fn(z, *rows_c)
+                sums = {k: jnp.sum(jnp.where(weight != 0, weight * t, 0.0)) for k, t in terms.items()}  # padding: 0
+                return sum(c * sums[k] for k, c in coefficients.items()), sums
+            if not grads[0]:  # evaluation: the terms alone
+                return d_head, (*weighted(logits_of(x_c, head)), None)
+            z, head_vjp = jax.vjp(logits_of, x_c, head) if grads[1] else jax.vjp(lambda x_c: logits_of(x_c, head), x_c)
+            loss, z_vjp, sums = jax.vjp(weighted, z, has_aux=True)
+            d = head_vjp(z_vjp(jnp.ones_like(loss))[0])  # (d x_c,) or (d x_c, d head)
+            return (d_head + d[1] if grads[1] else d_head), (loss, sums, d[0])
+        d_head = jnp.zeros(head.shape, jnp.float32) if grads[1] else None
+        d_head, (losses, sums, d_x) = jax.lax.scan(chunk, d_head, (x, weights, *rows))  # d_x [chunks, size, D]
+        d_head = None if d_head is None else d_head.astype(head.dtype)
+        return (jnp.sum(losses), jax.tree.map(jnp.sum, sums)), (d_x, d_head)
+
+    @jax.custom_vjp
+    def fused(x, head, *rest):
+        return forward(x, head, (False, False), *rest)[0]
+
+    def fused_fwd(x, head, *rest):  # symbolic zeros: head.perturbed says if it trains (LoRA's head does not)
+        out, grads = forward(x.value, head.value, (True, head.perturbed), *(r.value for r in rest))
+        return out, grads
+
+    def fused_bwd(grads, cotangents):
+        g = cotangents[0]
+        g = jnp.zeros((), jnp.float32) if isinstance(g, SymbolicZero) else g
+        d_x, d_head = grads
+        scaled = lambda d: None if d is None else (g * d).astype(d.dtype)  # noqa: E731
+        return (scaled(d_x), scaled(d_head)) + (None,) * (1 + len(rows))
+
+    fused.defvjp(fused_fwd, fused_bwd, symbolic_zeros=True)
+    return fused(flat[0], head, *flat[1:])
+
+
 def token_logps(x: jax.Array, head: jax.Array, targets: jax.Array, *, cap: float | None = None,
                 temperature: float = 1.0, entropy: bool = False, chunk_bytes: int | None = None):
     """log π(target) [...] at each position of x [..., D], π = softmax(softcap(x · headᵀ) / temperature),
     and with `entropy` also H(π) [...]; targets [...] int. The log-softmax is written out (max-shifted,
-    as jax.nn.log_softmax) so the numbers are the unchunked ones bit for bit."""
+    as jax.nn.log_softmax) so the numbers are the unchunked ones bit for bit. Past a vocabulary whose
+    MIN_ROWS rows overflow a chunk (Llama 3's, Qwen's, Gemma's) the head runs in tiles of up to MAX_ROWS rows
+    and a block of the vocabulary (nll_tiles; blocked_logps), equal to 1e-5."""
+    lead = x.shape[:-1]
+    n = math.prod(lead)
+    chunks, rows, blocks = nll_tiles(n, head.shape[0], chunk_bytes)
+    if blocks > 1:
+        pad = lambda a: jnp.pad(a.reshape(n, *a.shape[len(lead):]), [(0, chunks * rows - n)] + [(0, 0)] * (a.ndim - len(lead)))  # noqa: E731
+        out = blocked_logps(pad(x), head, pad(targets), cap, temperature, (chunks, blocks))
+        out = tuple(o[:n].reshape(lead) for o in out)
+        return out if entropy else out[0]
+
     def fn(logits, target):  # [c, V], [c]
         logits = logits if temperature == 1.0 else logits / temperature
         shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
@@ -196,6 +262,94 @@ def vocab_blocks(x_c, head, target, weight, cap, want_head, blocks: int):
     d_head = jnp.zeros(head.shape, jnp.float32) if want_head else None
     (d_head, d_x), _ = jax.lax.scan(gradients, (d_head, jnp.zeros(x_c.shape, jnp.float32)), jnp.arange(blocks))
     return lse - target_z, d_x.astype(x_c.dtype), d_head
+
+
+def block_logits(x_c, head, b, width: int, cap):
+    """Vocabulary block b of width columns, starting at min(b·width, V − width) (the last overlaps the one before
+    it): its head rows, softcap(x_c · head_bᵀ) [c, width] float32, which columns are its own, its first column."""
+    start = jnp.minimum(b * width, head.shape[0] - width)
+    head_b = jax.lax.dynamic_slice_in_dim(head, start, width).astype(x_c.dtype)
+    z = softcap(jnp.einsum("RD,VD->RV", x_c, head_b, preferred_element_type=jnp.float32), cap)
+    return head_b, z, start + jnp.arange(width) >= b * width, start
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def blocked_logps(x, head, targets, cap, temperature, tiles):
+    """token_logps in tiles: x [n, D], targets [n], n = chunks · rows → log π(target), H(π) [n]. The forward
+    pass keeps per row a running max, Σ exp and Σ exp · u over the blocks (u = logits / τ); the backward pass
+    makes each block's logits again (as per_position's backward makes each chunk's)."""
+    return _blocked_forward(x, head, targets, cap, temperature, tiles)[0]
+
+
+def _blocked_forward(x, head, targets, cap, temperature, tiles):
+    chunks, blocks = tiles
+    width = math.ceil(head.shape[0] / blocks)
+
+    def chunk(_, rows):
+        x_c, target = rows  # [c, D], [c]
+
+        def block(carry, b):
+            top, total, weighted, target_u = carry  # [c] each: max u, Σ exp(u − top), Σ exp(u − top) · u, u_target
+            _, z, own, start = block_logits(x_c, head, b, width, cap)
+            u = jnp.where(own, z / temperature, -jnp.inf)
+            new_top = jnp.maximum(top, jnp.max(u, axis=-1))
+            scale, e = jnp.exp(top - new_top), jnp.exp(u - new_top[:, None])
+            here = jnp.take_along_axis(u, jnp.clip(target - start, 0, width - 1)[:, None], axis=-1)[:, 0]
+            mine = (target >= b * width) & (target < start + width)  # the target is one of its own columns
+            return (new_top, total * scale + jnp.sum(e, -1), weighted * scale + jnp.sum(jnp.where(own, e * u, 0.0), -1),
+                    jnp.where(mine, here, target_u)), None
+        c = x_c.shape[0]
+        init = (jnp.full((c,), -jnp.inf), jnp.zeros((c,)), jnp.zeros((c,)), jnp.zeros((c,)))
+        (top, total, weighted, target_u), _ = jax.lax.scan(block, init, jnp.arange(blocks))
+        lse, mean_u = top + jnp.log(total), weighted / total
+        return None, (target_u - lse, lse - mean_u, lse, mean_u)
+    by_chunk = lambda a: a.reshape(chunks, -1, *a.shape[1:])  # noqa: E731
+    _, (logp, entropy, lse, mean_u) = jax.lax.scan(chunk, None, (by_chunk(x), by_chunk(targets)))
+    return (logp.reshape(-1), entropy.reshape(-1)), (lse.reshape(-1), mean_u.reshape(-1))
+
+
+def _blocked_fwd(x, head, targets, cap, temperature, tiles):
+    out, (lse, mean_u) = _blocked_forward(x.value, head.value, targets.value, cap, temperature, tiles)
+    trains = jnp.zeros(()) if head.perturbed else None  # (a residual's tree says it, not a Python bool)
+    return out, (x.value, head.value, targets.value, lse, mean_u, trains)
+
+
+def _blocked_bwd(cap, temperature, tiles, residuals, cotangents):
+    """d u = g_logp · (one-hot − π) − g_H · π · (u − E_π[u]), then through / τ and the soft-cap to the head's
+    matmul: d x and (when the head trains) d head, block by block."""
+    x, head, targets, lse, mean_u, trains = residuals
+    want_head = trains is not None
+    g_logp, g_h = (jnp.zeros(lse.shape) if isinstance(g, SymbolicZero) else g for g in cotangents)
+    chunks, blocks = tiles
+    width = math.ceil(head.shape[0] / blocks)
+
+    def chunk(d_head, rows):
+        x_c, target, lse_c, mean_c, g_lp, g_ent = rows
+
+        def block(carry, b):
+            d_head, d_x = carry
+            head_b, z, own, start = block_logits(x_c, head, b, width, cap)
+            u = z / temperature
+            p = jnp.where(own, jnp.exp(u - lse_c[:, None]), 0.0)
+            is_target = (start + jnp.arange(width) == target[:, None]) & own
+            d_u = g_lp[:, None] * (is_target.astype(jnp.float32) - p) - g_ent[:, None] * p * (u - mean_c[:, None])
+            d_s = d_u / temperature if cap is None else d_u / temperature * (1 - (z / cap) ** 2)
+            d_s = d_s.astype(x_c.dtype)
+            d_x = d_x + jnp.einsum("RV,VD->RD", d_s, head_b, preferred_element_type=jnp.float32)
+            if want_head:  # rows an earlier block wrote get zeros added
+                grad = jnp.einsum("RV,RD->VD", d_s, x_c, preferred_element_type=jnp.float32)
+                d_head = jax.lax.dynamic_update_slice_in_dim(
+                    d_head, jax.lax.dynamic_slice_in_dim(d_head, start, width) + grad, start, 0)
+            return (d_head, d_x), None
+        (d_head, d_x), _ = jax.lax.scan(block, (d_head, jnp.zeros(x_c.shape, jnp.float32)), jnp.arange(blocks))
+        return d_head, d_x.astype(x_c.dtype)
+    by_chunk = lambda a: a.reshape(chunks, -1, *a.shape[1:])  # noqa: E731
+    d_head = jnp.zeros(head.shape, jnp.float32) if want_head else None
+    d_head, d_x = jax.lax.scan(chunk, d_head, tuple(map(by_chunk, (x, targets, lse, mean_u, g_logp, g_h))))
+    return d_x.reshape(x.shape), None if d_head is None else d_head.astype(head.dtype), None
+
+
+blocked_logps.defvjp(_blocked_fwd, _blocked_bwd, symbolic_zeros=True)
 
 
 def _d_logits(z, p, is_target, weight, cap):

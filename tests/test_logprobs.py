@@ -76,6 +76,79 @@ def test_the_supervised_loss_and_its_gradients_equal_the_whole_vocabulary(min_ro
             jax.jit(jax.grad(fused, (0, 1))).lower(x, head, weights).as_text().count("dot_general")
 
 
+@pytest.mark.parametrize("chunk_bytes", [4 * 1000 * 8, 1 << 30])  # 14 chunks (the last padded), one
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_summed_terms_and_their_gradients_equal_autodiff_of_the_chunked_terms(chunk_bytes, cap):
+    """summed_terms (each chunk's logits made once, the gradient taken there) against jax.grad of per_position
+    (the chunk made again in the backward pass) and of the whole-vocabulary terms: a distillation-like loss
+    with a second model's logits inside the chunk, two weighted terms and one only logged, a 0/1 mask."""
+    x, head, targets = inputs()
+    x_t, head_t = 2 * inputs(seed=1)[0], inputs(seed=2)[1]
+    mask = (jax.random.uniform(jax.random.key(3), (3, 37)) > 0.3).astype(jnp.float32)
+    coefficients = {"kd": 0.7, "nll": 0.3}
+
+    def terms(logits, target, x_t_c):  # [c, V], [c], [c, D]
+        log_s = jax.nn.log_softmax(logits, axis=-1)
+        log_t = jax.nn.log_softmax(jnp.einsum("RD,VD->RV", x_t_c, head_t), axis=-1)
+        return {"kd": jnp.sum(jnp.exp(log_t) * (log_t - log_s), -1), "logged": jnp.max(log_s, -1),
+                "nll": -jnp.take_along_axis(log_s, target[:, None], axis=-1)[:, 0]}
+
+    def summed(x, head):
+        loss, sums = logprobs.summed_terms(terms, x, head, mask, coefficients, targets, x_t, cap=cap,
+                                           chunk_bytes=chunk_bytes)
+        return loss / 7.0, sums  # a cotangent other than 1
+
+    def autodiff(make_terms):
+        def loss_fn(x, head):
+            sums = {k: jnp.sum(t * mask) for k, t in make_terms(x, head).items()}
+            return sum(c * sums[k] for k, c in coefficients.items()) / 7.0, sums
+        return loss_fn
+    chunked = autodiff(lambda x, head: logprobs.per_position(terms, x, head, targets, x_t, cap=cap,
+                                                             chunk_bytes=chunk_bytes))
+    whole = autodiff(lambda x, head: jax.tree.map(lambda t: t.reshape(3, 37), terms(
+        logprobs.softcap(jnp.einsum("BTD,VD->BTV", x, head), cap).reshape(-1, 1000), targets.reshape(-1),
+        x_t.reshape(-1, 32))))
+    (loss, sums), grads = jax.jit(jax.value_and_grad(summed, (0, 1), has_aux=True))(x, head)
+    for other in (chunked, whole):
+        (loss_o, sums_o), grads_o = jax.jit(jax.value_and_grad(other, (0, 1), has_aux=True))(x, head)
+        assert abs(float(loss - loss_o)) <= 1e-5 * abs(float(loss_o)) and loss_o > 0
+        assert sums.keys() == sums_o.keys() and all(abs(float(sums[k] - sums_o[k])) <= 1e-5 * abs(float(sums_o[k]))
+                                                    for k in sums)
+        for a, b in zip(grads, grads_o):
+            assert max_rel(a, b) < 1e-5
+    d_x = jax.jit(jax.grad(lambda x: summed(x, head)[0]))(x)  # the head frozen (LoRA): its gradient is not made
+    assert max_rel(d_x, grads[0]) < 1e-6
+    count = lambda f, *a: jax.jit(f).lower(*a).as_text().count("dot_general")  # noqa: E731
+    assert count(jax.grad(lambda x: summed(x, head)[0]), x) < count(jax.grad(lambda x, h: summed(x, h)[0], (0, 1)), x, head)
+
+
+@pytest.mark.parametrize("max_rows", [1024, 40])  # one chunk of 111 rows x 6 blocks; 3 chunks of 37 x 2 blocks
+@pytest.mark.parametrize("cap,temperature", [(None, 1.0), (5.0, 0.7)])
+def test_logps_and_entropy_in_vocabulary_blocks_equal_the_whole_vocabulary(max_rows, cap, temperature, monkeypatch):
+    """Past MIN_ROWS rows of a chunk (a large vocabulary) token_logps runs in row x vocabulary tiles with an
+    online log-sum-exp and entropy: values, d/dx, d/dhead against the plain log-softmax for any cotangents on
+    both outputs, the head's gradient skipped when it does not train."""
+    monkeypatch.setattr(logprobs, "MIN_ROWS", 256)
+    monkeypatch.setattr(logprobs, "MAX_ROWS", max_rows)
+    x, head, targets = inputs()
+    assert logprobs.nll_tiles(3 * 37, 1000, 4 * 1000 * 20) == ((1, 111, 6) if max_rows == 1024 else (3, 37, 2))
+    blocked = lambda x, head: logprobs.token_logps(x, head, targets, cap=cap, temperature=temperature,  # noqa: E731
+                                                   entropy=True, chunk_bytes=4 * 1000 * 20)
+    plain = lambda x, head: reference(x, head, targets, cap, temperature)  # noqa: E731
+    for a, b in zip(jax.jit(blocked)(x, head), plain(x, head)):
+        assert a.shape == (3, 37) and max_rel(a, b) < 1e-5
+    w = jax.random.normal(jax.random.key(1), (2, 3, 37))
+    loss = lambda f: lambda x, head: jnp.sum(jnp.stack(f(x, head)) * w)  # noqa: E731
+    grads = jax.jit(jax.grad(loss(blocked), (0, 1)))(x, head)
+    for a, b in zip(grads, jax.grad(loss(plain), (0, 1))(x, head)):
+        assert max_rel(a, b) < 1e-5
+    logp_only = lambda f: lambda x: jnp.sum(f(x, jax.lax.stop_gradient(head))[0] * w[0])  # noqa: E731
+    d_x = jax.jit(jax.grad(logp_only(blocked)))(x)  # no entropy cotangent, the head frozen
+    assert max_rel(d_x, jax.grad(logp_only(plain))(x)) < 1e-5
+    count = lambda f, *a: jax.jit(f).lower(*a).as_text().count("dot_general")  # noqa: E731
+    assert count(jax.grad(logp_only(blocked)), x) < count(jax.grad(loss(blocked), (0, 1)), x, head)
+
+
 def test_bfloat16_hidden_states_give_float32_logps():
     x, head, targets = inputs()
     logp = logprobs.token_logps(x.astype(jnp.bfloat16), head.astype(jnp.bfloat16), targets, chunk_bytes=4 * 1000 * 8)
