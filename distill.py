@@ -23,8 +23,8 @@ Data, off- and on-policy (GKD): each step, with probability --lmbda the student 
 and the teacher scores them; else, with --seq-kd, the teacher generates them; else the dataset's are
 used. The teacher runs without gradients, may be kept in bf16 (--teacher-dtype), and with --teacher-topk
 K is replaced by its top-K log-probs of the data, made once and cached. Teacher and student may differ in
-size and family when their tokenizers agree; never a [B, T, V] float32 pair exists, and each chunk of positions'
-logits is made once, the student's gradient taken in the forward pass (logprobs.summed_terms): no recompute.
+size and family when their tokenizers agree. Both heads run a chunk of positions at a time, each chunk's
+logits made once and the student's gradient taken there: no [B, T, V] float32 pair, nothing recomputed.
 
 With no arguments: the built-in task ("123*4=" → "0492"). The teacher, tiny-qwen3 (0.43M parameters), is
 trained on it first (saved to <out>/teacher; or runs/sft/hf when `python sft.py` has run); the student,
@@ -327,7 +327,8 @@ def make_train_step(graphdef, teacher_graphdef, tx, cfg: Config):
 
     def train_step(params, opt_state, frozen, batch, key):
         targets = jnp.maximum(jnp.sum(batch["loss_mask"][:, :, 1:]), 1.0)  # Σ m of every micro-batch
-        return update(params, opt_state, frozen, {**batch, "targets": jnp.full(batch["tokens"].shape[:1], targets)}, key)
+        batch = {**batch, "targets": jnp.full(batch["tokens"].shape[:1], targets)}  # one per micro-batch
+        return update(params, opt_state, frozen, batch, key)
     return train_step
 
 
@@ -436,9 +437,7 @@ def evaluate(s: Start, loss_sums, graphdef, params, frozen: Frozen, cfg: Config)
         sums = jax.device_get(loss_sums(params, frozen, batch))
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
     record = {} if totals is None else {f"eval/{k}": float(v) / max(float(totals["tokens"]), 1.0)
-                                        for k, v in totals.items() if k != "tokens"}
-    if totals is not None:
-        record["eval/kl"] = record["eval/kl/forward"]
+                                        for k, v in {**totals, "kl": totals["kl/forward"]}.items() if k != "tokens"}
     student = nnx.merge(graphdef, params["student"], frozen.student)
     return {**record, **run.evaluate_completions(student, s.evals, s.loaded.tokenizer, None), **s.teacher_accuracy}
 

@@ -42,6 +42,12 @@ def chunk_rows(n_rows: int, vocab: int, chunk_bytes: int | None = None) -> tuple
     return chunks, math.ceil(n_rows / chunks)
 
 
+def flat_rows(a: jax.Array, lead: int, rows: int) -> jax.Array:
+    """a [*lead axes, ...] → [rows, ...]: the positions along one axis, zero rows after them as padding."""
+    flat = a.reshape(-1, *a.shape[lead:])
+    return jnp.pad(flat, [(0, rows - flat.shape[0])] + [(0, 0)] * (flat.ndim - 1))
+
+
 def per_position(fn, x: jax.Array, head: jax.Array, *rows: jax.Array, cap: float | None = None,
                  chunk_bytes: int | None = None):
     """fn(logits [c, V] float32, *row chunks [c, ...]) → arrays [c, ...] (a tuple, or a dict by name), applied
@@ -80,8 +86,8 @@ def summed_terms(fn, x: jax.Array, head: jax.Array, weights: jax.Array, coeffici
     lead = x.shape[:-1]
     n = math.prod(lead)
     chunks, size = chunk_rows(n, head.shape[0], chunk_bytes)
-    flat = [jnp.pad(a.reshape(n, *a.shape[len(lead):]), [(0, chunks * size - n)] + [(0, 0)] * (a.ndim - len(lead)))
-            .reshape(chunks, size, *a.shape[len(lead):]) for a in (x, weights, *rows)]  # [chunks, size, ...]
+    flat = [flat_rows(a, len(lead), chunks * size).reshape(chunks, size, *a.shape[len(lead):])
+            for a in (x, weights, *rows)]  # [chunks, size, ...]
 
     def forward(x, head, grads: tuple[bool, bool], weights, *rows):  # grads: (d x, d head) wanted
         def chunk(d_head, inputs):
@@ -100,9 +106,13 @@ def summed_terms(fn, x: jax.Array, head: jax.Array, weights: jax.Array, coeffici
             d = head_vjp(z_vjp(jnp.ones_like(loss))[0])  # (d x_c,) or (d x_c, d head)
             return (d_head + d[1] if grads[1] else d_head), (loss, sums, d[0])
         d_head = jnp.zeros(head.shape, jnp.float32) if grads[1] else None
-        d_head, (losses, sums, d_x) = jax.lax.scan(chunk, d_head, (x, weights, *rows))  # d_x [chunks, size, D]
-        d_head = None if d_head is None else d_head.astype(head.dtype)
-        return (jnp.sum(losses), jax.tree.map(jnp.sum, sums)), (d_x, d_head)
+        if chunks == 1:  # no loop around a single chunk
+            d_head, (loss, sums, d_x) = chunk(d_head, [a[0] for a in (x, weights, *rows)])
+            d_x = None if d_x is None else d_x[None]
+        else:
+            d_head, (losses, sums, d_x) = jax.lax.scan(chunk, d_head, (x, weights, *rows))  # d_x [chunks, size, D]
+            loss, sums = jnp.sum(losses), jax.tree.map(jnp.sum, sums)
+        return (loss, sums), (d_x, None if d_head is None else d_head.astype(head.dtype))
 
     @jax.custom_vjp
     def fused(x, head, *rest):
@@ -134,8 +144,8 @@ def token_logps(x: jax.Array, head: jax.Array, targets: jax.Array, *, cap: float
     n = math.prod(lead)
     chunks, rows, blocks = nll_tiles(n, head.shape[0], chunk_bytes)
     if blocks > 1:
-        pad = lambda a: jnp.pad(a.reshape(n, *a.shape[len(lead):]), [(0, chunks * rows - n)] + [(0, 0)] * (a.ndim - len(lead)))  # noqa: E731
-        out = blocked_logps(pad(x), head, pad(targets), cap, temperature, (chunks, blocks))
+        out = blocked_logps(flat_rows(x, len(lead), chunks * rows), head, flat_rows(targets, len(lead), chunks * rows),
+                            cap, temperature, (chunks, blocks))
         out = tuple(o[:n].reshape(lead) for o in out)
         return out if entropy else out[0]
 
@@ -176,7 +186,7 @@ def weighted_nll(x: jax.Array, head: jax.Array, targets: jax.Array, weights: jax
     chunks, rows, blocks = nll_tiles(n, head.shape[0], chunk_bytes)
     if chunks == blocks == 1:  # the plain program (autodiff keeps this one chunk's logits)
         return -jnp.sum(weights * token_logps(x, head, targets, cap=cap, chunk_bytes=chunk_bytes))
-    pad = lambda a: jnp.pad(a.reshape(n, *a.shape[len(lead):]), [(0, chunks * rows - n)] + [(0, 0)] * (a.ndim - len(lead)))  # noqa: E731
+    pad = lambda a: flat_rows(a, len(lead), chunks * rows)  # noqa: E731
     return _fused_nll(pad(x), head, pad(targets), pad(weights), cap, (chunks, blocks))
 
 
@@ -289,7 +299,7 @@ def _blocked_forward(x, head, targets, cap, temperature, tiles):
         x_c, target = rows  # [c, D], [c]
 
         def block(carry, b):
-            top, total, weighted, target_u = carry  # [c] each: max u, Σ exp(u − top), Σ exp(u − top) · u, u_target
+            top, total, weighted, target_u = carry  # [c]: max u, Σ exp(u − top), Σ exp(u − top) · u, u_target
             _, z, own, start = block_logits(x_c, head, b, width, cap)
             u = jnp.where(own, z / temperature, -jnp.inf)
             new_top = jnp.maximum(top, jnp.max(u, axis=-1))
@@ -315,8 +325,8 @@ def _blocked_fwd(x, head, targets, cap, temperature, tiles):
 
 
 def _blocked_bwd(cap, temperature, tiles, residuals, cotangents):
-    """d u = g_logp · (one-hot − π) − g_H · π · (u − E_π[u]), then through / τ and the soft-cap to the head's
-    matmul: d x and (when the head trains) d head, block by block."""
+    """d u = g_logp · (one-hot − π) − g_H · π · (u − E_π[u]), then through / τ and the soft-cap to the
+    head's matmul: d x and (when the head trains) d head, block by block."""
     x, head, targets, lse, mean_u, trains = residuals
     want_head = trains is not None
     g_logp, g_h = (jnp.zeros(lse.shape) if isinstance(g, SymbolicZero) else g for g in cotangents)

@@ -30,7 +30,8 @@ host-side batch building; both time the teacher forward.
 What differs beside speed: Tunix averages the KL over all B(T − 1) positions with no mask (the
 same here: every target counts) and materialises both models' [B, T − 1, V] float32 logits, the
 one-hot labels, and the student's and teacher's cross-entropies it logs even at alpha 1;
-nanotune's head runs a chunk of positions at a time inside the step (logprobs.per_position) and
+nanotune's heads run a chunk of positions at a time inside the step, each chunk's logits made once
+and the student's gradient taken there (logprobs.summed_terms), and it
 also logs reverse KL, both NLLs and top-1 agreement. nanotune's AdamW follows run.adamw (global-
 norm clip 1.0, weight decay 0.01, warmup-cosine schedule), Tunix's is plain optax.adamw(1e-5).
 
@@ -38,6 +39,9 @@ Every measurement is a fresh process (its peak resident memory is counted from t
 building through compilation and the timed steps; both processes hold the teacher, the student
 and its AdamW moments), systems alternating A B A B. The first step compiles and is left out;
 a process's step time is the median of the others, a system's the median over its processes.
+Under the table: the step's model FLOPs (bench_train.step_flops: the student's forward and backward,
+the teacher's forward) over the f32 matmul roofline measured in the same run, the fastest any
+implementation could run the step on this machine, and so the most any could gain over Tunix here.
 
     python benchmarks/bench_distill.py                                  # tiny and mid, both systems
     python benchmarks/bench_distill.py --settings mid --repeats 3 --steps 5
@@ -64,6 +68,32 @@ def random_examples(vocab: int, rows: int, length: int) -> list[tuple[list, list
     return [(row.tolist(), [0] + [1] * (length - 1)) for row in tokens]
 
 
+def configs(setting: str):
+    """(teacher, student) model configs of a setting."""
+    sys.path.insert(0, str(ROOT))
+    from bench_train import model_config
+    from model import CONFIGS
+    teacher = model_config(setting)
+    return teacher, CONFIGS["tiny-qwen3-small"] if setting == "tiny" else teacher.replace(n_layers=4)
+
+
+def floor(steps: dict) -> list[str]:
+    """Under the table: the step's model FLOPs (the student's forward and backward, the teacher's forward, as
+    bench_train.step_flops counts them) over this machine's f32 matmul roofline measured now: no implementation
+    runs the step in less, so Tunix's step over it is the most any could gain over Tunix here."""
+    from bench_train import roofline_in_process, step_flops
+    rate = roofline_in_process()["f32"] * 1e9
+    lines = [f"\nf32 matmul roofline {rate / 1e9:.0f} GFLOP/s (2048^3, measured now)"]
+    for setting, step in steps.items():
+        (teacher, student), (B, T) = configs(setting), SHAPES[setting]
+        flops = step_flops(student, B, T, "full") + step_flops(teacher, B, T, "full") / 3  # teacher: forward only
+        best = flops / rate
+        lines.append(f"{setting}: {flops / 1e9:.1f} GFLOP a step, {best * 1e3:.1f} ms at the roofline" + "".join(
+            f"; {system} at {best / seconds:.0%} of it" for system, seconds in step.items()) +
+            (f"; the most any step could be over Tunix's: {step['tunix'] / best:.2f}x" if "tunix" in step else ""))
+    return lines
+
+
 # ----------------------------------------------------------------------------- workers (own process)
 
 def nanotune_worker(setting: str, steps: int) -> dict:
@@ -74,12 +104,10 @@ def nanotune_worker(setting: str, steps: int) -> dict:
     import distill
     import run
     import shard
-    from bench_train import model_config
-    from model import CONFIGS, Transformer
+    from model import Transformer
 
     B, T = SHAPES[setting]
-    teacher_cfg = model_config(setting)  # float32 compute and params
-    student_cfg = CONFIGS["tiny-qwen3-small"] if setting == "tiny" else teacher_cfg.replace(n_layers=4)
+    teacher_cfg, student_cfg = configs(setting)  # float32 compute and params
     # forward KL at τ 1, no τ², kd_ratio 1; lr as Tunix's (distill.py's schedule: a 3-step ramp from 0, then cosine)
     cfg = distill.Config(teacher="tiny-qwen3", batch_size=B, lr=1e-5, loss="jsd", beta=0.0, max_len=T)
     mesh = shard.make_mesh("")
@@ -125,4 +153,4 @@ def describe(setting: str) -> tuple[str, int]:  # the table's row label, tokens 
 
 
 if __name__ == "__main__":
-    side_by_side(__file__, nanotune_worker, HERE / "tunix_distill_worker.py", tunix_config, describe, "tokens")
+    side_by_side(__file__, nanotune_worker, HERE / "tunix_distill_worker.py", tunix_config, describe, "tokens", floor)

@@ -84,10 +84,9 @@ class Timeline:
 def instrument(timeline: Timeline, script) -> None:
     """The phases: loading, the demos' supervised warm-up, evaluation, the train-state save, the export."""
     import run
-    import sample
-    for module, attribute, name in [
+    for module, attribute, name in [  # (not sample.generate: grpo's rollouts are part of its step)
             (run, "load", "load"), (run, "warm_up", "warm-up"), (run, "train_supervised", "warm-up"),
-            (run, "evaluate_completions", "eval"), (sample, "generate", "eval"), (script, "evaluate", "eval"),
+            (run, "evaluate_completions", "eval"), (script, "evaluate", "eval"),
             (run, "save", "save"), (run, "export_hf", "export"), (run, "export_peft", "export"),
             (run, "export_policy", "export")]:
         if hasattr(module, attribute):

@@ -49,12 +49,13 @@ def last_json(argv, stdin: str | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def side_by_side(script, nanotune_worker, tunix_script, tunix_config, describe, units: str):
+def side_by_side(script, nanotune_worker, tunix_script, tunix_config, describe, units: str, footer=None):
     """The driver of bench_dpo.py and bench_distill.py: a fresh process per measurement, systems alternating
     A B A B, each process's step the median of its timed steps (the first compiles), a system's the
     median over its processes; a markdown table with the Tunix / nanotune ratio. nanotune_worker(setting,
     steps) runs in `script --worker=SETTING`; Tunix's tunix_script gets tunix_config(setting) and one
-    request {"steps"}; describe(setting) → (row label, units per step: pairs or tokens)."""
+    request {"steps"}; describe(setting) → (row label, units per step: pairs or tokens); footer({setting: {system:
+    median step seconds}}) → lines printed under the table."""
     import argparse
     import statistics
     import sys
@@ -109,6 +110,9 @@ def side_by_side(script, nanotune_worker, tunix_script, tunix_config, describe, 
             rss = statistics.median(x["peak_rss_bytes"] for x in runs) / 2**30
             print(f"| {label} | {system} | {step[system] * 1e3:.1f} | {per_step / step[system]:.3g} | {rss:.2f} | "
                   f"{ratio} |")
+    if footer:
+        print("\n".join(footer({setting: {s: statistics.median(x["step"] for x in v) for s, v in results.items() if v}
+                                for setting, results in rows})))
     if failed:  # after the table: a benchmark that broke must not pass for one that ran
         print(f"{len(failed)} measurement(s) failed: {', '.join(f'{s} {x}' for s, x in failed)}", file=sys.stderr)
         sys.exit(1)
