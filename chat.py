@@ -1,13 +1,35 @@
-"""chat.py — each family's chat template as a plain Python function (text turns; no tools).
+"""chat.py — each family's chat template as a plain Python function: text turns, tool lists, tool calls, tool results.
 
-The published templates are Jinja; these render the same text (tests/test_data.py holds every one
-against the published template). data.py tokenizes with them; sample.py chats with them.
+The published templates are Jinja; these render the same text (tests/test_data.py and tests/test_tools.py hold
+every one against the published template). data.py tokenizes with them; sample.py chats with them.
 
     apply_chat_template([{"role": "user", "content": "Hi"}], "qwen3")   # → "<|im_start|>user\nHi<|im_end|>\n..."
+
+Tool turns take OpenAI's (and transformers') message shape, and tools= takes functions or their JSON schemas:
+
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                         "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]}
+    {"role": "tool", "content": "3"}
+    apply_chat_template(messages, "qwen3", tools=[add])   # add's schema from tools.function_schema
 """
 from __future__ import annotations
 
 import datetime
+import json
+
+from tools import function_schema
+
+
+def _json(value, indent: int | None = None) -> str:
+    """JSON as the templates' tojson filter writes it under transformers: non-ASCII kept, no HTML escaping."""
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _tool_calls(message: dict) -> list[tuple[str, dict]]:
+    """[(name, arguments), ...] of an assistant message's tool_calls ({"function": {...}} or bare {"name", ...})."""
+    calls = message.get("tool_calls") if message["role"] == "assistant" else None
+    return [(c.get("function", c)["name"], c.get("function", c)["arguments"]) for c in calls or []]
+
 
 def _alternating(messages: list[dict]) -> None:
     for i, m in enumerate(messages):
@@ -15,12 +37,46 @@ def _alternating(messages: list[dict]) -> None:
             raise ValueError("conversation roles must alternate user/assistant/user/... after an optional system")
 
 
-def gemma_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+# Gemma's templates define no tool turns. We write them as Google's function-calling guide for Gemma does
+# (https://ai.google.dev/gemma/docs/capabilities/function-calling): its instruction (the JSON-call variant) and the
+# tool list as JSON open the first user turn, and the model answers with {"name": ..., "parameters": ...}, one call
+# a line. The guide leaves results open: they go back as a user turn of ```tool_output``` blocks, as Google's Gemma
+# function-calling example does (https://ai.google.dev/gemma/docs/meme-generator).
+GEMMA_TOOL_INSTRUCTION = ("You have access to functions. If you decide to invoke any of the function(s),\n"
+                          " you MUST put it in the format of\n"
+                          '{"name": function name, "parameters": dictionary of argument name and its value}\n\n'
+                          "You SHOULD NOT include any other text in the response if you call a function\n")
+
+
+def _gemma_turns(messages: list[dict]) -> list[dict]:
+    """Messages as Gemma's user/assistant turns: an assistant's tool calls become JSON lines after its text, and
+    a run of tool messages becomes one user turn of ```tool_output``` blocks."""
+    turns = []
+    for m in messages:
+        if m["role"] == "tool":
+            block = f"```tool_output\n{m['content']}\n```"
+            if turns and turns[-1].get("tool"):
+                turns[-1]["content"] += "\n" + block
+            else:
+                turns.append({"role": "user", "content": block, "tool": True})
+        elif _tool_calls(m):
+            calls = [_json({"name": name, "parameters": arguments}) for name, arguments in _tool_calls(m)]
+            turns.append({"role": m["role"], "content": "\n".join(filter(None, [m["content"].strip(), *calls]))})
+        else:
+            turns.append(m)
+    return turns
+
+
+def gemma_chat(messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
     """Gemma 1/2/3: turns of <start_of_turn>{user|model}; a system message opens the first
-    user turn, followed by a blank line (Gemma 3's rule; Gemma 1/2 templates have no system)."""
+    user turn, followed by a blank line (Gemma 3's rule; Gemma 1/2 templates have no system).
+    Gemma's templates have no tool format: tools, calls and results are text, as Google's guide writes them (above)."""
     prefix = ""
     if messages and messages[0]["role"] == "system":
         prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
+    if tools:
+        prefix += GEMMA_TOOL_INSTRUCTION + _json([t.get("function", t) for t in tools], indent=2) + "\n"
+    messages = _gemma_turns(messages)
     _alternating(messages)
     text = "<bos>"
     for i, m in enumerate(messages):
@@ -29,48 +85,132 @@ def gemma_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
     return text + ("<start_of_turn>model\n" if add_generation_prompt else "")
 
 
-def llama3_chat(messages: list[dict], add_generation_prompt: bool = True, date: str | None = None) -> str:
-    """Llama 3.1/3.2: a system header that always states the knowledge cutoff and today's date."""
+LLAMA3_CALL_FORMAT = ('Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+                      'value}.Do not use variables.\n\n')  # sic: the template joins its sentences without a space
+
+
+def _llama3_turn(message: dict) -> str:
+    """One Llama 3 turn: text, a tool call as {"name", "parameters"} JSON, or a tool result as an ipython turn
+    (the template writes any result through tojson, so a string result arrives as a quoted JSON string)."""
+    if message["role"] in ("tool", "ipython"):
+        return f"<|start_header_id|>ipython<|end_header_id|>\n\n{_json(message['content'])}<|eot_id|>"
+    calls = _tool_calls(message)
+    if not calls:
+        return f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n{message['content'].strip()}<|eot_id|>"
+    if len(calls) != 1:
+        raise ValueError(f"Llama 3's template takes one tool call per assistant turn, got {len(calls)}")
+    name, arguments = calls[0]
+    return ('<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "' + name + '", "parameters": '
+            + _json(arguments) + "}<|eot_id|>")
+
+
+def llama3_chat(messages: list[dict], add_generation_prompt: bool = True, date: str | None = None,
+                tools: list[dict] | None = None, tools_in_user_message: bool = True) -> str:
+    """Llama 3.1/3.2: a system header that always states the knowledge cutoff and today's date. Given tools (a list,
+    even empty), the header adds "Environment: ipython" and the tools, as indented JSON with an instruction, open
+    the first user message (or close the system message, tools_in_user_message=False)."""
     date = date or datetime.date.today().strftime("%d %b %Y")  # the template's strftime_now
     system = ""
     if messages and messages[0]["role"] == "system":
         system, messages = messages[0]["content"].strip(), messages[1:]
+    tool_list = LLAMA3_CALL_FORMAT + "".join(_json(t, indent=4) + "\n\n" for t in tools or [])
     text = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-            f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n{system}<|eot_id|>")
-    for m in messages:
-        text += f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+            + ("Environment: ipython\n" if tools is not None else "")
+            + f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n")
+    if tools is not None and not tools_in_user_message:
+        text += ("You have access to the following functions. To call a function, please respond with JSON for a "
+                 "function call." + tool_list)
+    text += f"{system}<|eot_id|>"
+    if tools is not None and tools_in_user_message:
+        if not messages:
+            raise ValueError("Llama 3 puts the tools in the first user message, and there is none")
+        text += ("<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please respond with a "
+                 "JSON for a function call with its proper arguments that best answers the given prompt.\n\n"
+                 + tool_list + messages[0]["content"].strip() + "<|eot_id|>")
+        messages = messages[1:]
+    text += "".join(_llama3_turn(m) for m in messages)
     return text + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
 
 
 QWEN2_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 
-def qwen2_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Qwen 2/2.5 ChatML, with Qwen's default system message when none is given."""
-    if not messages or messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": QWEN2_DEFAULT_SYSTEM}] + list(messages)
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+def _qwen_tool_prompt(tools: list[dict]) -> str:
+    """The text Qwen 2.5 and Qwen 3 put in the system turn to list the tools (after the system message, if any)."""
+    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+            + "".join("\n" + _json(t) for t in tools)
+            + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+            '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+            "<args-json-object>}\n</tool_call>")
+
+
+def _qwen_tool_call(name: str, arguments: dict) -> str:
+    return '<tool_call>\n{"name": "' + name + '", "arguments": ' + _json(arguments) + "}\n</tool_call>"
+
+
+def _qwen_tool_response(messages: list[dict], i: int) -> str:
+    """Tool message i as Qwen writes it: a run of tool messages shares one user turn, each in <tool_response>."""
+    opens = i == 0 or messages[i - 1]["role"] != "tool"
+    closes = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
+    return (("<|im_start|>user" if opens else "") + f"\n<tool_response>\n{messages[i]['content']}\n</tool_response>"
+            + ("<|im_end|>\n" if closes else ""))
+
+
+def qwen2_chat(messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+    """Qwen 2/2.5 ChatML, with Qwen's default system message when none is given; tools follow it in the system
+    turn, an assistant's calls follow its text in <tool_call> blocks, results go back in <tool_response> blocks."""
+    system = QWEN2_DEFAULT_SYSTEM
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    text = "<|im_start|>system\n" + system + ("\n\n" + _qwen_tool_prompt(tools) if tools else "") + "<|im_end|>\n"
+    for i, m in enumerate(messages):
+        if m["role"] == "tool":
+            text += _qwen_tool_response(messages, i)
+        elif _tool_calls(m):
+            text += ("<|im_start|>assistant" + ("\n" + m["content"] if m["content"] else "")
+                     + "".join("\n" + _qwen_tool_call(*call) for call in _tool_calls(m)) + "<|im_end|>\n")
+        else:
+            text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def qwen3_chat(messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = True) -> str:
+def _qwen3_assistant(message: dict, after_last_query: bool, is_last: bool) -> str:
+    """One Qwen 3 assistant turn: its reasoning in a <think> block (kept only after the last user query, and there
+    only if it has some or ends the conversation), its text, then its tool calls, one a line."""
+    content, reasoning = message["content"], message.get("reasoning_content")
+    if reasoning is None:
+        reasoning = ""
+        if "</think>" in content:
+            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+            content = content.split("</think>")[-1].lstrip("\n")
+    text = "<|im_start|>assistant\n" + content
+    if after_last_query and (is_last or reasoning):
+        text = "<|im_start|>assistant\n<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+    for j, call in enumerate(_tool_calls(message)):
+        text += ("\n" if j > 0 or content else "") + _qwen_tool_call(*call)  # text before a call ends in a newline
+    return text + "<|im_end|>\n"
+
+
+def qwen3_chat(messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = True,
+               tools: list[dict] | None = None) -> str:
     """Qwen 3 ChatML: no default system; reasoning (<think>...</think>) is dropped from
-    assistant turns before the last user message and kept in a block after it."""
-    last_query = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    assistant turns before the last user message and kept in a block after it. Tools as in Qwen 2.5, and a
+    user message that is only a <tool_response> does not count as the last user message."""
     text = ""
+    if tools:
+        system = messages[0]["content"] + "\n\n" if messages and messages[0]["role"] == "system" else ""
+        text = "<|im_start|>system\n" + system + _qwen_tool_prompt(tools) + "<|im_end|>\n"
+    last_query = max((i for i, m in enumerate(messages) if m["role"] == "user" and not (
+        m["content"].startswith("<tool_response>") and m["content"].endswith("</tool_response>"))),
+                     default=len(messages) - 1)
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] == "assistant":
+            text += _qwen3_assistant(m, i > last_query, i == len(messages) - 1)
+        elif m["role"] == "tool":
+            text += _qwen_tool_response(messages, i)
+        elif not (i == 0 and m["role"] == "system" and tools):  # with tools, the system message is already written
             text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-            continue
-        content, reasoning = m["content"], m.get("reasoning_content")
-        if reasoning is None:
-            reasoning = ""
-            if "</think>" in content:
-                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-                content = content.split("</think>")[-1].lstrip("\n")
-        if i > last_query and (i == len(messages) - 1 or reasoning):
-            content = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
-        text += f"<|im_start|>assistant\n{content}<|im_end|>\n"
     if add_generation_prompt:
         text += "<|im_start|>assistant\n" + ("" if enable_thinking else "<think>\n\n</think>\n\n")
     return text
@@ -84,12 +224,34 @@ CHAT_TEMPLATES = {"gemma": gemma_chat, "gemma2": gemma_chat, "gemma3": gemma_cha
                   "qwen2": qwen2_chat, "qwen3": qwen3_chat}
 
 
-def apply_chat_template(messages: list[dict], family: str, add_generation_prompt: bool = True, **kw) -> str:
+def _check_message(i: int, m) -> dict:
+    """Message i if it is {"role": str, "content": str}, where an assistant message with tool_calls may have no
+    content (None or absent: read as ""), and each call names a function and a dict of arguments; else ValueError."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise ValueError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
+    calls = m.get("tool_calls") if m["role"] == "assistant" else None
+    if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
+        raise ValueError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
+    for call in calls or []:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), dict)):  # OpenAI's JSON-string arguments: json.loads them
+            raise ValueError(f"message {i}: a tool call is {{'type': 'function', 'function': {{'name': str, "
+                             f"'arguments': dict}}}}, got {call!r}")
+    return m if isinstance(m.get("content"), str) else {**m, "content": ""}
+
+
+def apply_chat_template(messages: list[dict], family: str, add_generation_prompt: bool = True,
+                        tools: list | None = None, **kw) -> str:
     """Render [{"role", "content"}, ...] with the model family's template (model.Config.family).
-    The text starts with the BOS token where the family uses one: encode it with add_bos=False."""
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
+    The text starts with the BOS token where the family uses one: encode it with add_bos=False.
+    tools: functions (described by tools.function_schema) or JSON schemas, listed where the family's template
+    lists them; None leaves the text exactly as without tool support. Tool calls and results render either way."""
+    messages = [_check_message(i, m) for i, m in enumerate(messages)]
+    if tools is not None:
+        if any(not isinstance(t, dict) and not callable(t) for t in tools):
+            raise ValueError(f"tools: expected functions or JSON schemas (dicts), got {tools!r}")
+        kw["tools"] = [t if isinstance(t, dict) else function_schema(t) for t in tools]
     return CHAT_TEMPLATES[family](messages, add_generation_prompt, **kw)
 
 
