@@ -112,7 +112,7 @@ def side_by_side(script, nanotune_worker, tunix_script, tunix_config, describe, 
                   f"{ratio} |")
     if footer:
         print("\n".join(footer({setting: {s: statistics.median(x["step"] for x in v) for s, v in results.items() if v}
-                                for setting, results in rows})))
+                                for setting, results in rows if any(results.values())})))  # the measured ones
     if failed:  # after the table: a benchmark that broke must not pass for one that ran
         print(f"{len(failed)} measurement(s) failed: {', '.join(f'{s} {x}' for s, x in failed)}", file=sys.stderr)
         sys.exit(1)
