@@ -237,15 +237,9 @@ def vocab_blocks(x_c, head, target, weight, cap, want_head, blocks: int):
     width = math.ceil(V / blocks)
     columns = jnp.arange(width)
 
-    def logits(b):  # block b: its head rows, logits [c, Vb], which columns are its own, its first column
-        start = jnp.minimum(b * width, V - width)
-        head_b = jax.lax.dynamic_slice_in_dim(head, start, width).astype(x_c.dtype)
-        z = softcap(jnp.einsum("RD,VD->RV", x_c, head_b, preferred_element_type=jnp.float32), cap)
-        return head_b, z, start + columns >= b * width, start
-
     def log_sum_exp(carry, b):
         top, total, target_z = carry  # [c] each
-        _, z, own, start = logits(b)
+        _, z, own, start = block_logits(x_c, head, b, width, cap)
         z = jnp.where(own, z, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(z, axis=-1))
         total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(z - new_top[:, None]), axis=-1)
@@ -258,16 +252,10 @@ def vocab_blocks(x_c, head, target, weight, cap, want_head, blocks: int):
     lse = top + jnp.log(total)
 
     def gradients(carry, b):
-        d_head, d_x = carry
-        head_b, z, own, start = logits(b)
+        head_b, z, own, start = block_logits(x_c, head, b, width, cap)
         p = jnp.where(own, jnp.exp(z - lse[:, None]), 0.0)
-        d_s = _d_logits(z, p, (start + columns == target[:, None]) & own, weight, cap).astype(x_c.dtype)
-        d_x = d_x + jnp.einsum("RV,VD->RD", d_s, head_b, preferred_element_type=jnp.float32)
-        if want_head:  # rows an earlier block wrote get zeros added
-            block = jnp.einsum("RV,RD->VD", d_s, x_c, preferred_element_type=jnp.float32)
-            d_head = jax.lax.dynamic_update_slice_in_dim(
-                d_head, jax.lax.dynamic_slice_in_dim(d_head, start, width) + block, start, 0)
-        return (d_head, d_x), None
+        d_s = _d_logits(z, p, (start + columns == target[:, None]) & own, weight, cap)
+        return block_gradients(carry, d_s.astype(x_c.dtype), head_b, x_c, start, want_head), None
 
     d_head = jnp.zeros(head.shape, jnp.float32) if want_head else None
     (d_head, d_x), _ = jax.lax.scan(gradients, (d_head, jnp.zeros(x_c.shape, jnp.float32)), jnp.arange(blocks))
@@ -281,6 +269,18 @@ def block_logits(x_c, head, b, width: int, cap):
     head_b = jax.lax.dynamic_slice_in_dim(head, start, width).astype(x_c.dtype)
     z = softcap(jnp.einsum("RD,VD->RV", x_c, head_b, preferred_element_type=jnp.float32), cap)
     return head_b, z, start + jnp.arange(width) >= b * width, start
+
+
+def block_gradients(carry, d_s, head_b, x_c, start, want_head: bool):
+    """(d head, d x) after vocabulary block `start`'s share: d x += d_s · head_b and, when the head trains, its rows
+    start.. += d_sᵀ · x_c (rows an earlier block already wrote get zeros added). d_s [c, Vb] in x_c's dtype."""
+    d_head, d_x = carry
+    d_x = d_x + jnp.einsum("RV,VD->RD", d_s, head_b, preferred_element_type=jnp.float32)
+    if want_head:
+        grad = jnp.einsum("RV,RD->VD", d_s, x_c, preferred_element_type=jnp.float32)
+        d_head = jax.lax.dynamic_update_slice_in_dim(
+            d_head, jax.lax.dynamic_slice_in_dim(d_head, start, head_b.shape[0]) + grad, start, 0)
+    return d_head, d_x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -337,20 +337,13 @@ def _blocked_bwd(cap, temperature, tiles, residuals, cotangents):
         x_c, target, lse_c, mean_c, g_lp, g_ent = rows
 
         def block(carry, b):
-            d_head, d_x = carry
             head_b, z, own, start = block_logits(x_c, head, b, width, cap)
             u = z / temperature
             p = jnp.where(own, jnp.exp(u - lse_c[:, None]), 0.0)
             is_target = (start + jnp.arange(width) == target[:, None]) & own
             d_u = g_lp[:, None] * (is_target.astype(jnp.float32) - p) - g_ent[:, None] * p * (u - mean_c[:, None])
             d_s = d_u / temperature if cap is None else d_u / temperature * (1 - (z / cap) ** 2)
-            d_s = d_s.astype(x_c.dtype)
-            d_x = d_x + jnp.einsum("RV,VD->RD", d_s, head_b, preferred_element_type=jnp.float32)
-            if want_head:  # rows an earlier block wrote get zeros added
-                grad = jnp.einsum("RV,RD->VD", d_s, x_c, preferred_element_type=jnp.float32)
-                d_head = jax.lax.dynamic_update_slice_in_dim(
-                    d_head, jax.lax.dynamic_slice_in_dim(d_head, start, width) + grad, start, 0)
-            return (d_head, d_x), None
+            return block_gradients(carry, d_s.astype(x_c.dtype), head_b, x_c, start, want_head), None
         (d_head, d_x), _ = jax.lax.scan(block, (d_head, jnp.zeros(x_c.shape, jnp.float32)), jnp.arange(blocks))
         return d_head, d_x.astype(x_c.dtype)
     by_chunk = lambda a: a.reshape(chunks, -1, *a.shape[1:])  # noqa: E731
