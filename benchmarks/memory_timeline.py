@@ -1,6 +1,6 @@
 """The resident memory of a whole run over time, phase by phase: where a script's process peaks.
 
-    python benchmarks/memory_timeline.py sft.py --ckpt ~/gemma-3-270m --data train.jsonl --batch-size 4 --max-len 128 --steps 3
+    python benchmarks/memory_timeline.py sft.py --ckpt ~/gemma-3-270m --data train.jsonl --batch-size 4 --steps 3
     python benchmarks/memory_timeline.py --json timeline.json --plot timeline.png grpo.py --ckpt ... --steps 3
 
 It imports the script (sft, lora, dpo, grpo or distill), wraps the functions that start each phase
@@ -25,6 +25,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGE = os.sysconf("SC_PAGE_SIZE")
+SCRIPTS = ("sft", "lora", "dpo", "grpo", "distill")
 
 
 def rss() -> int:
@@ -102,6 +103,8 @@ def main():
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's own flags")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    if pathlib.Path(args.script).stem not in SCRIPTS:
+        sys.exit(f"error: {args.script}: not one of the training scripts ({', '.join(s + '.py' for s in SCRIPTS)})")
     script = importlib.import_module(pathlib.Path(args.script).stem)
     timeline = Timeline(args.interval)
     instrument(timeline, script)

@@ -105,3 +105,23 @@ def test_driver_exits_nonzero_after_a_failed_measurement():
     assert any(line.startswith("| ") and "| nanotune |" in line for line in r.stdout.splitlines()), r.stdout
     assert "nanotune nosuchsetting: " in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1] == "1 measurement(s) failed: nanotune nosuchsetting", r.stderr[-3000:]
+
+
+def test_memory_timeline_names_each_phase_and_the_whole_run(tmp_path):
+    """memory_timeline.py around a tiny sft.py run: every phase the run went through has a row (loading,
+    evaluation, the train-state save, the export, the steps), the whole run's peak is the largest, and the
+    samples it writes are (seconds, bytes, phase) in time order; a script it does not know is one line."""
+    r = bench("memory_timeline.py", "--json", tmp_path / "t.json", "sft.py", "--steps", 2, "--batch-size", 8,
+              "--train-examples", 64, "--eval-examples", 8, "--eval-every", 2, "--save-every", 2,
+              "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in r.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| phase") and not line.startswith("| ---")}
+    assert {"load", "eval", "save", "export", "train", "whole run"} <= rows.keys(), r.stdout
+    assert rows["whole run"] == max(rows.values()) and rows["train"] > 0.1, rows  # GiB: the model is in memory
+    samples = json.loads((tmp_path / "t.json").read_text())
+    assert len(samples) > 10 and all(a[0] <= b[0] for a, b in zip(samples, samples[1:]))
+    assert {phase for _, _, phase in samples} >= {"load", "eval", "save", "export", "train"}
+    bad = bench("memory_timeline.py", "nosuch.py")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: nosuch.py: not one of the training scripts (sft.py, lora.py, dpo.py, grpo.py, distill.py)"]
