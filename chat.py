@@ -20,7 +20,7 @@ import json
 from tools import function_schema
 
 
-def _json(value, indent: int | None = None) -> str:
+def json_text(value, indent: int | None = None) -> str:
     """JSON as the templates' tojson filter writes it under transformers: non-ASCII kept, no HTML escaping."""
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
@@ -60,7 +60,7 @@ def _gemma_turns(messages: list[dict]) -> list[dict]:
             else:
                 turns.append({"role": "user", "content": block, "tool": True})
         elif _tool_calls(m):
-            calls = [_json({"name": name, "parameters": arguments}) for name, arguments in _tool_calls(m)]
+            calls = [json_text({"name": name, "parameters": arguments}) for name, arguments in _tool_calls(m)]
             turns.append({"role": m["role"], "content": "\n".join(filter(None, [m["content"].strip(), *calls]))})
         else:
             turns.append(m)
@@ -75,7 +75,7 @@ def gemma_chat(messages: list[dict], add_generation_prompt: bool = True, tools: 
     if messages and messages[0]["role"] == "system":
         prefix, messages = messages[0]["content"] + "\n\n", messages[1:]
     if tools:
-        prefix += GEMMA_TOOL_INSTRUCTION + _json([t.get("function", t) for t in tools], indent=2) + "\n"
+        prefix += GEMMA_TOOL_INSTRUCTION + json_text([t.get("function", t) for t in tools], indent=2) + "\n"
     messages = _gemma_turns(messages)
     _alternating(messages)
     text = "<bos>"
@@ -93,7 +93,7 @@ def _llama3_turn(message: dict) -> str:
     """One Llama 3 turn: text, a tool call as {"name", "parameters"} JSON, or a tool result as an ipython turn
     (the template writes any result through tojson, so a string result arrives as a quoted JSON string)."""
     if message["role"] in ("tool", "ipython"):
-        return f"<|start_header_id|>ipython<|end_header_id|>\n\n{_json(message['content'])}<|eot_id|>"
+        return f"<|start_header_id|>ipython<|end_header_id|>\n\n{json_text(message['content'])}<|eot_id|>"
     calls = _tool_calls(message)
     if not calls:
         return f"<|start_header_id|>{message['role']}<|end_header_id|>\n\n{message['content'].strip()}<|eot_id|>"
@@ -101,7 +101,7 @@ def _llama3_turn(message: dict) -> str:
         raise ValueError(f"Llama 3's template takes one tool call per assistant turn, got {len(calls)}")
     name, arguments = calls[0]
     return ('<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "' + name + '", "parameters": '
-            + _json(arguments) + "}<|eot_id|>")
+            + json_text(arguments) + "}<|eot_id|>")
 
 
 def llama3_chat(messages: list[dict], add_generation_prompt: bool = True, date: str | None = None,
@@ -113,7 +113,7 @@ def llama3_chat(messages: list[dict], add_generation_prompt: bool = True, date: 
     system = ""
     if messages and messages[0]["role"] == "system":
         system, messages = messages[0]["content"].strip(), messages[1:]
-    tool_list = LLAMA3_CALL_FORMAT + "".join(_json(t, indent=4) + "\n\n" for t in tools or [])
+    tool_list = LLAMA3_CALL_FORMAT + "".join(json_text(t, indent=4) + "\n\n" for t in tools or [])
     text = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
             + ("Environment: ipython\n" if tools is not None else "")
             + f"Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n")
@@ -139,14 +139,14 @@ def _qwen_tool_prompt(tools: list[dict]) -> str:
     """The text Qwen 2.5 and Qwen 3 put in the system turn to list the tools (after the system message, if any)."""
     return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
             "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-            + "".join("\n" + _json(t) for t in tools)
+            + "".join("\n" + json_text(t) for t in tools)
             + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
             '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
             "<args-json-object>}\n</tool_call>")
 
 
-def _qwen_tool_call(name: str, arguments: dict) -> str:
-    return '<tool_call>\n{"name": "' + name + '", "arguments": ' + _json(arguments) + "}\n</tool_call>"
+def qwen_tool_call(name: str, arguments: dict) -> str:
+    return '<tool_call>\n{"name": "' + name + '", "arguments": ' + json_text(arguments) + "}\n</tool_call>"
 
 
 def _qwen_tool_response(messages: list[dict], i: int) -> str:
@@ -169,7 +169,7 @@ def qwen2_chat(messages: list[dict], add_generation_prompt: bool = True, tools: 
             text += _qwen_tool_response(messages, i)
         elif _tool_calls(m):
             text += ("<|im_start|>assistant" + ("\n" + m["content"] if m["content"] else "")
-                     + "".join("\n" + _qwen_tool_call(*call) for call in _tool_calls(m)) + "<|im_end|>\n")
+                     + "".join("\n" + qwen_tool_call(*call) for call in _tool_calls(m)) + "<|im_end|>\n")
         else:
             text += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
@@ -188,7 +188,7 @@ def _qwen3_assistant(message: dict, after_last_query: bool, is_last: bool) -> st
     if after_last_query and (is_last or reasoning):
         text = "<|im_start|>assistant\n<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
     for j, call in enumerate(_tool_calls(message)):
-        text += ("\n" if j > 0 or content else "") + _qwen_tool_call(*call)  # text before a call ends in a newline
+        text += ("\n" if j > 0 or content else "") + qwen_tool_call(*call)  # text before a call ends in a newline
     return text + "<|im_end|>\n"
 
 

@@ -132,13 +132,14 @@ def prompt_row(row, where: str) -> dict:
     return {**row, "answer": row.get("answer", row.get("completion"))}
 
 
-def encode_prompt(prompt, tok, family, max_len: int, enable_thinking: bool = True) -> list[int]:
-    """A prompt's ids, its last max_len kept: text (with BOS), or chat messages in the family's template."""
+def encode_prompt(prompt, tok, family, max_len: int, enable_thinking: bool = True, tools=None) -> list[int]:
+    """A prompt's ids, its last max_len kept: text (with BOS), or chat messages in the family's template (which
+    lists tools, functions the model may call, where the family's lists them)."""
     if isinstance(prompt, list):  # chat messages: the family's template, up to the assistant's turn
         if family is None:
             raise DataError("chat prompts need a checkpoint of a known family (--ckpt)")
         switch = {} if enable_thinking or family != "qwen3" else {"enable_thinking": False}
-        return tok.encode(apply_chat_template(prompt, family, **switch), add_bos=False)[-max_len:]
+        return tok.encode(apply_chat_template(prompt, family, tools=tools or None, **switch), add_bos=False)[-max_len:]
     return tok.encode(prompt)[-max_len:]
 
 
@@ -300,12 +301,13 @@ class Prompts(NamedTuple):
 
 
 def prompt_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: int, seed: int, max_prompt_len: int,
-                system_prompt: str = "", chat: bool = False, enable_thinking: bool = True) -> Prompts:
+                system_prompt: str = "", chat: bool = False, enable_thinking: bool = True, tools=None) -> Prompts:
     """RL data: training and eval rows {"prompt", "answer", ...} (from files or a Hub dataset, whose test
     split is the eval rows unless eval_path says otherwise; or the built-in task's splits) and their prompt
     ids (the last max_prompt_len tokens). system_prompt: put before each prompt, as a system turn of the
     family's chat template when `chat` (an instruct checkpoint), else as text and a blank line. enable_thinking
-    False: Qwen 3's template opens the answer with an empty <think></think> (the other families have no switch)."""
+    False: Qwen 3's template opens the answer with an empty <think></think> (the other families have no switch).
+    tools: listed in chat prompts (encode_prompt)."""
     if path:
         train = read_rows(path, prompt_row)
     else:
@@ -316,14 +318,14 @@ def prompt_data(tok, family, path, eval_path, task: str, n_train: int, n_eval: i
     else:
         evals = [] if path else [{"prompt": r["prompt"], "answer": r["completion"]}
                                  for r in tasks.builtin_task(task).examples("eval", n_eval, seed)]
-    if system_prompt:
+    if system_prompt or (chat and tools):  # a chat model's tools are listed in its template: text becomes a turn
         def with_system(prompt):
             if chat or isinstance(prompt, list):
                 turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-                return [{"role": "system", "content": system_prompt}, *turns]
+                return [{"role": "system", "content": system_prompt}] * bool(system_prompt) + turns
             return f"{system_prompt}\n\n{prompt}\n"
         train, evals = ([{**r, "prompt": with_system(r["prompt"])} for r in rows] for rows in (train, evals))
-    ids = [[encode_prompt(r["prompt"], tok, family, max_prompt_len, enable_thinking) for r in rows]
+    ids = [[encode_prompt(r["prompt"], tok, family, max_prompt_len, enable_thinking, tools) for r in rows]
            for rows in (train, evals)]
     return Prompts(train, evals, ids[0], ids[1])
 

@@ -58,7 +58,7 @@ import shard
 import tasks
 
 @dataclasses.dataclass
-class Config(flags.RunConfig, flags.WarmUpConfig):
+class Config(flags.RunConfig, flags.WarmUpConfig, flags.LoRAConfig):
     # -- model and data --
     model: str = "tiny-qwen3"  # preset or family alias (ignored when --ckpt is given)
     ckpt: str | None = None  # Hugging Face checkpoint directory to start from (e.g. runs/sft/hf)
@@ -97,10 +97,7 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
     eval_every: int = 50  # steps between evaluations (and at the start and end)
     save_every: int = 100  # steps between train-state checkpoints
     seed: int = 0  # data order, pairs of the built-in task and initialisation
-    # -- LoRA / QLoRA --
-    lora: bool = False  # train LoRA adapters only; the reference is the base (adapters off)
-    lora_rank: int = 8  # LoRA r
-    lora_alpha: float = 16.0  # LoRA scale numerator (alpha / r)
+    # -- QLoRA (with --lora) --
     quant: str = ""  # QLoRA: store the frozen base as nf4 or int8 ("" keeps float32)
     AUTO: ClassVar[dict] = {"lr": (2e-3, 1e-6)}  # the fields left None: (a random tiny model, pretrained; TRL's)
     RESUMABLE: ClassVar[frozenset] = flags.RunConfig.RESUMABLE | {"ref_cache"}  # where the cache lives

@@ -84,7 +84,16 @@ class WarmUpConfig:
     warmup_sft_steps: int | None = None  # most supervised steps first (None: 500 on the task from scratch, else 0)
     warmup_sft_target: float = 0.3  # the warm-up stops once greedy accuracy on training prompts reaches this
     warmup_sft_lr: float = 3e-3  # warm-up learning rate (constant after a 10-step ramp)
-    warmup_sft_batch_size: int = 128  # warm-up sequences per step
+    warmup_sft_batch_size: int | None = None  # warm-up sequences per step (None: 128; grpo's tool demo 32)
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    """The LoRA flags of the RL scripts (grpo, dpo): adapters trained on a frozen base, which is the reference."""
+    # -- LoRA --
+    lora: bool = False  # train LoRA adapters only; the reference is the base (adapters off)
+    lora_rank: int = 8  # LoRA r
+    lora_alpha: float = 16.0  # LoRA scale numerator (alpha / r)
 
 
 def script_name(config_class) -> str:
@@ -104,6 +113,8 @@ def fill_defaults(cfg) -> None:
     cfg.out = cfg.out or f"runs/{script_name(type(cfg))}"
     if getattr(cfg, "warmup_sft_steps", 0) is None:  # a warm-up is for the built-in task from random weights
         cfg.warmup_sft_steps = 0 if pretrained or cfg.ckpt or cfg.data else 500
+    if getattr(cfg, "warmup_sft_batch_size", 0) is None:
+        cfg.warmup_sft_batch_size = 128
     check_shared(cfg)
 
 
@@ -207,7 +218,7 @@ def parse(config_class, argv=None):
     except ConfigError as e:
         fail(str(e), status=2)
     hints, sections = typing.get_type_hints(config_class), {}
-    shared = {f.name for klass in (RunConfig, WarmUpConfig) for f in dataclasses.fields(klass)}
+    shared = {f.name for klass in (RunConfig, WarmUpConfig, LoRAConfig) for f in dataclasses.fields(klass)}
     for field in sorted(dataclasses.fields(config_class), key=lambda f: f.name in shared):  # the script's own first
         name = groups.get(field.name, "options")
         section = sections.get(name) or sections.setdefault(name, parser.add_argument_group(name))

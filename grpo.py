@@ -26,22 +26,25 @@ weighs the policy term only, never the KL. The variants, with TRL's knobs (LOSS_
 - --advantage-estimator rloo | reinforce_plus_plus_baseline; --multi-objective-aggregation
   normalize_then_sum (GDPO: each reward normalised in its group, then summed);
 - DAPO (Yu et al. 2025): --epsilon-high 0.28, --loss-type dapo, --dynamic-sampling (groups whose rewards
-  are all equal teach nothing: dropped, more prompts drawn) and --soft-punish-cache (an overlong penalty).
+  are all equal teach nothing: dropped, more prompts drawn) and --soft-punish-cache (an overlong penalty);
+- --tools: a completion is a conversation in which the policy calls Python functions (tools.py); their results'
+  tokens are context, scored by the learner but with no loss (mask 0), and the rewards read the final answer.
 
 Where it departs from TRL's GRPOTrainer: TRL defaults to loss_type dapo and β = 0 (no reference model); ours are the
 paper's grpo averaging and a KL to π_ref, β = 0.02 (DeepSeekMath used 0.04), a small KL having helped the tiny demo
 most. dapo averages over each optimizer step's own tokens (TRL divides each of --steps-per-generation steps by the
 whole generation batch's count).
 
-The logged loss reads ~0: on the first update of a rollout batch π_old = π_θ, so ρ = 1 and the loss is −mean(A) +
-β·KL, and advantages are centred in each group (they sum to zero). Its gradient is the policy gradient −Σ A ∇log
-π_θ, not zero: watch reward and eval/reward instead.
+The logged loss reads ~0 (on a batch's first update ρ = 1, and advantages sum to zero in each group), its gradient
+−Σ A ∇log π_θ does not: watch reward and eval/reward instead.
 
 With no arguments: the built-in task ("123*4=" → "0492", reward 1 for the exact answer) on the tiny Qwen 3,
 about 3 minutes on a laptop CPU; a supervised warm-up first (run.warm_up: a random policy never earns a
-reward), then GRPO raises greedy held-out accuracy (eval/reward; tests/test_grpo.py holds by how much):
+reward), then GRPO raises greedy held-out accuracy (eval/reward; tests/test_grpo.py holds by how much).
+--tools calculator: 3-digit products, which the tiny model cannot learn, computed by a calculator it learns to call:
 
     python grpo.py
+    python grpo.py --tools calculator                                                 # 4 minutes
     python grpo.py --importance-sampling-level sequence                               # GSPO
     python grpo.py --loss-type dapo --epsilon-high 0.28 --dynamic-sampling --soft-punish-cache 1  # DAPO
     python grpo.py --ckpt path/to/qwen3-0.6b --data gsm8k.jsonl --lora --max-completion-len 256 --tpu
@@ -65,19 +68,18 @@ from flax import nnx
 
 import adapters
 import data
-import engine
 import flags
 import model as model_lib
 import run
-import sample
 import shard
 import tasks
+import tools
 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 @dataclasses.dataclass
-class Config(flags.RunConfig, flags.WarmUpConfig):
+class Config(flags.RunConfig, flags.WarmUpConfig, flags.LoRAConfig):
     # -- model and data --
     model: str = "tiny-qwen3"  # preset or family alias (ignored when --ckpt is given)
     ckpt: str | None = None  # Hugging Face checkpoint directory to start from (e.g. runs/sft/hf)
@@ -97,6 +99,8 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # top-k sampling (0: off)
     rollout_slots: int = 0  # S > 0: decode in S slots refilled as completions end (engine.py); 0: one static batch
+    tools: str | None = None  # functions the policy may call: calculator (the demo) or module:fn1,fn2 (tools.load)
+    max_tool_calls: int = 4  # most calls in a completion; their results count in --max-completion-len
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw prompts until B are kept
     max_num_gen_batches: int = 10  # dynamic sampling: most prompt batches drawn for one step (then: what was kept)
     # -- rewards and advantages --
@@ -126,7 +130,7 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
     importance_sampling_max: float = 3.0  # w's upper bound
     off_policy_mask_threshold: float | None = None  # drop A < 0 sequences whose mean log(π_sampler/π_θ) exceeds it
     # -- optimisation --
-    steps: int = 800  # GRPO steps, each one rollout batch and num_iterations x steps_per_generation updates
+    steps: int | None = None  # GRPO steps, each a rollout batch and μ x steps_per_generation updates (None: 800)
     lr: float | None = None  # peak learning rate
     warmup: float = 0.05  # fraction of updates of linear warmup, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -136,17 +140,20 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
     log_completions_every: int = 50  # steps between <out>/completions.jsonl records (0: never)
     num_completions_to_print: int = 8  # completions of each record (whole groups, the first ones)
     seed: int = 0  # data order, sampling and initialisation
-    # -- LoRA --
-    lora: bool = False  # train LoRA adapters only; the reference is the base (adapters off)
-    lora_rank: int = 8  # LoRA r
-    lora_alpha: float = 16.0  # LoRA scale numerator (alpha / r)
     # (tiny, pretrained): TRL's GRPOConfig lr and length, DeepSeekMath's β, Tunix's GSM8K demo's temperature
     AUTO: ClassVar[dict] = {"lr": (1e-3, 1e-6), "beta": (0.02, 0.04), "max_completion_len": (6, 256),
                             "temperature": (1.0, 0.9), "prompts_per_step": (64, 16),
                             "data": (None, "openai/gsm8k:main"), "system_prompt": ("", tasks.REASONING_PROMPT)}
+    # --tools calculator: 3-digit products (a tiny model cannot learn them, but can learn to have them computed)
+    TOOL_DEMO: ClassVar[dict] = {"task": "*,3,3", "steps": 60, "prompts_per_step": 8, "max_completion_len": 192,
+                                 "warmup_sft_batch_size": 32}
     RESUMABLE: ClassVar[frozenset] = flags.RunConfig.RESUMABLE | {"log_completions_every", "num_completions_to_print"}
 
     def __post_init__(self):
+        if self.tools == "calculator" and self.data is None and self.task is None:  # the tool demo's defaults
+            for name, value in self.TOOL_DEMO.items():
+                setattr(self, name, value if getattr(self, name) is None else getattr(self, name))
+        self.steps = 800 if self.steps is None else self.steps
         if self.task is not None and self.data is None:  # a named task is the data, a pretrained model's too
             self.data, self.system_prompt = "", self.system_prompt or ""  # its prompts as they are
         self.task = self.task or "*,3,1"
@@ -173,10 +180,13 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
             (self.multi_objective_aggregation == "sum_then_normalize" or self.advantage_estimator == "grpo",
              "normalize_then_sum (GDPO) is grpo's advantage"),
             (0 <= self.soft_punish_cache < self.max_completion_len and self.log_completions_every >= 0 and
-             self.rollout_slots >= 0, "need 0 <= --soft-punish-cache < --max-completion-len, "
-             "--log-completions-every >= 0 and --rollout-slots >= 0")])
-        self.weights = flags.numbers(self.reward_weights, "reward-weights")
-        reward_weights(self, reward_functions(self))  # one weight per reward function (and a bad --task fails here)
+             self.rollout_slots >= 0 and self.max_tool_calls >= 0, "need 0 <= --soft-punish-cache < "
+             "--max-completion-len, --log-completions-every >= 0, --rollout-slots >= 0 and --max-tool-calls >= 0")])
+        self.tool_functions = tools.load(self.tools) if self.tools else []
+        funcs = reward_functions(self)  # (a bad --task fails here) rewards are their sum, with --reward-weights:
+        self.weights = np.array(flags.numbers(self.reward_weights, "reward-weights") or [1.0] * len(funcs))
+        flags.check([(len(self.weights) == len(funcs), f"--reward-weights has {len(self.weights)} weights for "
+                      f"{len(funcs)} reward functions ({', '.join(f.__name__ for f in funcs)})")])
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -184,21 +194,14 @@ class Config(flags.RunConfig, flags.WarmUpConfig):
 def reward_functions(cfg: Config) -> list:
     """What GRPO rewards, plain functions f(prompts, completions, completion_ids, **columns) → [reward per
     completion]: the built-in task's exact answer and its fixed-width format, or for --data (GSM8K and the
-    like) the number in the completion equal to the answer and the <think>/<answer> format; with
-    --soft-punish-cache, DAPO's soft overlong punishment. The first is eval/reward."""
-    funcs = [tasks.accuracy_reward, tasks.format_reward] if cfg.data else tasks.builtin_task(cfg.task).rewards()
+    like) the number in the completion equal to the answer and the <think>/<answer> format; --tools on the task: the
+    final answer's number (a tool writes no zero padding; with --tools completions are the final answers, see
+    tools.score); with --soft-punish-cache, DAPO's soft overlong punishment. The first is eval/reward."""
+    funcs = ([tasks.accuracy_reward, tasks.format_reward] if cfg.data else [tasks.accuracy_reward] if cfg.tools
+             else tasks.builtin_task(cfg.task).rewards())
     if cfg.soft_punish_cache:
         funcs.append(tasks.soft_overlong_punishment(cfg.max_completion_len, cfg.soft_punish_cache))
     return funcs
-
-
-def reward_weights(cfg: Config, funcs) -> np.ndarray:
-    """--reward-weights, one per reward function (default: all 1); rewards are their weighted sum."""
-    weights = np.array(cfg.weights or [1.0] * len(funcs))
-    if len(weights) != len(funcs):
-        raise ValueError(f"--reward-weights has {len(weights)} weights for {len(funcs)} reward functions "
-                         f"({', '.join(f.__name__ for f in funcs)})")
-    return weights
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -388,37 +391,37 @@ class Rollout(NamedTuple):
     prompt_ids: list[list[int]]  # [N] ragged
     completions: list[list[int]]  # [N] ragged, each ending at a stop id or at max_completion_len
     sampler_logps: list[list[float]]  # [N] ragged: log-prob of each sampled token under the sampler's softmax
+    loss_masks: list[list[int]]  # [N] ragged: 1 on sampled tokens, 0 on tool results (context, no loss)
+    tool_calls: np.ndarray  # [N, 2] each completion's tool calls, and of those the failed ones
     per_func: np.ndarray  # [N, F] each reward function's reward
     rewards: np.ndarray  # [N] their weighted sum
     advantages: np.ndarray  # [N]
     std: np.ndarray  # [N] the reward std of each row's group
 
 
-def draw(train, train_ids, policy, funcs, tok, cfg: Config, step: int, position: int, eos_ids):
+def draw(train, train_ids, policy, sample: tools.Sampler, cfg: Config, step: int, position: int):
     """1. Sample B prompts' groups (seeded by (seed, step): a resumed run draws the same), 2. score them, 3. their
     advantages. With --dynamic-sampling (DAPO) groups whose rewards are all equal (nothing to learn) are dropped
     and more batches of B prompts drawn, up to --max-num-gen-batches, the kept cut to B (still short: whole
     slices of them). → the rollout, the data position after it, what was drawn (for the log)."""
-    B, G, weights = cfg.prompts_per_step, cfg.num_generations, reward_weights(cfg, funcs)
-    kept, drawn = [], 0  # kept: each group's (rows, prompt ids, completions, sampler log-probs, rewards [G, F])
+    B, G, weights = cfg.prompts_per_step, cfg.num_generations, cfg.weights
+    kept, drawn = [], 0  # kept: each group's (rows, prompt ids, tools.ToolRollouts, rewards [G, F])
     while drawn < (cfg.max_num_gen_batches if cfg.dynamic_sampling else 1) and len(kept) < B:
         picked = data.stream(len(train), cfg.seed, position, B)
         position, drawn = position + B, drawn + 1
         rows, ids = [train[i] for i in picked for _ in range(G)], [train_ids[i] for i in picked for _ in range(G)]
         seed = int(np.random.SeedSequence([cfg.seed, step] + [drawn - 1] * (drawn > 1)).generate_state(1)[0])
-        completions, logps = engine.generate(policy, ids, slots=cfg.rollout_slots, seed=seed,  # 1. sample
-                                             max_new_tokens=cfg.max_completion_len, temperature=cfg.temperature,
-                                             top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=eos_ids, return_logprobs=True)
-        per_func = tasks.score(funcs, rows, [tok.decode(c) for c in completions], completions)  # 2. score
+        outs, per_func = sample(policy, rows, ids, seed, cfg.temperature)  # 1. sample, 2. score
         std = (per_func @ weights).reshape(B, G).std(1)
-        kept += [tuple(x[g * G:(g + 1) * G] for x in (rows, ids, completions, logps, per_func)) for g in range(B)
+        kept += [tuple(x[g * G:(g + 1) * G] for x in (rows, ids, outs, per_func)) for g in range(B)
                  if std[g] > 0 or not cfg.dynamic_sampling]
     unit = cfg.steps_per_generation * cfg.grad_accum * jax.process_count()  # groups a step must divide into
     kept = kept[:B] if len(kept) >= B else kept[:len(kept) // unit * unit]
-    rows, ids, completions, logps = ([x for group in kept for x in group[i]] for i in range(4))
-    per_func = np.concatenate([group[4] for group in kept]) if kept else np.zeros((0, len(funcs)))
-    adv, std = advantages(per_func, weights, [len(c) for c in completions], cfg) if kept else (per_func[:, 0],) * 2
-    return (Rollout(rows, ids, completions, logps, per_func, per_func @ weights, adv, std), position,  # 3.
+    rows, ids, outs = ([x for group in kept for x in group[i]] for i in range(3))
+    per_func = np.concatenate([group[3] for group in kept]) if kept else np.zeros((0, len(sample.funcs)))
+    adv, std = advantages(per_func, weights, [len(o.completion) for o in outs], cfg) if kept else (per_func[:, 0],) * 2
+    return (Rollout(rows, ids, [o.completion for o in outs], [o.logprobs for o in outs], [o.loss_mask for o in outs],
+                    tools.calls(outs), per_func, per_func @ weights, adv, std), position,
             {"num_gen_batches": drawn, "kept_groups": len(kept)} if cfg.dynamic_sampling else {})
 
 
@@ -431,6 +434,7 @@ def step_batches(r: Rollout, eos_ids, pad_id: int, cfg: Config, mesh, step: int)
     batch = data.completion_batch(r.prompt_ids, r.completions, pad_id, cfg.max_completion_len)
     C = batch["mask"].shape[1]
     batch["sampler_logp"] = np.array([lp + [0.0] * (C - len(lp)) for lp in r.sampler_logps], np.float32)
+    batch["mask"] *= np.array([m + [0] * (C - len(m)) for m in r.loss_masks], np.float32)  # tool results: no loss
     if cfg.mask_truncated_completions:
         batch["mask"] *= np.array([[c[-1] in eos_ids] for c in r.completions], np.float32)
     batch["advantages"] = r.advantages.astype(np.float32)
@@ -469,7 +473,8 @@ def step_record(r: Rollout, funcs, update_metrics, drew: dict, eos_ids, cfg: Con
             **({"kl": mean["kl"]} if cfg.beta else {}), "clip_ratio": mean["clip_ratio"],
             "completions/mean_length": float(np.mean([len(c) for c in r.completions])),
             "completions/clipped_ratio": float(np.mean([c[-1] not in eos_ids for c in r.completions])), **drew,
-            **{k: float(v) for k, v in update_metrics[0].items() if k == "entropy" or k.startswith("sampling/")}}
+            **{k: float(v) for k, v in update_metrics[0].items() if k == "entropy" or k.startswith("sampling/")},
+            **(tools.metrics(r.tool_calls) if cfg.tools else {})}
 
 
 def completion_records(step: int, r: Rollout, funcs, tok, cfg: Config) -> list[dict]:
@@ -479,54 +484,49 @@ def completion_records(step: int, r: Rollout, funcs, tok, cfg: Config) -> list[d
              "advantage": float(r.advantages[i])} for i in range(min(cfg.num_completions_to_print, len(r.rows)))]
 
 
-class Evaluation(NamedTuple):
-    """What eval/reward is measured on: held-out rows and their prompt ids, the rewards, the stop rule."""
-    rows: list[dict]
-    ids: list[list[int]]
-    funcs: list
-    eos_ids: tuple[int, ...]
-    tok: object
-
-
-def evaluate(model, ev: Evaluation, cfg: Config) -> dict:
-    """eval/reward: the first reward function (accuracy) of greedy completions; eval/rewards/<name>: each."""
-    if not ev.rows:
+def evaluate(model, prompts: data.Prompts, sample: tools.Sampler, cfg: Config) -> dict:
+    """eval/reward: the first reward function (accuracy) of greedy completions of the held-out prompts (with
+    --tools, greedy conversations: the tools run); eval/rewards/<name>: each; eval/tools/*: the calls."""
+    if not prompts.evals:
         return {}
-    outs = sample.generate(model, ev.ids, max_new_tokens=cfg.max_completion_len, eos_ids=ev.eos_ids)
-    rewards = tasks.score(ev.funcs, ev.rows, [ev.tok.decode(o) for o in outs], outs).mean(0)
-    return {"eval/reward": float(rewards[0]), **{f"eval/rewards/{f.__name__}": x for f, x in zip(ev.funcs, rewards)}}
+    outs, per_func = sample(model, prompts.evals, prompts.eval_ids, 0, 0.0)
+    rewards = per_func.mean(0)
+    return {"eval/reward": float(rewards[0]), **{f"eval/rewards/{f.__name__}": x for f, x in zip(sample.funcs, rewards)},
+            **(tools.metrics(tools.calls(outs), "eval/") if cfg.tools else {})}
 
 
 # ----------------------------------------------------------------------------- main
 
-class Start(NamedTuple):
-    """What a GRPO run starts from (prepare)."""
-    loaded: run.Loaded
-    prompts: data.Prompts  # training and held-out rows and their prompt ids
-    model: object  # π at step 0: the checkpoint, warmed up, with LoRA adapters (B = 0) when asked
-    first_record: dict  # the warm-up's numbers, logged at step 0
-    mesh: object
-    manager: object  # the orbax checkpoint manager of <out>/checkpoints
-
-
-def prepare(cfg: Config) -> Start:
+def prepare(cfg: Config):
     """The model, tokenizer and prompts of a run; the supervised warm-up of the demo (run.warm_up: GRPO
-    learns only where a group's rewards differ, and a random policy never earns one); LoRA adapters on top."""
+    learns only where a group's rewards differ, and a random policy never earns one); LoRA adapters on top.
+    → run.Loaded, data.Prompts, π at step 0, the warm-up's record, tools.Sampler, mesh, checkpoint manager."""
     with flags.user_errors():
         loaded = run.load(cfg)
         prompts = data.prompt_data(loaded.tokenizer, loaded.family, cfg.data, cfg.eval_data, cfg.task,
                                    cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.max_prompt_len,
-                                   cfg.system_prompt, data.has_chat_template(loaded.directory), cfg.enable_thinking)
+                                   cfg.system_prompt, data.has_chat_template(loaded.directory), cfg.enable_thinking,
+                                   cfg.tool_functions)
         manager, mesh = run.checkpoints(cfg, loaded.model), shard.make_mesh(cfg.mesh)
     print(f"prompt 0 as the model sees it: {loaded.tokenizer.decode(prompts.train_ids[0])!r}", file=sys.stderr)
-    model, first_record = shard.shard_model(loaded.model, mesh), {}
+    model, first_record, tok = shard.shard_model(loaded.model, mesh), {}, loaded.tokenizer
+    sampler = tools.Sampler(reward_functions(cfg), tok, data.stop_ids(tok, model.cfg), loaded.family or model.cfg.family,
+                            cfg.tool_functions, cfg.max_completion_len, cfg.max_tool_calls, cfg.rollout_slots,
+                            cfg.top_k, cfg.top_p, cfg.enable_thinking)
     if cfg.warmup_sft_steps:
         rows = [{"prompt": r["prompt"], "completion": str(r["answer"])} for r in prompts.train]
-        model, first_record = run.warm_up(cfg, loaded, model, [data.tokenize(r, loaded.tokenizer) for r in rows], rows,
-                                          mesh, cfg.max_prompt_len + cfg.max_completion_len)
+        examples, accuracy = [data.tokenize(r, tok) for r in rows], None
+        if cfg.tools == "calculator" and not cfg.data:  # the tool demo: conversations, and their answers' accuracy
+            examples = tasks.calculator_conversations(prompts.train, prompts.train_ids, tok, sampler.family,
+                                                      cfg.max_completion_len, cfg.enable_thinking)
+            n = min(cfg.eval_examples, 128)  # its stopping test: greedy conversations' accuracy on training prompts
+            train = prompts._replace(evals=prompts.train[:n], eval_ids=prompts.train_ids[:n])
+            accuracy = lambda m: evaluate(m, train, sampler, cfg)["eval/reward"]  # noqa: E731
+        model, first_record = run.warm_up(cfg, loaded, model, examples, rows, mesh,
+                                          cfg.max_prompt_len + cfg.max_completion_len, accuracy)
     if cfg.lora:  # adapters on the (warmed-up) base; B = 0, so the model starts unchanged
         model = shard.shard_model(adapters.add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed), mesh)
-    return Start(loaded, prompts, model, first_record, mesh, manager)
+    return loaded, prompts, model, first_record, sampler, mesh, manager
 
 
 def learner(graphdef, tx, cfg: Config, mesh, param_sh, opt_sh) -> tuple[Callable, Callable]:
@@ -543,9 +543,9 @@ def learner(graphdef, tx, cfg: Config, mesh, param_sh, opt_sh) -> tuple[Callable
 
 def main(argv=None):
     cfg = flags.parse(Config, argv)
-    start_time, funcs = time.perf_counter(), reward_functions(cfg)
-    loaded, prompts, model, first_record, mesh, manager = prepare(cfg)
-    tok, eos_ids, pad_id = loaded.tokenizer, data.stop_ids(loaded.tokenizer, model.cfg), data.pad_id(loaded.tokenizer)
+    start_time = time.perf_counter()
+    loaded, prompts, model, first_record, sampler, mesh, manager = prepare(cfg)
+    (funcs, tok, eos_ids, *_), pad_id = sampler, data.pad_id(loaded.tokenizer)
     # π_θ: the trained parameters (all, or the adapters) | the frozen rest of the model
     graphdef, params, frozen = nnx.split(model, adapters.LoRA if cfg.lora else nnx.Param, ...)
     tx, schedule = run.adamw(cfg, cfg.steps * cfg.num_iterations * cfg.steps_per_generation)
@@ -559,16 +559,15 @@ def main(argv=None):
     params, opt_state = state["params"], state["opt_state"]
     run.announce(loaded, params, mesh, f"{len(prompts.train)} prompts, {cfg.prompts_per_step} x "
                                        f"{cfg.num_generations} completions per step", cfg)
-    ev = Evaluation(prompts.evals, prompts.eval_ids, funcs, eos_ids, tok)
 
     with run.MetricsLog(cfg.out, cfg) as log:
         if step == 0:
-            log.write({"step": 0, **first_record, **evaluate(nnx.merge(graphdef, params, frozen), ev, cfg)})
+            log.write({"step": 0, **first_record, **evaluate(nnx.merge(graphdef, params, frozen), prompts, sampler, cfg)})
         progress = run.Progress(cfg, step, manager)
         while step < cfg.steps:
             with progress.timed("rollout"):  # 1. sample, 2. score, 3. advantages
                 r, position, drew = draw(prompts.train, prompts.train_ids, nnx.merge(graphdef, params, frozen),
-                                         funcs, tok, cfg, step, position, eos_ids)
+                                         sampler, cfg, step, position)
             steps = step_batches(r, eos_ids, pad_id, cfg, mesh, step) if r.completions else []
             with progress.timed("update"):  # π_ref's log-probs for the KL, then 4. the updates (waited for)
                 for s in steps if cfg.beta else ():
@@ -580,7 +579,7 @@ def main(argv=None):
                 record = {**progress.record(step, update_metrics[-1], schedule(cfg.num_iterations * cfg.steps_per_generation * step - 1)),
                           **step_record(r, funcs, update_metrics, drew, eos_ids, cfg)}
                 if progress.due(step, cfg.eval_every):
-                    record.update(evaluate(nnx.merge(graphdef, params, frozen), ev, cfg))
+                    record.update(evaluate(nnx.merge(graphdef, params, frozen), prompts, sampler, cfg))
                 progress.write(log, record, reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0):.4f}",
                                eval=record.get("eval/reward", ""))
             if cfg.log_completions_every and progress.due(step, cfg.log_completions_every):

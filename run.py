@@ -434,12 +434,13 @@ def export_policy(final, out, loaded: Loaded, lora: bool, seconds: float) -> Non
 
 # ----------------------------------------------------------------------------- the demos' supervised warm-up
 
-def warm_up(cfg, loaded, model, examples, rows, mesh, max_len: int):
+def warm_up(cfg, loaded, model, examples, rows, mesh, max_len: int, accuracy=None):
     """The supervised warm-up of grpo's and dpo's demos (--warmup-sft-*): a random policy earns no reward and
     prefers nothing, and one caught mid-learning (not annealed) still has unsure answers for the algorithm to
     sort out. It stops once greedy accuracy on the first --eval-examples training `rows` ({"prompt",
     "completion"}) reaches --warmup-sft-target, and is saved to <out>/warmup_sft: π_ref, which --resume
-    reloads instead of training again. Returns the model and what step 0 logs of the warm-up."""
+    reloads instead of training again. accuracy(model) replaces that test where a completion is more than one
+    greedy turn (grpo's tool demo). Returns the model and what step 0 logs of the warm-up."""
     saved = pathlib.Path(cfg.out) / "warmup_sft"
     if cfg.resume and (saved / "config.json").is_file():
         print(f"the supervised warm-up is the one in {saved}", file=sys.stderr)
@@ -451,8 +452,8 @@ def warm_up(cfg, loaded, model, examples, rows, mesh, max_len: int):
     rows, tok = rows[:cfg.eval_examples], loaded.tokenizer
     plan = Supervised(cfg.warmup_sft_steps, cfg.warmup_sft_lr, cfg.warmup_sft_batch_size, max_len,
                       cfg.warmup_sft_target, cfg.seed)
-    return train_supervised(model, examples, plan, lambda m: evaluate_completions(m, rows, tok, None)["eval/accuracy"],
-                            mesh, saved, loaded)
+    accuracy = accuracy or (lambda m: evaluate_completions(m, rows, tok, None)["eval/accuracy"])
+    return train_supervised(model, examples, plan, accuracy, mesh, saved, loaded)
 
 
 class Supervised(NamedTuple):

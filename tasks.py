@@ -8,11 +8,16 @@ format_reward check free-form completions against a dataset's answers (GSM8K's "
 """
 from __future__ import annotations
 
+import ast
 import decimal
+import operator
 import re
 import zlib
 
 import numpy as np
+
+import chat
+import tools
 
 
 def task_accuracy(task):
@@ -201,3 +206,58 @@ def builtin_task(spec: str) -> Arithmetic | Sequence:
         return Arithmetic(op, int(a), int(b))
     except ValueError as e:
         raise ValueError(f"bad --task {spec!r} (want e.g. *,3,1 or sequence): {e}") from None
+
+
+def calculator_conversations(rows, prompt_ids, tok, family: str, max_completion_len: int, enable_thinking: bool = True,
+                             n: int = 512) -> list[tuple[list[int], list[int]]]:
+    """grpo's tool demo's warm-up data: n conversations that call the calculator on the problem ("123*456=" →
+    expression "123*456"), then answer what it returned, as tools.scripted writes them (the tokens and masks of a
+    sampled conversation: the tool result turn carries no loss). → (ids, loss mask) each."""
+    end, examples = tok.token_id(chat.END_OF_TURN[family]) or tok.eos_ids[0], []
+    for row, ids in zip(rows[:n], prompt_ids[:n]):
+        expression = row["prompt"].rstrip("=")
+        call = tools.call_text(family, "calculator", {"expression": expression})
+        r = tools.scripted(ids, [call, calculator(expression)], tok, family, [calculator], end,
+                           max_completion_len, enable_thinking)
+        examples.append((ids + r.completion, [0] * len(ids) + r.loss_mask))
+    return examples
+
+
+# ----------------------------------------------------------------------------- the tool demo's tool
+
+OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+             ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+             ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
+LEADING_ZEROS = re.compile(r"(?<![\d.])0+(?=\d)")
+
+
+def _arithmetic(node):
+    """The value of a parsed expression made only of numbers, + - * / // % ** and parentheses."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and type(node.op) in OPERATORS:
+        return OPERATORS[type(node.op)](_arithmetic(node.operand))
+    if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
+        left, right = _arithmetic(node.left), _arithmetic(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+            raise ValueError(f"exponent {right} is over 64")
+        value = OPERATORS[type(node.op)](left, right)
+        if isinstance(value, int) and value.bit_length() > 1024:
+            raise ValueError("a number over 1024 bits")
+        return value
+    raise ValueError(f"{ast.unparse(node)!r} is not arithmetic")
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression: numbers, + - * / // % ** and parentheses.
+
+    Args:
+        expression: the expression, e.g. "123*456"
+    """
+    if len(expression) > 200:
+        raise ValueError("the expression is over 200 characters")
+    expression = LEADING_ZEROS.sub("", expression.strip())  # "040" is 40 here (Python reads no such literal)
+    value = _arithmetic(ast.parse(expression, mode="eval").body)  # parsed, never evaluated as Python
+    return str(int(value)) if isinstance(value, float) and value.is_integer() and abs(value) < 1e15 else str(value)

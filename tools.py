@@ -29,13 +29,18 @@ come back to the model as one "error: ..." result. The model's text is only ever
 from __future__ import annotations
 
 import enum
+import importlib
+import importlib.util
 import inspect
 import json
+import pathlib
 import re
 import threading
 import types
 import typing
 from typing import NamedTuple
+
+import numpy as np
 
 JSON_SCALARS = {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null"}
 JSON_TYPES = {**JSON_SCALARS, list: "array", tuple: "array", dict: "object"}  # containers bare, without element types
@@ -424,3 +429,134 @@ def rollout(generate_fn: typing.Callable, prompts: list[list[int]], tok, family:
             out[i] = r
         going = still_going
     return out
+
+
+def generate(model, prompts: list[list[int]], fns: list[typing.Callable], tok, family: str | None, *,
+             max_completion_len: int, max_tool_calls: int = 4, seed: int = 0, eos_ids=None, slots: int = 0,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, enable_thinking: bool = True,
+             timeout_s: float = 10.0) -> list[ToolRollout]:
+    """Sampled completions of prompts as ToolRollouts, engine.generate drawing each turn: with tools fns, rollout()
+    (round r seeded by (seed, r), round 0 by seed itself; a later round's rows padded to the first round's count
+    and its token budget rounded up to a power of two, each row cut to its own: a run compiles a few shapes); without, one turn each, exactly
+    engine.generate's (mask 1 throughout, no calls). Greedy (temperature 0) asks for no log-probs: 0.0 each.
+    family: the call and result format (chat.py's; a tiny byte-level model takes its preset's)."""
+    import engine  # here: engine imports sample, which a tool module need not load
+    rounds = iter(range(1 << 30))
+
+    def generate_fn(batch, max_new_tokens):
+        r, n = next(rounds), len(batch)
+        budget = max_new_tokens if r == 0 else min(1 << (max_new_tokens - 1).bit_length(), max_completion_len)
+        out = engine.generate(model, batch + batch[:1] * (len(prompts) - n), slots=slots, max_new_tokens=budget,
+                              temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids,
+                              return_logprobs=temperature > 0,  # rows padded to the first round's: one shape
+                              seed=seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0]))
+        ids, logprobs = out if temperature > 0 else (out, [[0.0] * len(ids) for ids in out])
+        return ids[:n], logprobs[:n]
+    if not fns:
+        ids, logprobs = generate_fn(prompts, max_completion_len)
+        return [ToolRollout(i, [1] * len(i), lp, 0, 0, []) for i, lp in zip(ids, logprobs)]
+    return rollout(generate_fn, prompts, tok, family, fns, max_completion_len=max_completion_len,
+                   max_tool_calls=max_tool_calls, eos_ids=eos_ids, timeout_s=timeout_s, enable_thinking=enable_thinking)
+
+
+class Sampler(NamedTuple):
+    """sampler(policy, rows, ids, seed, temperature) → the completions of prompts ids (generate's ToolRollouts: with
+    tools, conversations in which they ran) and their rewards [N, F] (score): what an RL script draws and scores."""
+    funcs: list  # the reward functions
+    tok: object
+    eos_ids: tuple[int, ...]  # where a turn ends
+    family: str | None  # the format of calls and results
+    fns: list  # the tools ([]: one turn each, no calls)
+    max_completion_len: int  # tokens of a completion, tool results included
+    max_tool_calls: int = 4
+    slots: int = 0  # engine.generate's
+    top_k: int = 0
+    top_p: float = 1.0
+    enable_thinking: bool = True  # as the prompts were rendered (Qwen 3)
+
+    def __call__(self, policy, rows, ids, seed: int, temperature: float):
+        outs = generate(policy, ids, self.fns, self.tok, self.family, max_completion_len=self.max_completion_len,
+                        max_tool_calls=self.max_tool_calls, seed=seed, eos_ids=self.eos_ids, slots=self.slots,
+                        temperature=temperature, top_k=self.top_k, top_p=self.top_p,
+                        enable_thinking=self.enable_thinking)
+        return outs, score(self.funcs, rows, outs, self.tok, bool(self.fns))
+
+
+def final_answer(r: ToolRollout) -> str:
+    """The text of a conversation's last assistant turn ("" when it ends on a tool's result: no answer came)."""
+    return r.messages[-1]["content"] if r.messages and r.messages[-1]["role"] == "assistant" else ""
+
+
+def score(funcs, rows, outs: list[ToolRollout], tok, with_tools: bool) -> np.ndarray:
+    """Rewards [N, F] of sampled completions (generate's), tasks.score's: each completion's text, or with tools its
+    final answer (the rows also get each conversation's messages and its number of tool_calls as columns)."""
+    import tasks  # here: tasks imports this module for the calculator demo's conversations
+    if with_tools:
+        rows = [{**row, "messages": o.messages, "tool_calls": o.tool_calls} for row, o in zip(rows, outs)]
+    texts = [final_answer(o) if with_tools else tok.decode(o.completion) for o in outs]
+    return tasks.score(funcs, rows, texts, [o.completion for o in outs])
+
+
+def calls(outs: list[ToolRollout]) -> np.ndarray:
+    """[N, 2]: each conversation's tool calls, and of those the failed ones."""
+    return np.array([[o.tool_calls, o.failed_calls] for o in outs], np.int64).reshape(-1, 2)
+
+
+def metrics(made_failed: np.ndarray, prefix: str = "") -> dict:
+    """TRL's metrics of [N, 2] calls (made, failed): tool calls per completion, and the fraction that failed."""
+    made, failed = made_failed.sum(0)
+    return {f"{prefix}tools/call_frequency": float(made / max(len(made_failed), 1)),
+            f"{prefix}tools/failure_frequency": float(failed / max(made, 1))}
+
+
+def call_text(family: str, name: str, arguments: dict) -> str:
+    """One call as the family's template writes it in an assistant turn (what parse_tool_calls reads back)."""
+    import chat
+    if family.startswith("qwen"):
+        return chat.qwen_tool_call(name, arguments)
+    return chat.json_text({"name": name, ARGUMENTS_KEY[family]: arguments})
+
+
+def scripted(prompt_ids: list[int], turns: list[str], tok, family: str, fns: list[typing.Callable], end_id: int,
+             max_completion_len: int, enable_thinking: bool = True) -> ToolRollout:
+    """The conversation of a policy that writes the given turns (each then end_id) instead of sampling: the same
+    tokens and masks as a sampled one (a supervised warm-up learns the calls from it), the tools really run."""
+    texts = iter(turns)
+
+    def generate_fn(batch, max_new_tokens):
+        ids = tok.encode(next(texts), add_bos=False) + [end_id]
+        return [ids], [[0.0] * len(ids)]
+    return rollout(generate_fn, [prompt_ids], tok, family, fns, max_completion_len=max_completion_len,
+                   max_tool_calls=len(turns), eos_ids=(end_id,), enable_thinking=enable_thinking)[0]
+
+
+# ----------------------------------------------------------------------------- the built-in tool, and --tools
+
+def load(spec: str) -> list[typing.Callable]:
+    """--tools: "calculator" (the built-in demo's tool) or "module:fn1,fn2" (an importable module, or a .py file's
+    path, and functions in it). Each must have a JSON schema (function_schema); ValueError in one line otherwise."""
+    if spec == "calculator":
+        import tasks  # here: tasks imports this module
+        return [tasks.calculator]
+    where, _, names = spec.rpartition(":")
+    if not where or not names:
+        raise ValueError(f"--tools {spec!r}: want calculator, or module:fn1,fn2 (a module or a .py file)")
+    try:
+        if where.endswith(".py"):
+            if not pathlib.Path(where).is_file():
+                raise ValueError(f"--tools: no file {where}")
+            found = importlib.util.spec_from_file_location(pathlib.Path(where).stem, where)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the user's module: whatever it raises is one line
+        raise ValueError(f"--tools: importing {where} failed: {type(e).__name__}: {e}") from None
+    fns = [getattr(module, name, None) for name in names.split(",")]
+    for name, fn in zip(names.split(","), fns):
+        if not callable(fn):
+            raise ValueError(f"--tools: {where} has no function {name!r}")
+        function_schema(fn)  # a tool the model cannot be shown is refused now, not mid-run
+    return fns

@@ -28,3 +28,15 @@ def _drop_compiled_programs():
     yield
     import jax
     jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def calculator_demo(tmp_path_factory) -> pathlib.Path:
+    """`python grpo.py --tools calculator` run once (about 4 minutes): its --out directory (metrics.jsonl, hf/,
+    warmup_sft/), shared by the learning test and the tests that serve the exported model."""
+    import subprocess
+    out = tmp_path_factory.mktemp("calculator_demo") / "run"
+    r = subprocess.run([sys.executable, "grpo.py", "--tools", "calculator", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

@@ -492,7 +492,8 @@ def sampled_batch(model, temperature, G=3, max_new=6, mask_truncated=False, seed
     N = len(ids)
     cfg = grpo.Config(max_completion_len=max_new, temperature=temperature, mask_truncated_completions=mask_truncated,
                       prompts_per_step=len(PROMPTS), num_generations=G)
-    r = grpo.Rollout([{}] * N, ids, completions, logps, np.zeros((N, 1)), np.zeros(N), np.zeros(N), np.zeros(N))
+    r = grpo.Rollout([{}] * N, ids, completions, logps, [[1] * len(c) for c in completions], np.zeros((N, 2)),
+                     np.zeros((N, 1)), np.zeros(N), np.zeros(N), np.zeros(N))
     batch = grpo.step_batches(r, EOS, tok.pad_id, cfg, None, 0)[0]  # one step, one micro-batch: [1, N, ...]
     return {k: np.asarray(v[0]) for k, v in batch.items() if k not in ("weights", "advantages")}, completions
 
@@ -633,7 +634,8 @@ def test_several_hosts_average_the_loss_over_the_whole_batch(monkeypatch):
         cfg = grpo.Config(max_completion_len=6, loss_type=loss_type, grad_accum=2, num_generations=G,
                           prompts_per_step=4)
         advantages = rng.normal(size=N)
-        r = grpo.Rollout([{}] * N, ids, completions, sampler, np.zeros((N, 1)), np.zeros(N), advantages, np.zeros(N))
+        r = grpo.Rollout([{}] * N, ids, completions, sampler, [[1] * len(c) for c in completions], np.zeros((N, 2)),
+                         np.zeros((N, 1)), np.zeros(N), advantages, np.zeros(N))
 
         def loss(hosts, host):
             monkeypatch.setattr(jax, "process_count", lambda: hosts)

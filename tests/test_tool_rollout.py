@@ -126,7 +126,7 @@ class ScriptedPolicy:
 
 
 def qwen_call(name: str, **arguments) -> str:
-    return chat._qwen_tool_call(name, arguments)
+    return chat.qwen_tool_call(name, arguments)
 
 
 # ----------------------------------------------------------------------------- done when: the rendered conversation
