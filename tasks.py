@@ -4,7 +4,8 @@ The demos train on a task whose every answer can be checked exactly, so a tiny m
 minutes whether an algorithm learns: Arithmetic ("123*4=" → "0492"), with its held-out split fixed
 by a hash, its GRPO rewards and a plausible wrong answer for DPO's pairs; Sequence ("46, 50, 54, 58," →
 " 62") is the task a pretrained model can partly do already (--task sequence). accuracy_reward and
-format_reward check free-form completions against a dataset's answers (GSM8K's "#### 72" form).
+format_reward check free-form completions against a dataset's answers (GSM8K's "#### 72" form). calculator is
+grpo.py --tools calculator's tool (arithmetic parsed, never evaluated), calculator_conversations its warm-up data.
 """
 from __future__ import annotations
 
