@@ -3,17 +3,14 @@ results' tokens but they carry no loss and exactly zero gradient; rewards read t
 conversation; the calculator demo learns to call its tool and beats the same demo without it; resume stays exact;
 a bad --tools is one line. Also the demo's calculator and tools.load."""
 import json
-import os
-import pathlib
-import shutil
-import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from test_grpo import metrics, resumed_from_step_2, run_grpo
 
 import chat
 import data
@@ -24,18 +21,8 @@ import tokenizer
 import tools
 from model import CONFIGS, Transformer
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOK = tokenizer.ByteTokenizer()
 EOS = TOK.eos_ids[0]
-
-
-def run_grpo(*args, timeout=900):
-    return subprocess.run([sys.executable, "grpo.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "XLA_FLAGS": ""})
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- a scripted policy through draw()
@@ -170,20 +157,9 @@ def test_a_run_with_tools_resumes_exactly(calculator_demo, tmp_path):
     step 2 logs steps 3 and 4 as the uninterrupted run did (from the demo's warm-up, which calls its tool)."""
     args = ["--ckpt", str(calculator_demo / "warmup_sft"), "--tools", "calculator", "--lr", "1e-3", "--beta", "0.02",
             "--temperature", "1.0", "--prompts-per-step", "2", "--num-generations", "4", "--eval-examples", "8",
-            "--eval-every", "1000", "--steps", "4", "--log-every", "1", "--save-every", "2"]
-    full, again = tmp_path / "full", tmp_path / "again"
-    r = run_grpo(*args, "--out", str(full))
-    assert r.returncode == 0, r.stderr[-2000:]
-    shutil.copytree(full, again)
-    shutil.rmtree(again / "checkpoints" / "4")
-    r = run_grpo(*args, "--out", str(again), "--resume")
-    assert r.returncode == 0 and "resumed from step 2" in r.stderr, r.stderr[-2000:]
-    want = {m["step"]: m for m in metrics(full) if "loss" in m}
-    got = [m for m in metrics(again) if "loss" in m][-2:]
-    assert [m["step"] for m in got] == [3, 4] and sum(want[s]["tools/call_frequency"] for s in (3, 4)) > 0
-    for m in got:
-        assert {k: v for k, v in m.items() if "seconds" not in k} == \
-            {k: v for k, v in want[m["step"]].items() if "seconds" not in k}
+            "--eval-every", "1000"]
+    want = resumed_from_step_2(args, tmp_path)
+    assert sum(want[step]["tools/call_frequency"] for step in (3, 4)) > 0
 
 
 # ----------------------------------------------------------------------------- --tools and the calculator
