@@ -25,6 +25,10 @@ log-prob. A row stops when it answers without a call, when a turn asks for more 
 leaves, or when the completion (tool tokens included) fills --max-completion-len. A bad call never ends a
 run: malformed JSON, an unknown tool, arguments that do not fit the schema, an exception or a timeout each
 come back to the model as one "error: ..." result. The model's text is only ever read by json.loads.
+
+generate() is rollout() sampled by engine.generate (or one plain turn each, without tools), Sampler binds it to a
+script's settings and scores what it drew (score: with tools, the reward functions read the final answer and the
+conversation's messages), and load() reads --tools ("calculator", or "module:fn1,fn2" / "file.py:fn").
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import enum
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import pathlib
 import re
@@ -436,19 +441,20 @@ def generate(model, prompts: list[list[int]], fns: list[typing.Callable], tok, f
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, enable_thinking: bool = True,
              timeout_s: float = 10.0) -> list[ToolRollout]:
     """Sampled completions of prompts as ToolRollouts, engine.generate drawing each turn: with tools fns, rollout()
-    (round r seeded by (seed, r), round 0 by seed itself; a later round's rows padded to the first round's count
-    and its token budget rounded up to a power of two, each row cut to its own: a run compiles a few shapes); without, one turn each, exactly
-    engine.generate's (mask 1 throughout, no calls). Greedy (temperature 0) asks for no log-probs: 0.0 each.
-    family: the call and result format (chat.py's; a tiny byte-level model takes its preset's)."""
+    (round r seeded by (seed, r), round 0 by seed itself; in one static batch a later round's rows are padded to
+    the first round's count and its token budget rounded up to a power of two, each row cut to its own, so a run
+    compiles a few shapes); without, one turn each, exactly engine.generate's (mask 1 throughout, no calls).
+    Greedy (temperature 0) asks for no log-probs: 0.0 each. family: the call and result format (chat.py's; a
+    tiny byte-level model takes its preset's)."""
     import engine  # here: engine imports sample, which a tool module need not load
-    rounds = iter(range(1 << 30))
+    rounds = itertools.count()
 
     def generate_fn(batch, max_new_tokens):
         r, n = next(rounds), len(batch)
         budget = max_new_tokens if r == 0 else min(1 << (max_new_tokens - 1).bit_length(), max_completion_len)
-        out = engine.generate(model, batch + batch[:1] * (len(prompts) - n), slots=slots, max_new_tokens=budget,
-                              temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids,
-                              return_logprobs=temperature > 0,  # rows padded to the first round's: one shape
+        padded = batch + batch[:1] * (len(prompts) - n) * (not slots)  # the engine's slots have one shape already
+        out = engine.generate(model, padded, slots=slots, max_new_tokens=budget, temperature=temperature,
+                              top_k=top_k, top_p=top_p, eos_ids=eos_ids, return_logprobs=temperature > 0,
                               seed=seed if r == 0 else int(np.random.SeedSequence([seed, r]).generate_state(1)[0]))
         ids, logprobs = out if temperature > 0 else (out, [[0.0] * len(ids) for ids in out])
         return ids[:n], logprobs[:n]
@@ -530,7 +536,7 @@ def scripted(prompt_ids: list[int], turns: list[str], tok, family: str, fns: lis
                    max_tool_calls=len(turns), eos_ids=(end_id,), enable_thinking=enable_thinking)[0]
 
 
-# ----------------------------------------------------------------------------- the built-in tool, and --tools
+# ----------------------------------------------------------------------------- --tools
 
 def load(spec: str) -> list[typing.Callable]:
     """--tools: "calculator" (the built-in demo's tool) or "module:fn1,fn2" (an importable module, or a .py file's
