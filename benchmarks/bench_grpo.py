@@ -76,7 +76,8 @@ def nanotune_worker(setting):
         per_func = tasks.score([reward], rows, [tok.decode(c) for c in completions], completions)
         rewards = per_func @ np.ones(1)
         advantages, std = grpo.advantages(per_func, np.ones(1), [len(c) for c in completions], cfg)
-        rollout = grpo.Rollout(rows, prompt_ids, completions, sampler_logps, per_func, rewards, advantages, std)
+        rollout = grpo.Rollout(rows, prompt_ids, completions, sampler_logps, [[1] * len(c) for c in completions],
+                               np.zeros((len(rows), 2)), per_func, rewards, advantages, std)
         steps = grpo.step_batches(rollout, eos_ids, pad_id, cfg, mesh, step)
         t.append(time.perf_counter())
         for s in steps if cfg.beta else ():
