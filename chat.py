@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 
 from tools import function_schema
 
@@ -256,3 +257,69 @@ def apply_chat_template(messages: list[dict], family: str, add_generation_prompt
 
 
 # ----------------------------------------------------------------------------- JSONL datasets
+
+
+# ----------------------------------------------------------------------------- tool conversations without a template
+
+def call_start(text: str, family: str) -> int:
+    """Where an assistant turn's first tool call starts in the family's format (tools.parse_tool_calls reads the
+    calls from there on; len(text) when there is none): Qwen's first <tool_call> after the reasoning, Llama 3's
+    whole message when it opens with "{" or <|python_tag|>, Gemma's first line that opens with "{". Text still
+    being written may be spelling a call out at its end (a half-written "<tool_c", a turn of blanks so far): that
+    counts as a start too, so a stream shows the text up to here and a call's text never."""
+    if family.startswith("qwen"):
+        thought = text.rfind("</think>")
+        after = 0 if thought < 0 else thought + len("</think>")
+        found = text.find("<tool_call>", after)
+        spelling = (i for i in range(max(after, len(text) - len("<tool_call>") + 1), len(text))
+                    if "<tool_call>".startswith(text[i:]))
+        return found if found >= 0 else next(spelling, len(text))
+    if family == "llama3":
+        head = text.lstrip()
+        return 0 if head.startswith(("{", "<|python_tag|>")) or "<|python_tag|>".startswith(head) else len(text)
+    first = re.search(r"^[ \t]*\{", text, re.MULTILINE)  # tools.GEMMA_CALLS
+    return first.start() if first else len(text)
+
+
+def end_of_turn_id(tok, family: str) -> int:
+    """The id that ends an assistant turn: the template's end-of-turn token where the tokenizer has it, else its
+    EOS (a byte-level tiny model's), as grpo.py's tool demo writes them (tasks.calculator_conversations)."""
+    return tok.token_id(END_OF_TURN[family]) or tok.eos_ids[0]
+
+
+def assistant_turn_text(message: dict, family: str) -> str:
+    """What the model writes in an assistant turn: its text, then each call in the family's format (tools.call_text),
+    one a line, as the templates write them (Llama 3's call is the whole message)."""
+    import tools  # here: tools imports this module inside its functions
+    calls = [tools.call_text(family, name, arguments) for name, arguments in _tool_calls(message)]
+    return "\n".join(calls if family == "llama3" and calls else filter(None, [message["content"], *calls]))
+
+
+def plain_conversation_ids(messages: list[dict], tok, family: str, enable_thinking: bool = True) -> list[int]:
+    """The ids of a tool conversation for a model without a chat template (a byte-level tiny model), up to where
+    the model writes its next turn, as grpo.py --tools trained it: the user message as a plain prompt (tok.encode,
+    BOS included; a system message before it as grpo's --system-prompt is, its text and a blank line before the
+    prompt and a newline after), each assistant turn as the model writes it (assistant_turn_text) then its
+    end-of-turn id, each run of tool results as tools.result_turn_text's turn, tokenized on its own. tools.rollout
+    builds the same ids while it samples (tests/test_serve_tools.py holds them equal). Such a model has no format
+    for a second user message or tools listed in the prompt: the former is a ValueError, the latter not shown."""
+    import tools
+    messages = [_check_message(i, m) for i, m in enumerate(messages)]
+    skipped = int(bool(messages) and messages[0]["role"] == "system")  # message i below is message i + skipped
+    system, messages = (messages[0]["content"] if skipped else ""), messages[skipped:]
+    if not messages or messages[0]["role"] != "user":
+        raise ValueError("a model without a chat template takes one user message first (after an optional system)")
+    ids, results = tok.encode(f"{system}\n\n{messages[0]['content']}\n" if system else messages[0]["content"]), []
+    for i, m in enumerate(messages[1:], 1):
+        if m["role"] == "tool" and messages[i - 1]["role"] in ("assistant", "tool"):
+            results.append(m["content"])
+            continue
+        if m["role"] != "assistant":
+            raise ValueError(f"message {i + skipped}: a model without a chat template takes one user message, then "
+                             f"assistant turns, each followed by its tool results; got a {m['role']} message here")
+        if results:  # the results of the turn before this one
+            ids, results = ids + tok.encode(tools.result_turn_text(family, results, enable_thinking), add_bos=False), []
+        ids += tok.encode(assistant_turn_text(m, family), add_bos=False) + [end_of_turn_id(tok, family)]
+    if results:
+        ids += tok.encode(tools.result_turn_text(family, results, enable_thinking), add_bos=False)
+    return ids

@@ -17,6 +17,17 @@ A choice draws from (seed, its number) alone, so a sampled answer is the same se
 others, and a greedy one equals sample.generate's. The KV cache holds --max-prompt-len +
 --max-completion-len columns per slot and every step attends all of them: keep them modest.
 
+Tools, as OpenAI's function calling: a chat request's `tools` (function definitions) are listed through the
+family's template, and an answer that calls them in the family's format (tools.parse_tool_calls) comes back as
+message.tool_calls (an id, the function's name, its arguments as JSON text) with finish_reason "tool_calls",
+the text before the calls as content; streamed, that text streams and the calls come whole at the turn's end.
+The results go back as role "tool" messages. tool_choice: "auto" (the default), "none" (no list, no calls
+read), "required" and a named function (the server writes the start of the call, up to the name or up to the
+arguments, and the model goes on from there: decoding is not constrained, so a model can still write a
+malformed call, which comes back as text). A checkpoint without a chat template (the byte-level tiny models)
+gets a conversation with tools as grpo.py --tools trained it: the question as a plain prompt, no tool list
+(chat.plain_conversation_ids).
+
 A malformed request (bad JSON, wrong types, too many tokens, another model) gets a 4xx with an
 OpenAI-style error and never stops the server; a failing decode step answers every request in flight
 with the error and the worker goes on with a fresh engine. FastAPI + uvicorn (pip install fastapi
@@ -27,16 +38,19 @@ import functools
 import json
 import pathlib
 import queue
+import re
 import threading
 import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import chat
 import engine
 import flags
 import sample
+import tools
 
 MAX_N = 16
 
@@ -155,22 +169,36 @@ def cut_at_stop(text: str, stop) -> tuple[str, bool]:
     return (text[:min(hits)], True) if hits else (text, False)
 
 
-def answer(worker: Worker, job: Job, stop, kind: str, head: dict) -> dict:
-    """A finished job as OpenAI's (chat) completion object: n choices and the usage counts."""
+class ToolUse(NamedTuple):
+    """How a chat request's answer is read for tool calls."""
+    family: str  # the call format (tools.parse_tool_calls)
+    forced: str  # text already written at the start of the turn (tool_choice "required" or a named function)
+    parallel: bool  # parallel_tool_calls: False keeps the first call only
+
+
+def answer(worker: Worker, job: Job, stop, kind: str, head: dict, use: ToolUse | None = None) -> dict:
+    """A finished job as OpenAI's (chat) completion object: n choices and the usage counts; with use, each
+    choice's tool calls parsed out of its text (tool_message)."""
     choices, used = [], 0
     for i, (ids, reason) in enumerate(job.done.result()):
-        text, stopped = cut_at_stop(worker.tok.decode(ids), stop)
-        used += len(ids)
-        body = ({"message": {"role": "assistant", "content": text}} if kind == "chat"
-                else {"text": text, "logprobs": None})
-        choices.append({"index": i, **body, "finish_reason": "stop" if stopped else reason})
+        text, stopped = cut_at_stop(decode(worker.tok, ids, use), stop)
+        used, reason = used + len(ids), "stop" if stopped else reason
+        if kind == "chat":
+            message, reason = tool_message(text, reason, use) if use else ({"role": "assistant", "content": text},
+                                                                             reason)
+            body = {"message": message}
+        else:
+            body = {"text": text, "logprobs": None}
+        choices.append({"index": i, **body, "finish_reason": reason})
     return {**head, "choices": choices, "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": used,
                                                   "total_tokens": len(job.prompt) + used}}
 
 
-def events(worker: Worker, job: Job, stop, kind: str, head: dict):
+def events(worker: Worker, job: Job, stop, kind: str, head: dict, use: ToolUse | None = None):
     """A streamed job as server-sent events, OpenAI's chunks: text as it is made (never half a UTF-8
-    character until the end), a last chunk with the finish_reason, then [DONE]."""
+    character until the end), a last chunk with the finish_reason, then [DONE]. With use (tools), the text
+    before a call streams (chat.call_start) and the calls come whole when the turn ends, as OpenAI's
+    delta.tool_calls (index, id, type, function name and JSON arguments), then finish_reason "tool_calls"."""
     def chunk(delta: dict, reason=None):
         body = {"delta": delta} if kind == "chat" else {"text": delta.get("content", ""), "logprobs": None}
         obj = head["object"] + ".chunk" if kind == "chat" else head["object"]
@@ -184,17 +212,148 @@ def events(worker: Worker, job: Job, stop, kind: str, head: dict):
             reason = "stop" if not isinstance(token, Exception) else "error"
             continue
         ids.append(token)
-        text, stopped = cut_at_stop(worker.tok.decode(ids), stop)
+        text, stopped = cut_at_stop(decode(worker.tok, ids, use), stop)
+        if use:  # only the text before a call, never a call's (its whole text is use.forced + the model's)
+            text = (use.forced + text)[:chat.call_start(use.forced + text, use.family)].rstrip()
         if not text.endswith("\ufffd") and len(text) > len(shown):
             yield chunk({"content": text[len(shown):]})
             shown = text
         if stopped:  # the rest of the stream is drained, not sent
             reason = "stop"
-    text = cut_at_stop(worker.tok.decode(ids), stop)[0] if ids else ""
-    if len(text) > len(shown):  # it ended inside a character: sent as the non-streamed text has it
-        yield chunk({"content": text[len(shown):]})
+    text = cut_at_stop(decode(worker.tok, ids, use), stop)[0] if ids else ""
+    message, reason = tool_message(text, reason, use) if use else ({"content": text}, reason)
+    if len(message["content"] or "") > len(shown):  # it ended inside a character: sent as the non-streamed text has it
+        yield chunk({"content": message["content"][len(shown):]})
+    if message.get("tool_calls"):
+        yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]})
     yield chunk({}, reason)
     yield "data: [DONE]\n\n"
+
+
+# ----------------------------------------------------------------------------- tools: OpenAI's function calling
+
+def decode(tok, ids: list[int], use: ToolUse | None) -> str:
+    """A completion's text; with tools, the family's call markers kept where the tokenizer holds them as special
+    tokens (tools._decode_turn), which calls are parsed from."""
+    return tools._decode_turn(tok, ids, use.family) if use else tok.decode(ids)
+
+
+def tool_message(text: str, reason: str, use: ToolUse) -> tuple[dict, str]:
+    """OpenAI's assistant message for a turn's text (after use.forced), and its finish_reason: when the turn ended
+    (not cut at max_tokens) with well-formed calls in the family's format, {"content": the text before them or
+    None, "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON text}}]} and
+    "tool_calls"; else the whole text as content (a malformed call stays there, as the model wrote it)."""
+    text = use.forced + text
+    calls = [c for c in tools.parse_tool_calls(text, use.family) if not isinstance(c, str)] if reason == "stop" else []
+    if not calls:
+        return {"role": "assistant", "content": text}, reason
+    return {"role": "assistant", "content": text[:chat.call_start(text, use.family)].rstrip() or None,
+            "tool_calls": [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+                           for name, arguments in calls[:None if use.parallel else 1]]}, "tool_calls"
+
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function's name
+
+
+def check_tools(definitions: list | None) -> list[dict]:
+    """A request's tools: OpenAI's function definitions [{"type": "function", "function": {"name", "description",
+    "parameters": a JSON Schema object}}], returned as given (a chat template lists them so, as transformers
+    does); the first fault is a 400 with param "tools"."""
+    names = set()
+    for i, tool in enumerate(definitions or []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        parameters = function.get("parameters", {"type": "object"}) if isinstance(function, dict) else None
+        fault = ('expected {"type": "function", "function": {"name", "description", "parameters"}}, got '
+                 + json.dumps(tool)[:200] if not isinstance(function, dict) or tool.get("type") != "function" else
+                 f"function.name must be 1 to 64 letters, digits, _ or -, got {function.get('name')!r}"
+                 if not isinstance(function.get("name"), str) or not TOOL_NAME.fullmatch(function["name"]) else
+                 f"two tools are named {function['name']!r}" if function["name"] in names else
+                 "function.description must be a string" if not isinstance(function.get("description", ""), str) else
+                 schema_fault(parameters))
+        if fault:
+            raise Refusal(400, f"tools[{i}]: {fault}", param="tools")
+        names.add(function["name"])
+    return definitions or []
+
+
+def schema_fault(parameters) -> str | None:
+    """Why a function's parameters are not a JSON Schema object OpenAI takes; None when they are."""
+    if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+        return f'function.parameters must be a JSON Schema object ({{"type": "object", ...}}), got {parameters!r}'[:300]
+    properties, required = parameters.get("properties", {}), parameters.get("required", [])
+    if not isinstance(properties, dict) or not all(isinstance(p, dict) for p in properties.values()):
+        return "function.parameters.properties must map each parameter's name to its JSON schema"
+    if not isinstance(required, list) or not all(isinstance(r, str) and r in properties for r in required):
+        return f"function.parameters.required must list names of its properties, got {required!r}"[:300]
+    return None
+
+
+def check_tool_choice(choice, definitions: list[dict]) -> tuple[str, str | None]:
+    """tool_choice as (mode, function name): "auto" (the default with tools: listed, and calls parsed), "none"
+    (neither), "required" (the turn opens a call, the model names the function) or ("function", name) (the call
+    is opened up to its arguments). Anything else, or one that needs tools without them, is a 400."""
+    if choice is None or choice in ("auto", "none"):
+        return ("auto" if definitions else "none") if choice is None else choice, None
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if choice != "required" and not isinstance(name, str):
+        raise Refusal(400, 'tool_choice: expected "none", "auto", "required" or {"type": "function", "function": '
+                           f'{{"name": ...}}}}, got {json.dumps(choice)[:200]}', param="tool_choice")
+    listed = [t["function"]["name"] for t in definitions]
+    if not listed:
+        raise Refusal(400, f"tool_choice {json.dumps(choice)[:200]} needs tools", param="tool_choice")
+    if name is not None and name not in listed:
+        raise Refusal(400, f"tool_choice names the function {name!r}, which is not among the tools "
+                           f"({', '.join(listed)})", param="tool_choice")
+    return ("function", name) if name is not None else ("required", None)
+
+
+def forced_call(family: str, mode: str, name: str | None) -> str:
+    """The start of a call in the family's format that tool_choice writes for the model (the model cannot be
+    made to call otherwise: decoding is not constrained): "required", up to the function's name; a named
+    function, up to its arguments. "" for auto and none."""
+    if mode == "required":
+        text = tools.call_text(family, "\ue000", {})  # a character JSON writes as itself, to find the name's place
+        return text[:text.index("\ue000")]
+    return tools.call_text(family, name, {}).rpartition("{}")[0] if mode == "function" else ""
+
+
+def chat_prompt(req, tok, family: str, chat_template: bool) -> tuple[list[int], ToolUse | None]:
+    """A chat request's prompt ids (sample.conversation_ids: the family's template, or grpo.py --tools's format for
+    a checkpoint without one), then the call tool_choice opens, if any; and how to read its answer's calls (None:
+    tool_choice "none", or no tools)."""
+    definitions = check_tools(req.tools)
+    mode, name = check_tool_choice(req.tool_choice, definitions)
+    forced = forced_call(family, mode, name)
+    try:
+        ids = sample.conversation_ids(chat_messages(req.messages), tok, family, chat_template,
+                                      definitions if mode != "none" else None)
+    except ValueError as e:
+        raise Refusal(400, str(e), param="messages") from None
+    ids += tok.encode(forced, add_bos=False) if forced else []
+    return ids, ToolUse(family, forced, req.parallel_tool_calls) if mode != "none" else None
+
+
+def chat_messages(messages) -> list[dict]:
+    """The request's messages as chat.py takes them: an assistant's tool_calls with their arguments, OpenAI's JSON
+    text, parsed (text that is not a JSON object is a 400); tool_call_id is dropped (no template reads it)."""
+    out = []
+    for i, m in enumerate(messages):
+        message = {"role": m.role, "content": m.content}
+        for j, call in enumerate(m.tool_calls or []):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except json.JSONDecodeError:
+                arguments = None
+            if m.role != "assistant" or not isinstance(arguments, dict):
+                raise Refusal(400, f"messages[{i}].tool_calls[{j}]: an assistant's call's function.arguments are a "
+                                   f"JSON object as text, got {call.function.arguments[:100]!r} ({m.role})",
+                              param="messages")
+            message.setdefault("tool_calls", []).append(
+                {"type": "function", "function": {"name": call.function.name, "arguments": arguments}})
+        out.append(message)
+    return out
 
 
 class Refusal(Exception):
@@ -205,13 +364,24 @@ class Refusal(Exception):
 
 def request_types():
     """The request bodies (pydantic, imported only when serving): their fields and bounds are OpenAI's."""
-    from typing import Literal, Union
+    from typing import Literal, Optional, Union
 
     from pydantic import BaseModel, Field
 
+    class Function(BaseModel):
+        name: str
+        arguments: str  # JSON text (OpenAI's)
+
+    class ToolCall(BaseModel):
+        id: str = ""
+        type: Literal["function"] = "function"
+        function: Function
+
     class Message(BaseModel):
-        role: Literal["system", "user", "assistant"]
-        content: str
+        role: Literal["system", "user", "assistant", "tool"]
+        content: Optional[str] = None  # None: an assistant's turn that only calls tools
+        tool_calls: Optional[list[ToolCall]] = None
+        tool_call_id: Optional[str] = None
 
     class Common(BaseModel):
         model: str
@@ -228,11 +398,16 @@ def request_types():
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
+        tools: Optional[list] = None  # checked by check_tools (a 400 naming the fault, param "tools")
+        tool_choice: Union[str, dict, None] = None
+        parallel_tool_calls: bool = True
     return Common, CompletionRequest, ChatRequest
 
 
-def make_app(worker: Worker, model_name: str, family: str | None, max_len: int, api_key: str | None = None):
-    """The FastAPI application over a Worker."""
+def make_app(worker: Worker, model_name: str, family: str | None, max_len: int, api_key: str | None = None,
+             chat_template: bool = True):
+    """The FastAPI application over a Worker. chat_template: the checkpoint has one (sample.Loaded's); without,
+    a conversation with tools is written as grpo.py --tools trains such a model (sample.conversation_ids)."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
     Common, CompletionRequest, ChatRequest = request_types()
@@ -266,13 +441,13 @@ def make_app(worker: Worker, model_name: str, family: str | None, max_len: int, 
             raise Refusal(400, "stream takes n = 1", param="n")
         return worker.submit(Job(prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.n, req.stream))
 
-    def respond(req: Common, job: Job, kind: str):
+    def respond(req: Common, job: Job, kind: str, use: ToolUse | None = None):
         rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
                 "model": model_name}
         if req.stream:
-            return StreamingResponse(events(worker, job, req.stop, kind, head), media_type="text/event-stream")
-        return answer(worker, job, req.stop, kind, head)
+            return StreamingResponse(events(worker, job, req.stop, kind, head, use), media_type="text/event-stream")
+        return answer(worker, job, req.stop, kind, head, use)
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
@@ -281,13 +456,11 @@ def make_app(worker: Worker, model_name: str, family: str | None, max_len: int, 
 
     @app.post("/v1/chat/completions")
     def chat_completions(req: ChatRequest):
+        """With tools, OpenAI's function calling (chat_prompt, tool_message)."""
         if family is None:
             raise Refusal(400, "this model has no chat template (a checkpoint of a known family is needed)")
-        try:
-            text = chat.apply_chat_template([m.model_dump() for m in req.messages], family)
-        except ValueError as e:
-            raise Refusal(400, str(e), param="messages") from None
-        return respond(req, job_for(req, worker.tok.encode(text, add_bos=False), "messages"), "chat")
+        ids, use = chat_prompt(req, worker.tok, family, chat_template)
+        return respond(req, job_for(req, ids, "messages"), "chat", use)
 
     return app
 
@@ -350,11 +523,13 @@ def main(argv=None):
     except ImportError:
         flags.fail("serve.py needs FastAPI and uvicorn: pip install fastapi uvicorn")
     with flags.user_errors():
-        model, tok, source, eos = sample.load(cfg)
+        loaded = sample.load(cfg)
+        model, tok, source, eos, _ = loaded
     name = pathlib.Path(cfg.ckpt).name if cfg.ckpt else cfg.model  # what clients pass as `model`
     make_engine = functools.partial(engine.Engine, model, slots=cfg.slots, max_new_tokens=cfg.max_completion_len,
                                     max_prompt_len=cfg.max_prompt_len, chunk=cfg.chunk, eos_ids=eos)
-    app = make_app(Worker(make_engine, tok, eos), name, model.cfg.family, model.cfg.max_seq_len, cfg.api_key)
+    app = make_app(Worker(make_engine, tok, eos), name, model.cfg.family, model.cfg.max_seq_len, cfg.api_key,
+                   loaded.chat_template)
     print(f"serving {name} ({source}) on http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 
