@@ -16,11 +16,16 @@ a quarter of the head's bytes): one call in `decide`, skippable on a first readi
     python sample.py --ckpt path/to/gemma-3-270m --prompt "The capital of France is" --max-new-tokens 20
     python sample.py --ckpt DIR --chat --prompt "Write a haiku" --temperature 0.7 --top-p 0.9
     python sample.py --ckpt BASE --adapter runs/lora/adapter --prompt "123+456="   # LoRA, not merged
+    python sample.py --ckpt runs/grpo/hf --chat --tools calculator --max-new-tokens 160 --prompt "123*456="
+
+--chat --tools runs the model's tool calls while it answers (reply: each call and its result on stderr, the
+answer on stdout), as grpo.py --tools trained it; without --prompt, a chat that does the same turn by turn.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 from typing import NamedTuple
 
@@ -34,6 +39,7 @@ import data
 import flags
 import int8head
 import tokenizer
+import tools
 from data import MIN_PROMPT_BUCKET, left_pad
 from model import KVCache, Transformer, repeat_rows, unstack_layers
 
@@ -315,6 +321,9 @@ class Config(LoadFlags):
     prompt: list[str] | None = None  # prompt text; repeat the flag for a batch (--chat without it: talk turn by turn)
     chat: bool = False  # wrap each prompt as a user turn in the family's chat template
     system: str | None = None  # system message for --chat
+    # with --chat: functions the model may call (calculator, module:fn1,fn2 or file.py:fn); calls and results on stderr
+    tools: str | None = None
+    max_tool_calls: int = 4  # with --tools: the most calls one answer may make (a turn asking for more is the answer)
     # -- decoding --
     max_new_tokens: int = 32  # most new tokens per prompt (fewer when one of the stop tokens comes)
     temperature: float = 0.0  # sampling temperature (0: greedy)
@@ -329,7 +338,10 @@ class Config(LoadFlags):
                      (self.temperature >= 0 and self.top_k >= 0 and 0 < self.top_p <= 1,
                       "need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1"),
                      (bool(self.prompt) or self.chat,
-                      "the following arguments are required: --prompt (or --chat alone, to talk turn by turn)")])
+                      "the following arguments are required: --prompt (or --chat alone, to talk turn by turn)"),
+                     (not self.tools or (self.chat and self.num_beams == 1 and self.max_tool_calls >= 0),
+                      "--tools needs --chat, --num-beams 1 and --max-tool-calls >= 0")])
+        self.tool_functions = tools.load(self.tools) if self.tools else []  # a bad spec: one line, exit 2
 
 
 class Loaded(NamedTuple):
@@ -337,6 +349,7 @@ class Loaded(NamedTuple):
     tok: object  # tokenizer.load_tokenizer's
     source: str  # where the weights came from (and the adapter)
     eos_ids: tuple[int, ...]  # data.stop_ids: where completions end
+    chat_template: bool  # the checkpoint ships one (data.has_chat_template); a tiny preset's model does not
 
 
 def load(cfg: LoadFlags) -> Loaded:
@@ -348,16 +361,22 @@ def load(cfg: LoadFlags) -> Loaded:
     tok = tokenizer.load_tokenizer(directory)  # no directory: the byte-level tokenizer of the tiny presets
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
-    return Loaded(model, tok, source, data.stop_ids(tok, model.cfg))
+    return Loaded(model, tok, source, data.stop_ids(tok, model.cfg), data.has_chat_template(directory))
 
 
 def main(argv=None):
     cfg = flags.parse(Config, argv)
     with flags.user_errors():  # CheckpointError and TokenizerError are ValueErrors
-        model, tok, source, eos = load(cfg)
+        loaded = load(cfg)
+        model, tok, source, eos, _ = loaded
         if cfg.chat and not cfg.prompt:
-            return interactive_chat(model, tok, eos, cfg)
+            return interactive_chat(loaded, cfg)
         system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        if cfg.tools:  # one conversation per prompt: its calls and results on stderr, its answer on stdout
+            print(f"# model: {source}", file=sys.stderr)
+            for text in cfg.prompt:
+                print(reply(loaded, system + [{"role": "user", "content": text}], cfg, lambda piece: None), flush=True)
+            return
         turn = lambda text: chat.apply_chat_template(system + [{"role": "user", "content": text}],  # noqa: E731
                                                      model.cfg.family)
         prompts = [tok.encode(turn(text), add_bos=False) if cfg.chat else tok.encode(text)  # the template holds BOS
@@ -369,34 +388,91 @@ def main(argv=None):
         print(tok.decode(ids) if cfg.chat else text + tok.decode(ids))
 
 
-def interactive_chat(model: Transformer, tok, eos_ids, cfg: Config) -> None:
+def interactive_chat(loaded: Loaded, cfg: Config) -> None:
     """--chat without --prompt: each line read is a user turn; the answer is printed as it is generated
-    (stream), and both join the history, which the family's chat template renders whole each turn.
-    Ctrl-D or Ctrl-C ends the chat."""
-    history = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    print(f"chat with {model.cfg.family} ({cfg.ckpt or cfg.model}); Ctrl-D or Ctrl-C ends it", file=sys.stderr)
+    (stream), and both join the history, which the family's chat template renders whole each turn (reply).
+    A model without a chat template has no format for a second question after tool calls: with --tools each
+    line starts a new conversation there. Ctrl-D or Ctrl-C ends the chat."""
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    history, family = list(system), loaded.model.cfg.family
+    print(f"chat with {family} ({cfg.ckpt or cfg.model}); Ctrl-D or Ctrl-C ends it"
+          + (f"; tools: {', '.join(fn.__name__ for fn in cfg.tool_functions)} (calls on stderr)" if cfg.tools else ""),
+          file=sys.stderr)
     try:
         while True:
             print("> ", end="", flush=True)  # on stdout: input()'s own prompt goes to stderr on a terminal
             try:
-                history.append({"role": "user", "content": input()})
+                line = input()
             except EOFError:
                 break
-            ids = tok.encode(chat.apply_chat_template(history, model.cfg.family), add_bos=False)
-            answer, shown = [], ""
-            for token in stream(model, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed + len(history), eos_ids=eos_ids):
-                if token in eos_ids:
-                    break
-                answer.append(token)
-                text = tok.decode(answer)
-                if not text.endswith("\ufffd"):  # a character still being spelled out in bytes
-                    print(text[len(shown):], end="", flush=True)
-                    shown = text
-            print(tok.decode(answer)[len(shown):], flush=True)
-            history.append({"role": "assistant", "content": tok.decode(answer)})
+            if cfg.tools and not loaded.chat_template:
+                history = list(system)
+            history.append({"role": "user", "content": line})
+            reply(loaded, history, cfg, lambda piece: print(piece, end="", flush=True))
+            print(flush=True)
     except KeyboardInterrupt:
         print()
+
+
+def conversation_ids(messages: list[dict], tok, family: str, chat_template: bool, tools_listed=None) -> list[int]:
+    """A conversation's ids up to the assistant's next turn (the chat here and serve.py's): the family's chat
+    template, listing tools_listed (functions or JSON schemas; None: no list); but a checkpoint without a chat
+    template (a byte-level tiny model) writes a conversation with tools or tool turns as grpo.py --tools trained
+    it (chat.plain_conversation_ids: a plain prompt, no tool list)."""
+    tool_turns = any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+    if not chat_template and (tools_listed or tool_turns):
+        return chat.plain_conversation_ids(messages, tok, family)
+    return tok.encode(chat.apply_chat_template(messages, family, tools=tools_listed), add_bos=False)
+
+
+def reply(loaded: Loaded, history: list[dict], cfg: Config, show) -> str:
+    """The assistant's answer to the history, its turns appended to it, show(piece) given its text as it is made.
+    With --tools, each turn's calls (tools.parse_tool_calls) run as tools.rollout runs them (checked against the
+    schema, 10 s at most, a failure an "error: ..." result) and the model goes on after their results, until a
+    turn calls nothing or asks for more than --max-tool-calls leaves; calls and results go to stderr. The history
+    keeps each turn's text as the model wrote it, calls included, and is rendered whole for every turn."""
+    family, fns, made = loaded.model.cfg.family, cfg.tool_functions, 0
+    functions = {fn.__name__: fn for fn in fns}
+    schemas = {name: tools.function_schema(fn) for name, fn in functions.items()}
+    while True:
+        ids = conversation_ids(history, loaded.tok, family, loaded.chat_template, fns or None)
+        text, calls = stream_turn(loaded, ids, cfg, cfg.seed + len(history), show, bool(fns))
+        history.append({"role": "assistant", "content": text})
+        if calls and made + len(calls) > cfg.max_tool_calls:
+            print(f"[tools] the answer asks for {len(calls)} more calls, past --max-tool-calls {cfg.max_tool_calls}: "
+                  "none run", file=sys.stderr)
+        if not calls or made + len(calls) > cfg.max_tool_calls:
+            return text
+        for call in calls:
+            result = tools._run_call(call, functions, schemas, 10.0)
+            asked = f"{call[0]}({json.dumps(call[1], ensure_ascii=False)})" if isinstance(call, tuple) else "?"
+            print(f"[tool call] {asked} -> {result.text}", file=sys.stderr, flush=True)
+            history.append({"role": "tool", "content": result.text})
+        made += len(calls)
+
+
+def stream_turn(loaded: Loaded, ids: list[int], cfg: Config, seed: int, show, calls: bool) -> tuple[str, list]:
+    """One assistant turn from ids, streamed (stream()): its text and, when calls, the calls it makes (none unless
+    it ended with a stop id: a turn cut at --max-new-tokens runs nothing). show(piece) gets each new piece of text,
+    never half a UTF-8 character; with calls the text keeps the family's call markers (tools._decode_turn) and
+    show gets only what comes before a call (chat.call_start)."""
+    family, made, shown, ended = loaded.model.cfg.family, [], "", False
+    decode = functools.partial(tools._decode_turn, loaded.tok, family=family) if calls else loaded.tok.decode
+    for token in stream(loaded.model, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_k=cfg.top_k, top_p=cfg.top_p, seed=seed, eos_ids=loaded.eos_ids):
+        if token in loaded.eos_ids:
+            ended = True
+            break
+        made.append(token)
+        text = decode(made)
+        visible = text[:chat.call_start(text, family)].rstrip() if calls else text
+        if not visible.endswith("\ufffd") and len(visible) > len(shown):  # a character still being spelled out
+            show(visible[len(shown):])
+            shown = visible
+    text = decode(made)
+    found = tools.parse_tool_calls(text, family) if calls and ended else []
+    show((text[:chat.call_start(text, family)].rstrip() if found else text)[len(shown):])
+    return text, found
 
 
 if __name__ == "__main__":

@@ -255,6 +255,10 @@ def test_cli_generates_with_a_checkpoint(gemma3_dir):
     (["--prompt", "x", "--max-new-tokens", "0"], "need --max-new-tokens >= 1"),
     (["--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
     (["--max-new-tokens", "3"], "--prompt"),
+    (["--chat", "--prompt", "x", "--tools", "no_such_module:fn"], "--tools: importing no_such_module failed"),
+    (["--chat", "--prompt", "x", "--tools", "calculator,abacus"], "want calculator, or module:fn1,fn2"),
+    (["--chat", "--prompt", "x", "--tools", "tasks:no_such_fn"], "tasks has no function 'no_such_fn'"),
+    (["--prompt", "x", "--tools", "calculator"], "--tools needs --chat"),
 ])
 def test_cli_bad_input_is_one_clear_line(args, message):
     r = run_cli(*args)
