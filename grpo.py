@@ -136,6 +136,7 @@ class Config(flags.RunConfig, flags.WarmUpConfig, flags.LoRAConfig):
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     # -- logging and checkpoints --
     eval_every: int = 50  # steps between evaluations (and at the start and end)
+    eval_samples: int = 1  # n > 1: eval/pass@k (k = 1, 2, 4 .. n), maj@n and mean@n of n samples per prompt too
     save_every: int = 100  # steps between train-state checkpoints
     log_completions_every: int = 50  # steps between <out>/completions.jsonl records (0: never)
     num_completions_to_print: int = 8  # completions of each record (whole groups, the first ones)
@@ -144,16 +145,14 @@ class Config(flags.RunConfig, flags.WarmUpConfig, flags.LoRAConfig):
     AUTO: ClassVar[dict] = {"lr": (1e-3, 1e-6), "beta": (0.02, 0.04), "max_completion_len": (6, 256),
                             "temperature": (1.0, 0.9), "prompts_per_step": (64, 16),
                             "data": (None, "openai/gsm8k:main"), "system_prompt": ("", tasks.REASONING_PROMPT)}
-    # --tools calculator: 3-digit products (a tiny model cannot learn them, but can learn to have them computed)
     TOOL_DEMO: ClassVar[dict] = {"task": "*,3,3", "steps": 60, "prompts_per_step": 8, "max_completion_len": 192,
-                                 "warmup_sft_batch_size": 32}
+                                 "warmup_sft_batch_size": 32}  # --tools calculator: 3-digit products, to be computed
     RESUMABLE: ClassVar[frozenset] = flags.RunConfig.RESUMABLE | {"log_completions_every", "num_completions_to_print"}
 
     def __post_init__(self):
-        if self.tools == "calculator" and self.data is None and self.task is None:  # the tool demo's defaults
-            for name, value in self.TOOL_DEMO.items():
-                setattr(self, name, value if getattr(self, name) is None else getattr(self, name))
-        self.steps = 800 if self.steps is None else self.steps
+        demo = self.tools == "calculator" and self.data is None and self.task is None  # the tool demo
+        for name, value in (self.TOOL_DEMO if demo else {"steps": 800}).items():  # the defaults of what is None
+            setattr(self, name, value if getattr(self, name) is None else getattr(self, name))
         if self.task is not None and self.data is None:  # a named task is the data, a pretrained model's too
             self.data, self.system_prompt = "", self.system_prompt or ""  # its prompts as they are
         self.task = self.task or "*,3,1"
@@ -162,7 +161,8 @@ class Config(flags.RunConfig, flags.WarmUpConfig, flags.LoRAConfig):
             self.epsilon_high = 5.0 if self.loss_type == "cispo" else self.epsilon
         B, G, k = self.prompts_per_step, self.num_generations, self.steps_per_generation
         flags.check(flags.positive(self, "prompts_per_step", "max_prompt_len", "max_completion_len", "num_iterations",
-                                   "steps_per_generation", "max_num_gen_batches", "num_completions_to_print") + [
+                                   "steps_per_generation", "max_num_gen_batches", "num_completions_to_print",
+                                   "eval_samples") + [
             (G >= 2, "--num-generations must be >= 2: advantages compare a group's rewards"),
             (B % k == 0, "--prompts-per-step must be a multiple of --steps-per-generation (whole groups a step)"),
             ((B * G // k) % self.grad_accum == 0, "a step's completions (--prompts-per-step x --num-generations / "
@@ -486,13 +486,15 @@ def completion_records(step: int, r: Rollout, funcs, tok, cfg: Config) -> list[d
 
 def evaluate(model, prompts: data.Prompts, sample: tools.Sampler, cfg: Config) -> dict:
     """eval/reward: the first reward function (accuracy) of greedy completions of the held-out prompts (with
-    --tools, greedy conversations: the tools run); eval/rewards/<name>: each; eval/tools/*: the calls."""
+    --tools, greedy conversations: the tools run); eval/rewards/<name>: each; eval/tools/*: the calls. With
+    --eval-samples n > 1, also n sampled at --temperature: eval/pass@k, eval/maj@n, eval/mean@n (evaluate.py's)."""
     if not prompts.evals:
         return {}
     outs, per_func = sample(model, prompts.evals, prompts.eval_ids, 0, 0.0)
-    rewards = per_func.mean(0)
+    rewards, n = per_func.mean(0), cfg.eval_samples
     return {"eval/reward": float(rewards[0]), **{f"eval/rewards/{f.__name__}": x for f, x in zip(sample.funcs, rewards)},
-            **(tools.metrics(tools.calls(outs), "eval/") if cfg.tools else {})}
+            **(tools.metrics(tools.calls(outs), "eval/") if cfg.tools else {}),
+            **(tasks.sampled_eval(sample, model, prompts.evals, prompts.eval_ids, n, 1, cfg.temperature) if n > 1 else {})}
 
 
 # ----------------------------------------------------------------------------- main
@@ -519,8 +521,7 @@ def prepare(cfg: Config):
         if cfg.tools == "calculator" and not cfg.data:  # the tool demo: conversations, and their answers' accuracy
             examples = tasks.calculator_conversations(prompts.train, prompts.train_ids, tok, sampler.family,
                                                       cfg.max_completion_len, cfg.enable_thinking)
-            n = min(cfg.eval_examples, 128)  # its stopping test: greedy conversations' accuracy on training prompts
-            train = prompts._replace(evals=prompts.train[:n], eval_ids=prompts.train_ids[:n])
+            train = prompts._replace(evals=prompts.train[:128], eval_ids=prompts.train_ids[:128])  # its stopping test
             accuracy = lambda m: evaluate(m, train, sampler, cfg)["eval/reward"]  # noqa: E731
         model, first_record = run.warm_up(cfg, loaded, model, examples, rows, mesh,
                                           cfg.max_prompt_len + cfg.max_completion_len, accuracy)

@@ -22,9 +22,11 @@ import tools
 
 
 def task_accuracy(task):
-    """A built-in task's GRPO accuracy reward: 1.0 where task.is_correct(prompt, completion), else 0.0."""
+    """A built-in task's GRPO accuracy reward: 1.0 where task.is_correct(prompt, completion), else 0.0; its .answer
+    reads a completion's answer (task.parse) for majority votes."""
     def accuracy_reward(prompts, completions, **columns):
         return [float(task.is_correct(p, c)) for p, c in zip(prompts, completions)]
+    accuracy_reward.answer = task.parse
     return accuracy_reward
 
 
@@ -76,6 +78,10 @@ class Arithmetic:
         """Exact match of the completion (whitespace-stripped) with the answer."""
         return completion.strip() == self.answer(prompt)
 
+    def parse(self, completion: str) -> str | None:
+        """The answer a completion gives (for majority votes): all of it, whitespace-stripped."""
+        return completion.strip() or None
+
     def rewards(self) -> list:
         """GRPO's reward functions for the task: the exact answer, and the answer's fixed-width format."""
         width = rf"[+-][0-9]{{{self.width - 1}}}" if self.op == "-" else rf"[0-9]{{{self.width}}}"
@@ -124,8 +130,12 @@ class Sequence:
 
     def is_correct(self, prompt: str, completion: str) -> bool:
         """The completion's first number is the next term."""
-        first = re.search(r"[0-9]+", completion)  # digits only: " 62, 66" is 62
-        return first is not None and first.group() == self.answer(prompt)
+        return self.parse(completion) == self.answer(prompt)
+
+    def parse(self, completion: str) -> str | None:
+        """The answer a completion gives: its first number (digits only: " 62, 66" is 62)."""
+        first = re.search(r"[0-9]+", completion)
+        return first.group() if first else None
 
     def rewards(self) -> list:
         """GRPO's reward function for the task: the next term first."""
@@ -156,15 +166,78 @@ def parse_number(text: str) -> decimal.Decimal | None:
     return decimal.Decimal(number) if 0 < len(number) <= 64 else None
 
 
+def answer_text(completion: str) -> str:
+    """Where a completion's answer is: its last <answer>…</answer>'s content, or without tags all of it."""
+    tags = ANSWER_TAG.findall(completion) if "</answer>" in completion else []
+    return tags[-1] if tags else completion
+
+
 def accuracy_reward(prompts, completions, answer, **columns) -> list[float]:
     """1.0 when the number in the completion's last <answer>…</answer> (without tags: its last
     number) equals the row's answer (after "####" if present, GSM8K's form) numerically."""
     rewards = []
     for completion, want in zip(completions, answer):
-        tags = ANSWER_TAG.findall(completion) if "</answer>" in completion else []
-        got, want = parse_number(tags[-1] if tags else completion), parse_number(str(want).split("####")[-1])
+        got, want = parse_number(answer_text(completion)), parse_number(str(want).split("####")[-1])
         rewards.append(float(got is not None and got == want))
     return rewards
+
+
+def math_verify_reward(prompts, completions, answer, **columns) -> list[float]:
+    """accuracy_reward with Hugging Face's math-verify for the comparison (TRL's accuracy_reward uses it): the
+    answer text and the row's answer parsed as LaTeX or expressions, equal symbolically ("1/2" = "0.5" =
+    "\\frac{1}{2}"), each parse and comparison within math-verify's own 5-second timeout. An optional extra
+    (pip install math-verify): without it, one line."""
+    try:
+        import math_verify
+    except ImportError:
+        raise ValueError("--checker math_verify needs the math-verify package: pip install math-verify") from None
+    return [float(math_verify.verify(math_verify.parse(str(want).split("####")[-1]),
+                                     math_verify.parse(answer_text(completion))))
+            for completion, want in zip(completions, answer)]
+
+
+def parsed_answer(completion: str) -> str | None:
+    """The answer a completion gives, as accuracy_reward reads it (the number, normalised: "1,234.50" → "1234.5"),
+    for majority votes; None when it gives none."""
+    number = parse_number(answer_text(completion))
+    return None if number is None else format(number.normalize(), "f")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. 2021's unbiased estimate of the chance that at least one of k completions drawn from n, c of them
+    correct, is: 1 − C(n − c, k) / C(n, k), as the product 1 − Π_{i=n−c+1..n} (1 − k/i) (no huge binomials)."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+accuracy_reward.answer = math_verify_reward.answer = parsed_answer  # what majority votes count (sampled_metrics)
+
+
+def sampled_eval(sample, model, rows, ids, n: int, seed: int, temperature: float, prefix: str = "eval/") -> dict:
+    """n completions of each prompt drawn by sample (tools.Sampler) → sampled_metrics with k = 1, 2, 4, ... <= n:
+    correct where the first reward function gives 1, votes on the answers it reads (its .answer)."""
+    outs, per_func = sample(model, [r for r in rows for _ in range(n)], [i for i in ids for _ in range(n)], seed,
+                            temperature)
+    texts = [tools.final_answer(o) if sample.fns else sample.tok.decode(o.completion) for o in outs]
+    answers = [sample.funcs[0].answer(t) for t in texts]
+    return sampled_metrics((per_func[:, 0] >= 1).reshape(-1, n), [answers[i:i + n] for i in range(0, len(texts), n)],
+                           [1 << i for i in range(n.bit_length())], prefix)
+
+
+def sampled_metrics(correct: np.ndarray, answers: list[list], ks, prefix: str = "") -> dict:
+    """correct [P, n] (each prompt's n completions) and their parsed answers [P][n] → pass@k for each k <= n (the
+    mean over prompts), maj@n (the prompt's most frequent answer, None aside, ties to the first given, is a correct
+    completion's) and mean@n (the fraction correct)."""
+    P, n = correct.shape
+    votes = []
+    for row, given in zip(correct, answers):
+        counts = {a: given.count(a) for a in given if a is not None}
+        top = max(counts, key=counts.get) if counts else None  # dicts keep order: ties go to the first given
+        votes.append(top is not None and bool(row[given.index(top)]))
+    return {**{f"{prefix}pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in correct.sum(1)]))
+               for k in ks if k <= n},
+            f"{prefix}maj@{n}": float(np.mean(votes)), f"{prefix}mean@{n}": float(correct.mean())}
 
 
 # The system prompt a pretrained model gets before each question (grpo.py with --data or GSM8K): the format
