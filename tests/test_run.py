@@ -27,7 +27,7 @@ import run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ["sft", "lora", "grpo", "dpo", "distill"]
-COMMANDS = SCRIPTS + ["sample", "serve"]
+COMMANDS = SCRIPTS + ["sample", "serve", "evaluate"]
 
 
 def help_text(script: str) -> str:
