@@ -256,9 +256,6 @@ def apply_chat_template(messages: list[dict], family: str, add_generation_prompt
     return CHAT_TEMPLATES[family](messages, add_generation_prompt, **kw)
 
 
-# ----------------------------------------------------------------------------- JSONL datasets
-
-
 # ----------------------------------------------------------------------------- tool conversations without a template
 
 def call_start(text: str, family: str) -> int:

@@ -287,7 +287,7 @@ def calculator_conversations(rows, prompt_ids, tok, family: str, max_completion_
     """grpo's tool demo's warm-up data: n conversations that call the calculator on the problem ("123*456=" →
     expression "123*456"), then answer what it returned, as tools.scripted writes them (the tokens and masks of a
     sampled conversation: the tool result turn carries no loss). → (ids, loss mask) each."""
-    end, examples = tok.token_id(chat.END_OF_TURN[family]) or tok.eos_ids[0], []
+    end, examples = chat.end_of_turn_id(tok, family), []
     for row, ids in zip(rows[:n], prompt_ids[:n]):
         expression = row["prompt"].rstrip("=")
         call = tools.call_text(family, "calculator", {"expression": expression})
