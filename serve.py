@@ -6,7 +6,9 @@
 Endpoints: GET /v1/models, POST /v1/completions and /v1/chat/completions (the family's chat template),
 with max_tokens, temperature, top_p, stop, seed, n, stream (server-sent events) and usage counts, so
 the `openai` client, evaluation harnesses and applications talk to it unchanged. GET /stats counts
-requests and the engine's prefills, decode chunks and tokens.
+requests and the engine's prefills, decode chunks and tokens. /v1/completions is also OpenAI's legacy API as
+evaluation harnesses use it (lm-eval's local-completions): prompts as token ids, echo, logprobs (top N) and
+max_tokens 0, the log-probs from one forward pass over prompt and completion (legacy_completions.py).
 
 Requests are decoded with continuous batching (engine.py): one worker thread owns an engine.Engine of
 --slots sequences and adds every request (each of its n choices, streamed or not, greedy or sampled) as
@@ -49,6 +51,7 @@ from typing import NamedTuple
 import chat
 import engine
 import flags
+import legacy_completions as legacy
 import sample
 import tools
 
@@ -176,22 +179,40 @@ class ToolUse(NamedTuple):
     parallel: bool  # parallel_tool_calls: False keeps the first call only
 
 
-def answer(worker: Worker, job: Job, stop, kind: str, head: dict, use: ToolUse | None = None) -> dict:
-    """A finished job as OpenAI's (chat) completion object: n choices and the usage counts; with use, each
+def answer(worker: Worker, job: Job, stop, head: dict, use: ToolUse | None = None) -> dict:
+    """A finished chat job as OpenAI's chat completion object: n choices and the usage counts; with use, each
     choice's tool calls parsed out of its text (tool_message)."""
     choices, used = [], 0
     for i, (ids, reason) in enumerate(job.done.result()):
         text, stopped = cut_at_stop(decode(worker.tok, ids, use), stop)
         used, reason = used + len(ids), "stop" if stopped else reason
-        if kind == "chat":
-            message, reason = tool_message(text, reason, use) if use else ({"role": "assistant", "content": text},
-                                                                             reason)
-            body = {"message": message}
-        else:
-            body = {"text": text, "logprobs": None}
-        choices.append({"index": i, **body, "finish_reason": reason})
-    return {**head, "choices": choices, "usage": {"prompt_tokens": len(job.prompt), "completion_tokens": used,
-                                                  "total_tokens": len(job.prompt) + used}}
+        message, reason = tool_message(text, reason, use) if use else ({"role": "assistant", "content": text}, reason)
+        choices.append({"index": i, "message": message, "finish_reason": reason})
+    return {**head, "choices": choices, "usage": usage(len(job.prompt), used)}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_answer(worker: Worker, jobs: list[Job], texts: list[str], req, head: dict,
+                      scorer: legacy.Scorer | None) -> dict:
+    """Finished completion jobs, one per prompt, as OpenAI's text_completion object: choice p·n + j is prompt p's
+    j-th; with echo each text starts with its prompt's, and with req.logprobs each choice has OpenAI's legacy
+    logprobs object (legacy.choice_logprobs: the prompt's tokens too with echo), of the text sent (a stop string's
+    cut drops the tokens after it)."""
+    choices, used = [], 0
+    for p, job in enumerate(jobs):
+        for j, (ids, reason) in enumerate(job.done.result()):
+            text, stopped = cut_at_stop(worker.tok.decode(ids), req.stop)
+            used, reason = used + len(ids), "stop" if stopped else reason
+            shown = legacy.kept_tokens(worker.tok, ids, text) if stopped else ids
+            logprobs = None if req.logprobs is None else legacy.choice_logprobs(
+                scorer, worker.tok, job.prompt, texts[p], shown, req.logprobs, req.echo)
+            choices.append({"index": p * req.n + j, "text": texts[p] + text if req.echo else text,
+                            "logprobs": logprobs, "finish_reason": reason})
+    return {**head, "choices": choices, "usage": usage(sum(len(job.prompt) for job in jobs), used)}
 
 
 def events(worker: Worker, job: Job, stop, kind: str, head: dict, use: ToolUse | None = None):
@@ -394,7 +415,10 @@ def request_types():
         stream: bool = False
 
     class CompletionRequest(Common):
-        prompt: str
+        prompt: Union[str, list]  # text, texts, ids or lists of ids (legacy.prompt_ids: a 400 naming the fault)
+        max_tokens: int = Field(16, ge=0)  # 0: nothing generated (with echo and logprobs: the prompt scored)
+        echo: bool = False
+        logprobs: Optional[int] = Field(None, ge=0, le=legacy.MAX_LOGPROBS)
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
@@ -405,9 +429,11 @@ def request_types():
 
 
 def make_app(worker: Worker, model_name: str, family: str | None, max_len: int, api_key: str | None = None,
-             chat_template: bool = True):
+             chat_template: bool = True, scorer: legacy.Scorer | None = None, vocab_size: int | None = None):
     """The FastAPI application over a Worker. chat_template: the checkpoint has one (sample.Loaded's); without,
-    a conversation with tools is written as grpo.py --tools trains such a model (sample.conversation_ids)."""
+    a conversation with tools is written as grpo.py --tools trains such a model (sample.conversation_ids).
+    scorer: the model's forward pass for /v1/completions' logprobs (None: a request for them is a 400);
+    vocab_size: the ids a prompt of token ids may hold (None: the tokenizer's)."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
     Common, CompletionRequest, ChatRequest = request_types()
@@ -424,35 +450,25 @@ def make_app(worker: Worker, model_name: str, family: str | None, max_len: int, 
     def stats():
         return dict(worker.stats)
 
-    def job_for(req: Common, prompt: list[int], prompt_param: str) -> Job:
-        if req.model != model_name:
-            raise Refusal(404, f"the model {req.model!r} does not exist; this server has {model_name!r}",
-                          param="model", code="model_not_found")
-        if len(prompt) > worker.max_prompt:
-            raise Refusal(400, f"the prompt ({len(prompt)} tokens) is longer than this server takes "
-                               f"({worker.max_prompt}, --max-prompt-len)", param=prompt_param)
-        if req.max_tokens > worker.max_new:
-            raise Refusal(400, f"max_tokens ({req.max_tokens}) exceeds this server's {worker.max_new} "
-                               "(--max-completion-len)", param="max_tokens")
-        if len(prompt) + req.max_tokens > max_len:
-            raise Refusal(400, f"prompt ({len(prompt)} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
-                               f"{max_len}", param="max_tokens")
-        if req.stream and req.n > 1:
-            raise Refusal(400, "stream takes n = 1", param="n")
-        return worker.submit(Job(prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.n, req.stream))
-
     def respond(req: Common, job: Job, kind: str, use: ToolUse | None = None):
-        rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-                "model": model_name}
+        head = head_of(kind, model_name)
         if req.stream:
             return StreamingResponse(events(worker, job, req.stop, kind, head, use), media_type="text/event-stream")
-        return answer(worker, job, req.stop, kind, head, use)
+        return answer(worker, job, req.stop, head, use)
 
     @app.post("/v1/completions")
     def completions(req: CompletionRequest):
-        job = job_for(req, worker.tok.encode(req.prompt), "prompt")
-        return respond(req, job, "completion")
+        """Text or token-id prompts, one job each; echo and logprobs as OpenAI's legacy API (legacy_completions)."""
+        try:
+            prompts, texts = legacy.prompts_of(req, worker.tok, vocab_size or worker.tok.vocab_size, scorer is not None)
+        except legacy.PromptFault as e:
+            raise Refusal(400, str(e), param=e.param) from None
+        for prompt in prompts:  # every prompt checked before any is decoded
+            check_request(req, prompt, "prompt", worker, model_name, max_len)
+        jobs = [submit(worker, req, prompt) for prompt in prompts]
+        if req.stream:
+            return respond(req, jobs[0], "completion")
+        return completion_answer(worker, jobs, texts, req, head_of("completion", model_name), scorer)
 
     @app.post("/v1/chat/completions")
     def chat_completions(req: ChatRequest):
@@ -460,9 +476,46 @@ def make_app(worker: Worker, model_name: str, family: str | None, max_len: int, 
         if family is None:
             raise Refusal(400, "this model has no chat template (a checkpoint of a known family is needed)")
         ids, use = chat_prompt(req, worker.tok, family, chat_template)
-        return respond(req, job_for(req, ids, "messages"), "chat", use)
+        check_request(req, ids, "messages", worker, model_name, max_len)
+        return respond(req, submit(worker, req, ids), "chat", use)
 
     return app
+
+
+def check_request(req, prompt: list[int], prompt_param: str, worker: Worker, model_name: str, max_len: int):
+    """A 4xx Refusal for a request this server cannot answer: another model, a prompt or max_tokens over the
+    server's or the model's limits, a stream of several choices."""
+    if req.model != model_name:
+        raise Refusal(404, f"the model {req.model!r} does not exist; this server has {model_name!r}",
+                      param="model", code="model_not_found")
+    if len(prompt) > worker.max_prompt:
+        raise Refusal(400, f"the prompt ({len(prompt)} tokens) is longer than this server takes "
+                           f"({worker.max_prompt}, --max-prompt-len)", param=prompt_param)
+    if req.max_tokens > worker.max_new:
+        raise Refusal(400, f"max_tokens ({req.max_tokens}) exceeds this server's {worker.max_new} "
+                           "(--max-completion-len)", param="max_tokens")
+    if len(prompt) + req.max_tokens > max_len:
+        raise Refusal(400, f"prompt ({len(prompt)} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
+                           f"{max_len}", param="max_tokens")
+    if req.stream and req.n > 1:
+        raise Refusal(400, "stream takes n = 1", param="n")
+
+
+def submit(worker: Worker, req, prompt: list[int]) -> Job:
+    """The prompt's job, in the worker's queue; max_tokens 0 (a prompt scored, nothing made) answered here."""
+    job = Job(prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.n, req.stream)
+    if req.max_tokens > 0:
+        return worker.submit(job)
+    job.done.set_result([([], "length")] * req.n)
+    job.tokens.put(None)
+    return job
+
+
+def head_of(kind: str, model_name: str) -> dict:
+    """The fields a (chat) completion object and its stream's chunks start with: a fresh id, the time, the model."""
+    return {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion" if kind == "chat" else "text_completion", "created": int(time.time()),
+            "model": model_name}
 
 
 def answer_errors(app, api_key: str | None):
@@ -529,7 +582,7 @@ def main(argv=None):
     make_engine = functools.partial(engine.Engine, model, slots=cfg.slots, max_new_tokens=cfg.max_completion_len,
                                     max_prompt_len=cfg.max_prompt_len, chunk=cfg.chunk, eos_ids=eos)
     app = make_app(Worker(make_engine, tok, eos), name, model.cfg.family, model.cfg.max_seq_len, cfg.api_key,
-                   loaded.chat_template)
+                   loaded.chat_template, legacy.Scorer(model), model.cfg.vocab_size)
     print(f"serving {name} ({source}) on http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 
