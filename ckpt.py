@@ -27,6 +27,7 @@ from flax import nnx
 import ml_dtypes
 from safetensors.numpy import save_file
 
+import moe
 from adapters import add_lora
 from model import CONFIGS, Config, Transformer, every_nth_global, get_config, layer_shapes
 
@@ -37,8 +38,8 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- config.json
 
-FAMILIES = {"llama": "llama3", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
-            "gemma3_text": "gemma3", "gemma3": "gemma3"}
+FAMILIES = {"llama": "llama3", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3", "gemma": "gemma",
+            "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}  # Qwen 3 MoE: Qwen 3 with cfg.experts
 HF_MODEL_TYPE = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
                  "gemma3": "gemma3_text"}
 HF_ARCH = {"llama3": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -110,18 +111,16 @@ def config_from_hf(hf: dict, **overrides) -> Config:
         act=act, norm_eps=hf.get("rms_norm_eps", 1e-6), norm_plus_one=defaults.norm_plus_one,
         qk_norm=defaults.qk_norm, qkv_bias=defaults.qkv_bias, rope_theta=float(theta),
         rope_local_theta=float(local_theta) if local_theta and family == "gemma3" else None,
-        rope_scaling=None if scaling_type == "default" else scaling_type,
-        rope_factor=float(scaling.get("factor", 1.0)),
+        rope_scaling=None if scaling_type == "default" else scaling_type, rope_factor=float(scaling.get("factor", 1.0)),
         rope_low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
         rope_high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
         rope_original_max_len=int(scaling.get("original_max_position_embeddings", 8192)),
-        sliding_window=window, sliding_layers=sliding,
-        query_scale=qpas ** -0.5 if qpas else None,
+        sliding_window=window, sliding_layers=sliding, query_scale=qpas ** -0.5 if qpas else None,
         attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
         post_norms=defaults.post_norms, embed_scale=defaults.embed_scale,
         tie_embeddings=hf.get("tie_word_embeddings", gemma), max_seq_len=hf.get("max_position_embeddings", 8192),
         bos_id=hf.get("bos_token_id"), eos_ids=_ids(hf.get("eos_token_id")), pad_id=hf.get("pad_token_id"),
-    )
+        experts=moe.experts_from_hf(hf))
     return cfg.replace(**overrides)
 
 
@@ -156,7 +155,7 @@ def config_to_hf(cfg: Config) -> dict:
         hf["layer_types"] = ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers]
         if cfg.family in ("qwen2", "qwen3"):
             hf.update(use_sliding_window=True, max_window_layers=cfg.sliding_layers.index(True))
-    return {k: v for k, v in hf.items() if v is not None}
+    return {k: v for k, v in {**hf, **moe.experts_to_hf(cfg)}.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- the name table
@@ -177,6 +176,9 @@ LAYER_NAMES = [
     ("pre_feedforward_layernorm.weight", "ffw_norm", None),  # Gemma 2/3
     ("post_feedforward_layernorm.weight", "post_ffw_norm", None),  # Gemma 2/3
     ("mlp.gate_proj.weight", "gate", 1), ("mlp.up_proj.weight", "up", 1), ("mlp.down_proj.weight", "down", 1),
+    ("mlp.gate.weight", "router", 1),  # Qwen 3 MoE's sparse layers: the router, and each expert's own tensors
+    ("mlp.experts.{e}.gate_proj.weight", "expert_gate", 1), ("mlp.experts.{e}.up_proj.weight", "expert_up", 1),
+    ("mlp.experts.{e}.down_proj.weight", "expert_down", 1),
 ]
 
 
@@ -334,16 +336,13 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
                               f"({(detail.splitlines() or [''])[0][:200]})") from None
     table = name_table(cfg)
     files = tensor_index(path)
-    expected = {hf.format(i=i) for hf, name, _ in table
-                for i in (range(cfg.n_layers) if "{i}" in hf else [0])}
+    expected = {n for hf, name, _ in table for _, n in (moe.stacked_rows(cfg, hf, name) if "{i}" in hf else [(0, hf)])}
     missing = sorted(expected - set(files))
     unexpected = sorted(set(files) - expected - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
-    if missing:
-        raise CheckpointError(f"{path}: missing tensors for {cfg.family}: {', '.join(missing[:8])}"
-                              + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensors: {', '.join(unexpected[:8])}"
-                              + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+    for problem, names in ((f"missing tensors for {cfg.family}", missing), ("unexpected tensors", unexpected)):
+        if names:
+            raise CheckpointError(f"{path}: {problem}: {', '.join(names[:8])}"
+                                  + (f" (+{len(names) - 8} more)" if len(names) > 8 else ""))
 
     graphdef, state = nnx.split(abstract_model(cfg))
     handles: dict[pathlib.Path, SafetensorsFile] = {}
@@ -365,11 +364,12 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
         key = tuple(name.split("."))
         var = flat[key]
         target = np.dtype(var.dtype)
-        if "{i}" in hf:  # stack layer tensors into one [L, ...] array, filled in place
-            first = read(hf.format(i=0), var.shape[1:], n_in)  # its shape checked before the stack is allocated
-            stacked = np.empty(var.shape, target)
-            for i in range(cfg.n_layers):
-                stacked[i] = read(hf.format(i=i), var.shape[1:], n_in) if i else first  # casts on assignment
+        if "{i}" in hf:  # stack layer (and expert) tensors into one [L, (E,) ...] array, filled in place
+            rows = moe.stacked_rows(cfg, hf, name)
+            first = read(rows[0][1], var.shape[len(rows[0][0]):], n_in)  # shape checked before the stack is allocated
+            stacked = np.zeros(var.shape, target)  # what no tensor fills (a mixed model's unused kind of MLP) is 0
+            for k, (index, hf_name) in enumerate(rows):
+                stacked[index] = read(hf_name, var.shape[len(index):], n_in) if k else first  # casts on assignment
         else:
             stacked = np.array(read(hf, var.shape, n_in), target)  # a copy: never alias the file map
         var.set_value(jnp.asarray(stacked))
@@ -394,8 +394,8 @@ def save_hf(model: Transformer, path, max_shard_bytes: int = 4 << 30) -> None:
         for hf, name, n_in in name_table(cfg):
             value = np.asarray(jax.device_get(flat[name].get_value()))
             if "{i}" in hf:
-                for i in range(cfg.n_layers):
-                    yield hf.format(i=i), np.ascontiguousarray(to_hf(value[i], n_in))
+                for index, hf_name in moe.stacked_rows(cfg, hf, name):
+                    yield hf_name, np.ascontiguousarray(to_hf(value[index], n_in))
             else:
                 yield hf, np.ascontiguousarray(to_hf(value, n_in))
 
@@ -541,7 +541,8 @@ HF_REPOS = {
     "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B", "qwen3-0.6b": "Qwen/Qwen3-0.6B", "qwen3-1.7b": "Qwen/Qwen3-1.7B",
     "qwen3-4b": "Qwen/Qwen3-4B", "qwen3-8b": "Qwen/Qwen3-8B", "gemma-2b": "google/gemma-2b",
     "gemma2-2b": "google/gemma-2-2b", "gemma3-270m": "google/gemma-3-270m", "gemma3-1b": "google/gemma-3-1b-pt",
-    "gemma3-4b": "google/gemma-3-4b-pt",
+    "gemma3-4b": "google/gemma-3-4b-pt", "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
+    "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
 }
 
 

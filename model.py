@@ -1,4 +1,4 @@
-"""model.py — one decoder-only Transformer for Gemma, Gemma 2, Gemma 3, Llama 3, Qwen 2, Qwen 3.
+"""model.py — one decoder-only Transformer for Gemma, Gemma 2, Gemma 3, Llama 3, Qwen 2, Qwen 3 (and Qwen 3 MoE).
 
 The six families differ only in a handful of switches, all of them fields of `Config`: the MLP activation
 (SwiGLU / GeGLU-tanh), the RMSNorm weight convention (`w` or `1 + w`), QK-norm, QKV bias, sandwich norms around
@@ -6,14 +6,14 @@ attention and MLP, soft-capping, sliding-window layers with their own RoPE base,
 scaling. Everything else is the same pre-norm block:
 
     x = x + post_attn_norm(Attn(attn_norm(x)))      # post norms: Gemma 2/3 only
-    x = x + post_ffw_norm(MLP(ffw_norm(x)))
+    x = x + post_ffw_norm(MLP(ffw_norm(x)))         # Qwen 3 MoE's sparse layers: moe.py's experts as the MLP
 
-Parameters of all layers are stacked on a leading `L` axis. The forward pass scans over them (jit compiles one
-block) or, given `layers=unstack_layers(model)`, runs them unrolled: faster on CPU for decoding and small
-models' training steps (next_token_hidden picks it by size).
+Parameters of all layers are stacked on a leading `L` axis. The forward pass scans over them (jit compiles one block)
+or, given `layers=unstack_layers(model)`, runs them unrolled: faster on CPU for decoding and small models' training
+steps (next_token_hidden picks it by size).
 
 Einsum letters (as in Gemma's reference code): B batch, T query time, S key time, D model dim,
-N query heads, K kv heads, G query heads per kv head, H head dim, F feed-forward dim, V vocab, L layers.
+N query heads, K kv heads, G query heads per kv head, H head dim, F feed-forward dim, V vocab, L layers, E experts.
 
     from model import CONFIGS, Transformer
     model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(0))
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import logprobs
+import moe
 from adapters import TARGETS, dequantize, lora_delta, lora_dropout, projection_shapes, weight
 from logprobs import softcap
 
@@ -78,6 +79,7 @@ class Config:
     param_dtype: str = "float32"  # storage dtype of parameters
     dtype: str = "float32"  # compute dtype of activations and matmuls (bf16 on TPU)
     remat: bool = False  # backward pass keeps only each block's input (default: its projection outputs too)
+    experts: moe.Experts | None = None  # Qwen 3 MoE: the sparse layers' experts (moe.py); None: a dense model
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -98,15 +100,13 @@ def every_nth_global(n_layers: int, period: int) -> tuple[bool, ...]:
     return tuple((i + 1) % period != 0 for i in range(n_layers))
 
 
-_LLAMA3_ROPE = dict(rope_scaling="llama3", rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                    rope_original_max_len=8192)
-_LLAMA3 = dict(family="llama3", vocab_size=128_256, norm_eps=1e-5, rope_theta=500_000.0,
-               max_seq_len=131_072, bos_id=128_000, eos_ids=(128_001,), **_LLAMA3_ROPE)
+_LLAMA3 = dict(family="llama3", vocab_size=128_256, norm_eps=1e-5, rope_theta=500_000.0, max_seq_len=131_072,
+               bos_id=128_000, eos_ids=(128_001,), rope_scaling="llama3", rope_low_freq_factor=1.0,
+               rope_high_freq_factor=4.0, rope_original_max_len=8192)
 _QWEN = dict(vocab_size=151_936, rope_theta=1_000_000.0, bos_id=151_643, eos_ids=(151_643,), pad_id=151_643)
 _QWEN2 = dict(_QWEN, family="qwen2", qkv_bias=True)
 _QWEN3 = dict(_QWEN, family="qwen3", eos_ids=(151_645,), head_dim=128, qk_norm=True, max_seq_len=40_960)
-_GEMMA = dict(act="gelu_tanh", norm_plus_one=True, embed_scale=True, head_dim=256, bos_id=2,
-              eos_ids=(1,), pad_id=0)
+_GEMMA = dict(act="gelu_tanh", norm_plus_one=True, embed_scale=True, head_dim=256, bos_id=2, eos_ids=(1,), pad_id=0)
 _GEMMA3 = dict(_GEMMA, family="gemma3", vocab_size=262_144, qk_norm=True, post_norms=True,
                query_scale=256 ** -0.5, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
                sliding_window=512, max_seq_len=32_768, eos_ids=(1, 106))
@@ -160,6 +160,7 @@ CONFIGS.update({
     "tiny-gemma3": Config(**{**_GEMMA3, **_TINY, "n_layers": 3, "sliding_window": 32},
                           sliding_layers=every_nth_global(3, 3)),
 })
+CONFIGS.update({name: Config(**kw) for name, kw in moe.presets(_QWEN3, _TINY).items()})  # Qwen 3 MoE
 
 ALIASES = {"llama3": "llama3.2-1b", "qwen2": "qwen2.5-0.5b", "qwen3": "qwen3-0.6b", "gemma": "gemma-2b",
            "gemma2": "gemma2-2b", "gemma3": "gemma3-270m", "tiny": "tiny-qwen3"}  # a default size per family
@@ -210,8 +211,7 @@ def rope_inv_freq(cfg: Config, theta: float, scaled: bool) -> jax.Array:
         smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
             cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
         blended = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
-        return jnp.where(wavelen > low_wavelen, inv / cfg.rope_factor,
-                         jnp.where(wavelen < high_wavelen, inv, blended))
+        return jnp.where(wavelen > low_wavelen, inv / cfg.rope_factor, jnp.where(wavelen < high_wavelen, inv, blended))
     raise ValueError(f"unknown rope_scaling {cfg.rope_scaling!r}")
 
 
@@ -231,8 +231,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attention(q, k, v, mask, scale: float, cap: float | None) -> tuple[jax.Array, jax.Array]:
     """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] (True = may attend) → output
     [B,T,N,H] and the attention map averaged over heads [B,T,S] (XLA drops it where it is not used)."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
+    (B, T, N, H), K = q.shape, k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
     logits = softcap(logits, cap)
@@ -287,7 +286,7 @@ def attention_mask(q_slots, k_slots, q_segments, k_segments, window: int | None)
 def layer_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Shapes of one block's parameters (stacked on a leading L axis in the model)."""
     D, N, K, H = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    shapes = {"attn_norm": (D,), "ffw_norm": (D,), **projection_shapes(cfg)}
+    shapes = moe.with_expert_shapes(cfg, {"attn_norm": (D,), "ffw_norm": (D,), **projection_shapes(cfg)})
     if cfg.qkv_bias:
         shapes.update(q_bias=(N, H), k_bias=(K, H), v_bias=(K, H))
     if cfg.qk_norm:
@@ -360,14 +359,15 @@ def mlp(p: dict, h, cfg: Config, adapters) -> jax.Array:
     return down
 
 
-def block(x, p: dict, cfg: Config, rope: Rope, mask, kv, start, adapters):
+def block(x, p: dict, cfg: Config, rope: Rope, mask, kv, start, adapters, sparse=False):
     """One pre-norm block on the residual stream x [B, T, D] (post norms: Gemma 2/3 only) → x, the layer's
-    keys and values, its head-averaged attention map [B, T, S]."""
+    keys and values, its head-averaged attention map [B, T, S]. sparse: its MLP is the experts (moe.py)."""
     norm = lambda y, name: rms_norm(y, p[name], cfg.norm_eps, cfg.norm_plus_one)  # noqa: E731
     post = lambda y, name: norm(y, name) if cfg.post_norms else y  # noqa: E731
     out, kv, attention_map = self_attention(p, norm(x, "attn_norm"), cfg, rope, mask, kv, start, adapters)
     x = x + post(out, "post_attn_norm")
-    x = x + post(mlp(p, norm(x, "ffw_norm"), cfg, adapters), "post_ffw_norm")
+    h = norm(x, "ffw_norm")
+    x = x + post(moe.mlp_or_experts(p, h, cfg, sparse, lambda: mlp(p, h, cfg, adapters)), "post_ffw_norm")
     return x, kv, attention_map
 
 
@@ -382,10 +382,10 @@ class Layers(nnx.Module):
             shape = (cfg.n_layers, *shape)
             if name.endswith(("norm", "bias")):  # zero biases; norms are the identity in both conventions
                 value = (jnp.ones if name.endswith("norm") and not cfg.norm_plus_one else jnp.zeros)(shape, dtype)
-            else:
-                fan_in = math.prod(shape[1:3] if name == "o" else shape[1:2])  # o: [L, N, H, D]
+            else:  # fan in: o [L, N, H, D] over N·H, an expert [L, E, D or F, ...] over D or F, others axis 1
+                fan_in = math.prod(shape[1:3] if name == "o" else shape[2:3] if "expert_" in name else shape[1:2])
                 value = fan_in ** -0.5 * jax.random.normal(rngs.params(), shape, dtype)  # LeCun normal
-            setattr(self, name, nnx.Param(value))
+            setattr(self, name, nnx.Param(moe.zero_unused(cfg, name, value)))  # mixed MoE models: 0 where unused
 
     def arrays(self) -> dict[str, jax.Array]:
         """name → stacked array: weights, and (when present) LoRA factors and quantized codes/scales."""
@@ -409,16 +409,16 @@ class Transformer(nnx.Module):
                  hidden: bool = False, taps: tuple[str, ...] = ()):
         """tokens [B, T] int32 → logits [B, T, V] float32 (and the updated cache if one is given).
 
-        positions [B, T]: RoPE positions (default 0..T-1; left-padded rows start at 0 after
-        their padding). segment_ids [B, T]: attention stays within equal ids and never sees
-        id 0 (padding), which makes left-padded and packed batches exact (default all 1).
+        positions [B, T]: RoPE positions (default 0..T-1; left-padded rows start at 0 after their padding).
+        segment_ids [B, T]: attention stays within equal ids and never sees id 0 (padding), which makes
+        left-padded and packed batches exact (default all 1).
         cache: the tokens are written at slots index..index+T-1 and attend to all earlier slots.
-        last: logits of the last `last` positions only, [B, last, V] (a prefill needs one, a learner
-        only the completion's; the output head is the largest matmul of a small model). hidden: the
-        final-normed hidden states [B, T, D] instead of logits (`self.logits` maps them).
-        layers: the block parameters as separate per-layer arrays (`unstack_layers`), run unrolled
-        instead of scanned, at the price of compiling every layer: on CPU decoding is ~1.5x and a
-        GRPO update ~1.7x faster that way (benchmarks/RESULTS.md).
+        last: logits of the last `last` positions only, [B, last, V] (a prefill needs one, a learner only the
+        completion's; the output head is the largest matmul of a small model). hidden: the final-normed hidden
+        states [B, T, D] instead of logits (`self.logits` maps them).
+        layers: the block parameters as separate per-layer arrays (`unstack_layers`), run unrolled instead of
+        scanned, at the price of compiling every layer: on CPU decoding is ~1.5x and a GRPO update ~1.7x faster
+        (benchmarks/RESULTS.md).
         dropout_key: LoRA dropout on the adapters' inputs (training only; None: no dropout).
         taps (no cache): also return {"hidden": the residual stream after 0..L blocks [L + 1, B, T, D] (HF's
         hidden_states but the last, which is not final-normed here), "attention": each layer's attention map
@@ -436,16 +436,17 @@ class Transformer(nnx.Module):
         start, k_segments, (global_mask, sliding_mask), (global_rope, local_rope) = self.attention_inputs(
             positions, segment_ids, cache)
         sliding = jnp.asarray(cfg.sliding_layers or (False,) * cfg.n_layers)  # [L]
+        sparse = jnp.asarray(cfg.experts.sparse_layers if cfg.experts else (False,) * cfg.n_layers)  # [L]
         lora = getattr(self, "lora", None)
         drop_keys = None if dropout_key is None or not lora or not lora.dropout else \
             jax.random.split(dropout_key, cfg.n_layers)
 
         def layer_step(x, layer):  # one block, choosing this layer's attention pattern
-            p, is_sliding, layer_k, layer_v, drop_key = layer
+            p, (is_sliding, is_sparse), layer_k, layer_v, drop_key = layer
             rope = Rope(*(jnp.where(is_sliding, a, b) for a, b in zip(local_rope, global_rope)))
             mask = jnp.where(is_sliding, sliding_mask, global_mask)
             adapters = Adapters(lora.scale, lora.dropout, drop_key) if lora else None
-            y, kv, attention_map = block(x, p, cfg, rope, mask, (layer_k, layer_v), start, adapters)
+            y, kv, attention_map = block(x, p, cfg, rope, mask, (layer_k, layer_v), start, adapters, is_sparse)
             return y, (kv, {name: a for name, a in (("hidden", x), ("attention", attention_map)) if name in taps})
 
         # The backward pass reads each block's projection outputs (matmuls without batch dimensions) from
@@ -457,12 +458,12 @@ class Transformer(nnx.Module):
         cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
         if layers is None:
             x, ((new_k, new_v), tapped) = jax.lax.scan(layer_step, x,
-                                                       (self.layers.arrays(), sliding, *cache_kv, drop_keys))
+                                                       (self.layers.arrays(), (sliding, sparse), *cache_kv, drop_keys))
         else:
             new_kv, tapped = [], []
             for i, p in enumerate(layers):
                 per_layer = (c if c is None else c[i] for c in (*cache_kv, drop_keys))
-                x, (kv, tap) = layer_step(x, (p, sliding[i], *per_layer))
+                x, (kv, tap) = layer_step(x, (p, (sliding[i], sparse[i]), *per_layer))
                 new_kv.append(kv)
                 tapped.append(tap)
             tapped = jax.tree.map(lambda *a: jnp.stack(a), *tapped)
@@ -471,8 +472,7 @@ class Transformer(nnx.Module):
         if "hidden" in taps:
             tapped["hidden"] = jnp.concatenate([tapped["hidden"], x[None]])
 
-        if last is not None:
-            x = x[:, -last:]
+        x = x if last is None else x[:, -last:]
         x = rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_plus_one)
         out = x if hidden else self.logits(x)
         if taps:
@@ -531,7 +531,7 @@ def unstack_layers(model: Transformer, fuse: bool = False) -> list[dict[str, jax
     fuse: q/k/v and gate/up as one weight each (the "fused" form above): fewer, larger matmuls, ~5% faster
     per decode step on Gemma 3 270M (not with adapters or quantized weights)."""
     stacked = model.layers.arrays()
-    fuse = fuse and not any(name.endswith(("_lora_a", "_codes")) for name in stacked)
+    fuse = fuse and "up" in stacked and not any(name.endswith(("_lora_a", "_codes")) for name in stacked)  # MoE: no up
     return _unstack(stacked, model.cfg.n_layers, fuse)
 
 

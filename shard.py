@@ -57,6 +57,11 @@ PARAM_RULES = [
     (r"layers/down_lora_a$", P(None, "tp", None)),  # [L, F, r]
     (r"layers/(o|down)_lora_b$", P(None, None, "fsdp")),  # [L, r, D]
     (r"_(codes|scales)$", P(None, "fsdp")),  # quantized [L|V, blocks, ...]: blocks split
+    # Qwen 3 MoE (moe.py): each expert split along D like the dense MLP, experts whole on every device (no
+    # expert-parallel axis yet: E is not split, and F stays whole so a ragged_dot needs no tp all-reduce)
+    (r"layers/expert_(gate|up)$", P(None, None, "fsdp", None)),  # [L, E, D, F]
+    (r"layers/expert_down$", P(None, None, None, "fsdp")),  # [L, E, F, D]
+    (r"layers/router$", P()),  # [L, D, E]: small, replicated
     (r"norm$", P()),  # [L, D], [L, H], [D]: small, replicated
     (r".*", P()),  # anything else (step counters, scalars): replicated
 ]

@@ -1,0 +1,202 @@
+"""moe.py — the mixture-of-experts MLP of Qwen 3 MoE (Qwen3-30B-A3B, Qwen3-235B-A22B), and its presets.
+
+A sparse layer replaces the dense MLP by E small SwiGLU experts and a router that sends each token to k of them:
+
+    p   = softmax(h W_router)                        # [M, E], float32 (M = B·T tokens)
+    S   = the k experts of largest p                 # top-k, per token
+    w_e = p_e                    (norm_topk_prob false: Qwen3-MoE's default)
+    w_e = p_e / sum_{j in S} p_j (norm_topk_prob true: the published checkpoints)
+    y   = sum_{e in S} w_e · (silu(h G_e) * (h U_e)) D_e
+
+Dropless: every token reaches all of its k experts (no capacity factor), so two computations give the same
+function and `experts` picks by size: `dense_experts` runs every expert on every token and weights the unchosen by
+0 (E/k times the FLOPs, but plain einsums: the fast path for tiny CPU models); `grouped_experts` sorts the M·k
+(token, expert) pairs by expert, runs one `jax.lax.ragged_dot` per projection over the sorted rows, and unsorts
+(k/E of the FLOPs: the path for real sizes). Both are differentiable and equal to float rounding.
+
+Which layers are sparse follows transformers' Qwen3MoeDecoderLayer: layer i is sparse when i is not in
+`mlp_only_layers` and (i + 1) % decoder_sparse_step == 0; the others keep the dense MLP of width
+intermediate_size. A model's per-layer parameters are stacked on L, so a mixed model stores both kinds for
+every layer (the other kind's slots are zeros in a loaded checkpoint) and `mlp_or_experts` runs this layer's
+kind; the published models are sparse everywhere and store no dense MLP at all.
+
+Not here yet (issue 30's later parts): the router's load-balancing loss in training, LoRA on experts, an
+expert-parallel mesh axis (experts are split on fsdp along D today, shard.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """The sparse layers of a model.Config (`cfg.experts`; None: a dense model). HF names in comments."""
+    n_experts: int  # E (num_experts; transformers 5 writes num_local_experts)
+    top_k: int  # k experts per token (num_experts_per_tok)
+    ffn_dim: int  # F of one expert (moe_intermediate_size)
+    norm_topk_prob: bool  # renormalise the k chosen probabilities to sum to 1
+    sparse_layers: tuple[bool, ...]  # per layer, True if its MLP is the experts
+
+    def __post_init__(self):
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k {self.top_k} must be between 1 and n_experts {self.n_experts}")
+
+
+def sparse_layers(n_layers: int, decoder_sparse_step: int, mlp_only_layers=()) -> tuple[bool, ...]:
+    """transformers' rule: layer i is sparse unless listed in mlp_only_layers or (i + 1) % step != 0."""
+    return tuple(i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0 for i in range(n_layers))
+
+
+def with_expert_shapes(cfg, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """One block's parameter shapes (model.layer_shapes) with the router and experts added, and the dense
+    MLP (gate, up, down) dropped when no layer uses it."""
+    if cfg.experts is None:
+        return shapes
+    D, E, F = cfg.dim, cfg.experts.n_experts, cfg.experts.ffn_dim
+    if cfg.act != "silu" or len(cfg.experts.sparse_layers) != cfg.n_layers:
+        raise ValueError("Qwen 3 MoE experts are SwiGLU (act silu) and need one sparse_layers entry per layer")
+    if all(cfg.experts.sparse_layers):
+        shapes = {name: shape for name, shape in shapes.items() if name not in ("gate", "up", "down")}
+    return {**shapes, "router": (D, E), "expert_gate": (E, D, F), "expert_up": (E, D, F), "expert_down": (E, F, D)}
+
+
+# ----------------------------------------------------------------------------- the layer
+
+def route(h, router, cfg: Experts) -> tuple[jax.Array, jax.Array]:
+    """h [M, D] → the weights [M, k] float32 and indices [M, k] of each token's k experts: softmax over the
+    router logits in float32 (the logits rounded to h's dtype first, as transformers does), top-k, and
+    renormalised to sum to 1 only with norm_topk_prob."""
+    logits = jnp.einsum("MD,DE->ME", h, router.astype(h.dtype), preferred_element_type=jnp.float32).astype(h.dtype)
+    weights, chosen = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), cfg.top_k)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, chosen
+
+
+def dense_experts(h, weights, chosen, gate, up, down, act: Callable) -> jax.Array:
+    """Every expert on every token, the unchosen weighted by 0: h [M, D], weights/chosen [M, k] → [M, D]."""
+    combine = jnp.einsum("MK,MKE->ME", weights, jax.nn.one_hot(chosen, gate.shape[0], dtype=weights.dtype))
+    g = jnp.einsum("MD,EDF->MEF", h, gate.astype(h.dtype), preferred_element_type=jnp.float32)
+    u = jnp.einsum("MD,EDF->MEF", h, up.astype(h.dtype), preferred_element_type=jnp.float32)
+    y = jnp.einsum("MEF,EFD->MED", (act(g) * u).astype(h.dtype), down.astype(h.dtype),
+                   preferred_element_type=jnp.float32)
+    return jnp.einsum("ME,MED->MD", combine, y).astype(h.dtype)
+
+
+def grouped_experts(h, weights, chosen, gate, up, down, act: Callable) -> jax.Array:
+    """The chosen experts only: the M·k (token, expert) rows sorted by expert so each expert's rows are
+    contiguous, one ragged_dot per projection (row block e times expert e's weight), then unsorted and
+    summed over k with the weights. h [M, D], weights/chosen [M, k] → [M, D]."""
+    M, k = chosen.shape
+    E = gate.shape[0]
+    flat = chosen.reshape(-1)  # [M·k], row r = (token r // k, its (r % k)-th expert)
+    order = jnp.argsort(flat, stable=True)  # rows sorted by expert
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E] rows per expert
+    x = h[order // k]  # [M·k, D], each row its token's input
+    ragged = lambda a, w: jax.lax.ragged_dot(a, w.astype(h.dtype), group_sizes,  # noqa: E731
+                                             preferred_element_type=jnp.float32)
+    g, u = ragged(x, gate), ragged(x, up)  # [M·k, F]
+    y = ragged((act(g) * u).astype(h.dtype), down)  # [M·k, D]
+    y = y[jnp.argsort(order)].reshape(M, k, -1)  # unsorted: back to (token, its k-th expert)
+    return jnp.einsum("MK,MKD->MD", weights, y).astype(h.dtype)
+
+
+def experts(p: dict, h, cfg: Experts, act: Callable, grouped: bool | None = None) -> jax.Array:
+    """The sparse MLP of h [B, T, D] → [B, T, D] with this layer's p["router"] [D, E] and p["expert_gate"],
+    p["expert_up"] [E, D, F], p["expert_down"] [E, F, D]. grouped None: by size, ragged_dot once a layer's
+    experts hold 2^24 weights (the dense path's E/k extra FLOPs stop being cheaper than sorting)."""
+    B, T, D = h.shape
+    h = h.reshape(B * T, D)  # [M, D]
+    weights, chosen = route(h, p["router"], cfg)  # [M, k] float32, int32
+    if grouped is None:
+        grouped = p["expert_gate"].size * 3 >= 2**24
+    compute = grouped_experts if grouped else dense_experts
+    y = compute(h, weights, chosen, p["expert_gate"], p["expert_up"], p["expert_down"], act)
+    return y.reshape(B, T, D)
+
+
+def mlp_or_experts(p: dict, h, cfg, sparse, dense: Callable[[], jax.Array]) -> jax.Array:
+    """A block's feed-forward of h [B, T, D] (model.Config cfg): the experts where `sparse` ([] bool, traced in
+    the layer scan), else dense(), the model's MLP (always, in a dense model). A model sparse everywhere never
+    builds the dense branch."""
+    if cfg.experts is None:
+        return dense()
+    if all(cfg.experts.sparse_layers):
+        return experts(p, h, cfg.experts, jax.nn.silu)
+    return jax.lax.cond(sparse, lambda: experts(p, h, cfg.experts, jax.nn.silu), dense)
+
+
+# ----------------------------------------------------------------------------- checkpoints (ckpt.py's helpers)
+
+EXPERT_PARAMS = ("router", "expert_gate", "expert_up", "expert_down")
+
+
+def experts_from_hf(hf: dict) -> Experts | None:
+    """cfg.experts from a qwen3_moe config.json, as the Hub writes it (num_experts) or transformers 5
+    (num_local_experts); the other fields' defaults are Qwen3MoeConfig's."""
+    n_experts = hf.get("num_experts", hf.get("num_local_experts")) or 0
+    if hf.get("model_type") != "qwen3_moe" or not n_experts:
+        return None
+    layers = sparse_layers(hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or ())
+    return Experts(n_experts=n_experts, top_k=hf["num_experts_per_tok"], ffn_dim=hf["moe_intermediate_size"],
+                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)), sparse_layers=layers)
+
+
+def experts_to_hf(cfg) -> dict:
+    """config.json's MoE fields in the Hub's names (model.Config cfg; {} for a dense model)."""
+    x = cfg.experts
+    if x is None:
+        return {}
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": x.n_experts,
+            "num_experts_per_tok": x.top_k, "moe_intermediate_size": x.ffn_dim, "norm_topk_prob": x.norm_topk_prob,
+            "decoder_sparse_step": 1, "mlp_only_layers": [i for i, s in enumerate(x.sparse_layers) if not s]}
+
+
+def layers_using(cfg, name: str) -> tuple[bool, ...]:
+    """Per layer, whether it uses the stacked parameter `name` (model.Config cfg): a sparse layer has no
+    dense MLP (gate, up, down), a dense layer no router or experts; everything else every layer uses."""
+    sparse = cfg.experts.sparse_layers if cfg.experts else (False,) * cfg.n_layers
+    needs_sparse = True if name in EXPERT_PARAMS else False if name in ("gate", "up", "down") else None
+    return tuple(needs_sparse is None or s == needs_sparse for s in sparse)
+
+
+def zero_unused(cfg, name: str, value: jax.Array) -> jax.Array:
+    """A freshly initialised [L, ...] parameter with the layers that never read it zeroed (a mixed model's
+    dense layers' experts, its sparse layers' dense MLP): what a loaded checkpoint holds there too."""
+    used = jnp.asarray(layers_using(cfg, name), value.dtype)
+    return value * used.reshape(-1, *(1,) * (value.ndim - 1))
+
+
+def stacked_rows(cfg, hf: str, name: str) -> list[tuple[tuple[int, ...], str]]:
+    """Each HF tensor of a per-layer name-table row (hf with {i}, and {e} for one expert's) with its place in
+    our stacked parameter `name` ([L, ...] or [L, E, ...]): [((i,) or (i, e), HF name)], for the layers that
+    use it (layers_using)."""
+    layers = [i for i, used in enumerate(layers_using(cfg, name.split(".")[-1])) if used]
+    if "{e}" not in hf:
+        return [((i,), hf.format(i=i)) for i in layers]
+    return [((i, e), hf.format(i=i, e=e)) for i in layers for e in range(cfg.experts.n_experts)]
+
+
+# ----------------------------------------------------------------------------- presets (model.CONFIGS)
+
+def presets(qwen3: dict, tiny: dict) -> dict[str, dict]:
+    """model.Config arguments of the MoE presets, from model.py's Qwen 3 and tiny defaults. Shapes from the
+    checkpoints' config.json (Qwen/Qwen3-30B-A3B: 48 layers, hidden 2048, 32 heads / 4 kv heads, 128 experts,
+    8 per token, moe_intermediate_size 768, intermediate_size 6144; Qwen/Qwen3-235B-A22B: 94 layers, hidden
+    4096, 64 / 4 heads, 128 experts, 8 per token, 1536, 12288; both norm_topk_prob true, decoder_sparse_step 1,
+    mlp_only_layers [], untied embeddings, max_position_embeddings 40960, rope_theta 1e6)."""
+    def published(n_layers, ffn_dim):
+        return Experts(128, 8, ffn_dim, norm_topk_prob=True, sparse_layers=(True,) * n_layers)
+    return {
+        "qwen3-30b-a3b": dict(qwen3, dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, ffn_dim=6144,
+                              tie_embeddings=False, experts=published(48, 768)),
+        "qwen3-235b-a22b": dict(qwen3, dim=4096, n_layers=94, n_heads=64, n_kv_heads=4, ffn_dim=12_288,
+                                tie_embeddings=False, experts=published(94, 1536)),
+        # CPU demos: both layers sparse, 4 experts of width 128, top-2 (mixed models: tests/test_moe.py)
+        "tiny-qwen3-moe": dict(tiny, family="qwen3", qk_norm=True, rope_theta=1e6,
+                               experts=Experts(4, 2, 128, norm_topk_prob=True, sparse_layers=(True, True))),
+    }
