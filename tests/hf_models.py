@@ -78,3 +78,16 @@ def to_classic_config(path: pathlib.Path) -> None:
 def hf_logits(model, tokens):
     with torch.no_grad():
         return model(torch.as_tensor(tokens)).logits.float().numpy()
+
+
+# Qwen 3 MoE (tests/test_moe.py), not in FAMILIES: router softmax over 6 experts, top-k, each flavour of layer
+# mix transformers knows (decoder_sparse_step, mlp_only_layers, sparse everywhere), norm_topk_prob both ways.
+_MOE = dict(COMMON, tie_word_embeddings=False, rope_theta=1e6, num_experts=6, moe_intermediate_size=48)
+HF_CONFIGS.update({
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_MOE, num_hidden_layers=4, decoder_sparse_step=2, norm_topk_prob=True,
+                                         num_experts_per_tok=2)),  # layers 1, 3 sparse
+    "qwen3_moe_unnormed": ("Qwen3MoeConfig", dict(_MOE, mlp_only_layers=[0], norm_topk_prob=False,
+                                                  num_experts_per_tok=3)),  # layers 1, 2 sparse
+    "qwen3_moe_all_sparse": ("Qwen3MoeConfig", dict(_MOE, norm_topk_prob=True, num_experts_per_tok=2)),
+})
+MOE_VARIANTS = ["qwen3_moe", "qwen3_moe_unnormed", "qwen3_moe_all_sparse"]

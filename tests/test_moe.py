@@ -1,0 +1,155 @@
+"""moe.py and Qwen 3 MoE checkpoints against transformers' Qwen3MoeForCausalLM: logits, greedy generation,
+save_hf round trip, and the grouped (ragged_dot) experts against the dense ones in values and gradients."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import ckpt
+import moe
+import sample
+import shard
+from hf_models import MOE_VARIANTS, hf_logits, make_hf_model, save_hf_model, to_classic_config
+from model import CONFIGS, Transformer, get_config
+from test_model import rel_err, tokens
+from test_sample import hf_greedy
+
+SPARSE = {"qwen3_moe": (False, True, False, True), "qwen3_moe_unnormed": (False, True, True),
+          "qwen3_moe_all_sparse": (True, True, True)}
+
+
+def to_hub_config(path):
+    """config.json as the Hub's Qwen3-MoE checkpoints write it: rope_theta, num_experts."""
+    to_classic_config(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_experts"] = cfg.pop("num_local_experts")
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("style", ["transformers5", "hub"])
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_logits_match_transformers(variant, style, tmp_path):
+    hf = make_hf_model(variant, attn_implementation="eager")
+    path = save_hf_model(hf, tmp_path / variant)
+    if style == "hub":
+        to_hub_config(path)
+    model = ckpt.load_hf(path)
+    assert model.cfg.experts.sparse_layers == SPARSE[variant]  # the switch is really read, so parity means something
+    assert model.cfg.experts.norm_topk_prob == (variant != "qwen3_moe_unnormed")
+    x = tokens()
+    ref, out = hf_logits(hf, x), np.asarray(model(jnp.asarray(x)))
+    assert rel_err(out, ref) <= 2e-4
+    assert np.mean(out.argmax(-1) == ref.argmax(-1)) == 1.0
+
+
+def test_transformers_writes_one_tensor_per_expert(tmp_path):
+    """What ckpt.py reads is what transformers 5 writes: per-expert tensors, num_local_experts, rope_parameters."""
+    path = save_hf_model(make_hf_model("qwen3_moe"), tmp_path / "m")
+    names = set(ckpt.tensor_index(path))
+    assert "model.layers.1.mlp.experts.5.down_proj.weight" in names and "model.layers.1.mlp.gate.weight" in names
+    assert "model.layers.0.mlp.gate_proj.weight" in names and not any("gate_up_proj" in n for n in names)
+    hf_config = json.loads((path / "config.json").read_text())
+    assert hf_config["num_local_experts"] == 6 and "rope_parameters" in hf_config
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_all_sparse"])
+def test_save_hf_gives_transformers_the_same_logits(variant, tmp_path):
+    hf = make_hf_model(variant, attn_implementation="eager")
+    model = ckpt.load_hf(save_hf_model(hf, tmp_path / "in"))
+    ckpt.save_hf(model, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == "qwen3_moe" and written["num_experts"] == 6  # the Hub's names
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in ckpt.tensor_index(tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    x = tokens()
+    assert rel_err(hf_logits(again, x), hf_logits(hf, x)) < 1e-6
+    assert ckpt.load_hf(tmp_path / "out").cfg == model.cfg
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    hf = make_hf_model("qwen3_moe", seed=1, attn_implementation="eager")
+    ours = ckpt.load_hf(save_hf_model(hf, tmp_path / "m"))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 300, n).tolist() for n in (5, 17, 11)]  # ragged, left-padded
+    expected = hf_greedy(hf, prompts, 24, pad_id=0)
+    assert sample.generate(ours, prompts, max_new_tokens=24, eos_ids=()) == expected
+
+
+def test_grouped_equals_dense_in_values_and_gradients():
+    E, k, D, F, M = 8, 2, 32, 24, 40
+    keys = jax.random.split(jax.random.key(0), 5)
+    h = jnp.abs(jax.random.normal(keys[0], (M, D)))  # positive, so the router column below is the lowest logit
+    gate, up = (jax.random.normal(key, (E, D, F)) * D ** -0.5 for key in keys[1:3])
+    down = jax.random.normal(keys[3], (E, F, D)) * F ** -0.5
+    router = jax.random.normal(keys[4], (D, E)).at[:, 5].set(-10.0)  # expert 5 gets no token: an empty group
+    cfg = moe.Experts(E, k, F, norm_topk_prob=False, sparse_layers=(True,))
+
+    def out(compute, h, gate, up, down, router):
+        weights, chosen = moe.route(h, router, cfg)
+        return compute(h, weights, chosen, gate, up, down, jax.nn.silu)
+
+    args = (h, gate, up, down, router)
+    dense, grouped = out(moe.dense_experts, *args), out(moe.grouped_experts, *args)
+    assert float(jnp.max(jnp.abs(grouped - dense))) <= 1e-5
+    loss = lambda compute: lambda *a: jnp.sum(jnp.sin(out(compute, *a)))  # noqa: E731
+    g_dense = jax.grad(loss(moe.dense_experts), argnums=range(5))(*args)
+    g_grouped = jax.grad(loss(moe.grouped_experts), argnums=range(5))(*args)
+    for a, b in zip(g_dense, g_grouped):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5
+    assert float(jnp.max(jnp.abs(g_grouped[1][5]))) == 0.0  # the unused expert learns nothing
+
+
+def test_the_size_picks_grouped_or_dense(monkeypatch):
+    """Tiny models take the dense path, the published ones ragged_dot (traced by shape only, nothing computed)."""
+    seen = []
+    for name in ("dense_experts", "grouped_experts"):
+        f = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, f=f, name=name: seen.append(name) or f(*a))
+    for preset in ("tiny-qwen3-moe", "qwen3-30b-a3b"):
+        cfg = CONFIGS[preset]
+        shapes = moe.with_expert_shapes(cfg, {})
+        p = {name: jax.ShapeDtypeStruct((*shape,), jnp.bfloat16) for name, shape in shapes.items()}
+        h = jax.ShapeDtypeStruct((1, 4, cfg.dim), jnp.bfloat16)
+        jax.eval_shape(lambda p, h: moe.experts(p, h, cfg.experts, jax.nn.silu), p, h)
+    assert seen == ["dense_experts", "grouped_experts"]
+
+
+def test_presets_have_published_sizes():
+    """Total parameters from the model cards: Qwen3-30B-A3B 30.5B, Qwen3-235B-A22B 235B (shapes only)."""
+    def n(name):
+        return sum(x.size for x in jax.tree.leaves(nnx.state(ckpt.abstract_model(get_config(name)), nnx.Param)))
+    assert abs(n("qwen3-30b-a3b") / 1e9 - 30.5) < 0.1
+    assert abs(n("qwen3-235b-a22b") / 1e9 - 235) < 1
+    assert not hasattr(ckpt.abstract_model(get_config("qwen3-30b-a3b")).layers, "gate")  # no dense MLP stored
+    assert ckpt.hub_repo("qwen3-30b-a3b") == "Qwen/Qwen3-30B-A3B"
+
+
+def test_a_mixed_model_trains_each_layer_s_kind():
+    """The tiny preset made mixed (layer 0 dense): a gradient reaches the router, the experts and the dense MLP
+    where they are used, and nothing where not, through the scanned and the unrolled forward alike."""
+    import dataclasses
+    from model import unstack_layers
+    tiny = CONFIGS["tiny-qwen3-moe"]
+    assert tiny.experts.sparse_layers == (True, True) and tiny.vocab_size == 259
+    cfg = tiny.replace(n_layers=3, experts=dataclasses.replace(tiny.experts, sparse_layers=(False, True, True)))
+    model = Transformer(cfg, nnx.Rngs(0))
+    x = jnp.asarray(tokens(2, 16, 259))
+    np.testing.assert_allclose(model(x), model(x, layers=unstack_layers(model)), rtol=1e-5, atol=1e-5)
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model).layers
+    assert float(jnp.abs(grads.router[...][1:]).max()) > 0 and float(jnp.abs(grads.router[...][0]).max()) == 0
+    assert float(jnp.abs(grads.expert_down[...][1:]).max()) > 0 and float(jnp.abs(grads.gate[...][0]).max()) > 0
+    assert float(jnp.abs(grads.gate[...][1:]).max()) == 0  # a sparse layer's dense MLP is unused
+
+
+def test_shard_rules_place_the_experts():
+    mesh = shard.make_mesh("fsdp=1")
+    for path, shape in (("layers/router", (3, 128, 4)), ("layers/expert_gate", (3, 4, 128, 64)),
+                        ("layers/expert_up", (3, 4, 128, 64)), ("layers/expert_down", (3, 4, 64, 128))):
+        spec = shard.spec_for(path, shape, mesh)
+        assert "tp" not in spec and (("fsdp" in spec) == (path != "layers/router"))  # D on fsdp, experts whole
