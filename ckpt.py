@@ -335,7 +335,7 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
         raise CheckpointError(f"{path / 'config.json'}: not a config this loader understands "
                               f"({(detail.splitlines() or [''])[0][:200]})") from None
     table = name_table(cfg)
-    files = tensor_index(path)
+    files = moe.unfused(tensor_index(path), cfg)  # fused expert tensors listed per expert
     expected = {n for hf, name, _ in table for _, n in (moe.stacked_rows(cfg, hf, name) if "{i}" in hf else [(0, hf)])}
     missing = sorted(expected - set(files))
     unexpected = sorted(set(files) - expected - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
@@ -351,9 +351,9 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
         file, stored = files[name]
         if file not in handles:
             handles[file] = SafetensorsFile(file)
-        if stored not in handles[file].keys():
+        if getattr(stored, "name", stored) not in handles[file].keys():
             raise CheckpointError(f"{file}: has no tensor {stored} (the index says it does)")
-        x = handles[file].get(stored)
+        x = handles[file].get(stored) if isinstance(stored, str) else stored.read(handles[file])
         if tuple(x.shape) != hf_shape(ours, n_in):
             raise CheckpointError(f"{name}: checkpoint shape {tuple(x.shape)} does not match the config's "
                                   f"{hf_shape(ours, n_in)} ({file.name})")

@@ -26,10 +26,11 @@ expert-parallel mesh axis (experts are split on fsdp along D today, shard.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +170,35 @@ def zero_unused(cfg, name: str, value: jax.Array) -> jax.Array:
     dense layers' experts, its sparse layers' dense MLP): what a loaded checkpoint holds there too."""
     used = jnp.asarray(layers_using(cfg, name), value.dtype)
     return value * used.reshape(-1, *(1,) * (value.ndim - 1))
+
+
+class FusedExpert(NamedTuple):
+    """One expert's tensor inside transformers 5's fused ones, as its models hold them in memory (and a file
+    saved from their state_dict): mlp.experts.gate_up_proj [E, 2F, D] (gate rows, then up) and
+    mlp.experts.down_proj [E, D, F]. save_pretrained (5.23) writes one tensor per expert, the Hub's layout."""
+    name: str  # the stored fused tensor
+    expert: int  # e
+    half: int | None  # 0: gate, 1: up, None: down_proj (not split)
+
+    def read(self, file) -> np.ndarray:  # a view, no copy: [F, D] or [D, F], an HF Linear weight [out, in]
+        x = file.get(self.name)[self.expert]
+        return x if self.half is None else np.split(x, 2)[self.half]
+
+
+def unfused(files: dict, cfg) -> dict:
+    """ckpt.tensor_index's {name: (file, stored name)} with each fused expert tensor replaced by the Hub's
+    per-expert names, {model.layers.i.mlp.experts.e.gate_proj.weight: (file, FusedExpert(...)), ...}."""
+    out = {}
+    for name, (file, stored) in files.items():
+        prefix, _, kind = name.rpartition(".")
+        if cfg.experts is None or not prefix.endswith(".mlp.experts") or kind not in ("gate_up_proj", "down_proj"):
+            out[name] = (file, stored)
+            continue
+        parts = (("gate_proj", 0), ("up_proj", 1)) if kind == "gate_up_proj" else (("down_proj", None),)
+        for e in range(cfg.experts.n_experts):
+            for proj, half in parts:
+                out[f"{prefix}.{e}.{proj}.weight"] = (file, FusedExpert(stored, e, half))
+    return out
 
 
 def stacked_rows(cfg, hf: str, name: str) -> list[tuple[tuple[int, ...], str]]:

@@ -57,6 +57,19 @@ def test_transformers_writes_one_tensor_per_expert(tmp_path):
     assert hf_config["num_local_experts"] == 6 and "rope_parameters" in hf_config
 
 
+def test_fused_expert_tensors_load(tmp_path):
+    """A checkpoint of transformers 5's in-memory layout (its state_dict: mlp.experts.gate_up_proj [E, 2F, D],
+    mlp.experts.down_proj [E, D, F]) loads to the same logits."""
+    from safetensors.torch import save_file
+    hf = make_hf_model("qwen3_moe", attn_implementation="eager")
+    path = save_hf_model(hf, tmp_path / "m")
+    (path / "model.safetensors").unlink()
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path / "model.safetensors"))
+    assert "model.layers.1.mlp.experts.gate_up_proj" in ckpt.tensor_index(path)
+    x = tokens()
+    assert rel_err(ckpt.load_hf(path)(jnp.asarray(x)), hf_logits(hf, x)) <= 2e-4
+
+
 @pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_all_sparse"])
 def test_save_hf_gives_transformers_the_same_logits(variant, tmp_path):
     hf = make_hf_model(variant, attn_implementation="eager")
