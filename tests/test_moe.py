@@ -166,3 +166,18 @@ def test_shard_rules_place_the_experts():
                         ("layers/expert_up", (3, 4, 128, 64)), ("layers/expert_down", (3, 4, 64, 128))):
         spec = shard.spec_for(path, shape, mesh)
         assert "tp" not in spec and (("fsdp" in spec) == (path != "layers/router"))  # D on fsdp, experts whole
+
+
+@pytest.mark.parametrize("script,args", [("lora.py", []), ("grpo.py", ["--lora"]), ("dpo.py", ["--lora", "--quant", "nf4"])])
+def test_adapters_on_a_moe_model_are_one_line(tmp_path, script, args):
+    """LoRA and QLoRA do not reach the experts yet: every script that would add adapters or quantize the base says
+    so in one line before anything trains, rather than training dense adapters the sparse layers never use."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, script, "--model", "tiny-qwen3-moe", *args, "--out", str(tmp_path / "run")],
+                       cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "mixture-of-experts model's experts" in lines[0], r.stderr
