@@ -133,7 +133,8 @@ def record(index: int, row: dict, out: tools.ToolRollout, rewards, sampler: tool
     return {"prompt_index": index, "prompt": row["prompt"], "completion": sampler.tok.decode(out.completion),
             "answer": sampler.funcs[0].answer(answer), **{f.__name__: float(r) for f, r in zip(sampler.funcs, rewards)},
             "correct": bool(rewards[0] >= 1.0), "tokens": len(out.completion),
-            "stopped": bool(out.completion) and out.completion[-1] in sampler.eos_ids, "tool_calls": out.tool_calls}
+            "stopped": bool(out.completion) and out.completion[-1] in sampler.eos_ids, "tool_calls": out.tool_calls,
+            "failed_calls": out.failed_calls}
 
 
 def results(sampled: list[dict], greedy: list[dict], funcs, cfg: Config) -> dict:
@@ -147,8 +148,7 @@ def results(sampled: list[dict], greedy: list[dict], funcs, cfg: Config) -> dict
            "completions/mean_length": float(np.mean([r["tokens"] for r in sampled])),
            "completions/truncated": float(np.mean([not r["stopped"] for r in sampled])), "prompts": len(correct)}
     if cfg.tools:
-        out |= tools.metrics(np.array([[r["tool_calls"], 0] for r in sampled]))  # failures: not kept per row
-        out.pop("tools/failure_frequency")
+        out |= tools.metrics(np.array([[r["tool_calls"], r["failed_calls"]] for r in sampled]))
     return out
 
 
