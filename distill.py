@@ -5,7 +5,8 @@ divergence D, both softmax(logits / τ) (--temperature), in float32 whatever the
 
     L(θ) = Σ_t m_t [ kd_ratio · D(p_T, p_S) + (1 − kd_ratio) · (−log p_S(x_t)) ]  /  Σ_t m_t
 
-m: the completion tokens of the whole accumulated batch (the NLL at temperature 1, as is usual).
+m: the completion tokens of the whole accumulated batch (the NLL at temperature 1, as is usual); a MoE
+student adds c · its router's aux loss (c = --router-aux-loss-coef, moe.load_balancing_loss).
 --loss picks D, one line each in DIVERGENCES below: jsd, GKD's generalized Jensen-Shannon divergence
 (Agarwal et al. 2024, arXiv 2306.13649) as TRL computes it; symmetric_kl; tv; DistiLLM's skew KLs (Ko
 et al. 2024); sampled_reverse_kl, the on-policy estimator from the sampled token alone.
@@ -59,6 +60,7 @@ import engine
 import flags
 import logprobs
 import model as model_lib
+import moe
 import run
 import shard
 import tasks
@@ -186,17 +188,20 @@ def token_terms(log_s, log_t, s1, t1, target, cfg: Config) -> dict:
 
 
 def student_teacher_terms(student, teacher, batch, mask, coefficients: dict, cfg: Config, projections=None):
-    """Σ mask · token_terms [B, T − 1] by name, the loss Σ coefficients[name] · those, the layers' losses: the
-    teacher without gradients, both heads a chunk of positions at a time (the teacher's logits inside the
-    student's chunk, cut to the common vocabulary), each made once, the gradient taken there (summed_terms)."""
+    """Σ mask · token_terms [B, T − 1] by name, the loss Σ coefficients[name] · those, the layers' losses, the
+    student's router aux loss (a MoE student's, moe.load_balancing_loss; else 0): the teacher without gradients,
+    both heads a chunk of positions at a time (the teacher's logits inside the student's chunk, cut to the
+    common vocabulary), each made once, the gradient taken there (summed_terms)."""
     tokens, T = batch["tokens"], batch["tokens"].shape[1]
     taps = tuple(name for name, pairs in (("hidden", cfg.hidden_layers), ("attention", cfg.attention_layers)) if pairs)
-    x = model_lib.next_token_hidden(student, tokens, batch["positions"], batch["segment_ids"], T - 1, taps=taps)
+    x, taps_s = model_lib.next_token_hidden(student, tokens, batch["positions"], batch["segment_ids"], T - 1,
+                                            taps=(*taps, "router"))
+    router = moe.load_balancing_loss(taps_s.pop("router"), batch["segment_ids"][:, :-1] > 0, student.cfg)
     if teacher is None:  # --teacher-topk: the teacher's top-K log-probs from the cache, in K + 1 buckets
-        return (*topk_terms(student, x, batch, mask, coefficients, cfg), {})
+        return (*topk_terms(student, x, batch, mask, coefficients, cfg), {}, router)
     x_t = jax.lax.stop_gradient(model_lib.next_token_hidden(teacher, tokens, batch["positions"], batch["segment_ids"],
                                                             T - 1, taps=taps))
-    (x, taps_s), (x_t, taps_t) = (x, x_t) if taps else ((x, None), (x_t, None))
+    x_t, taps_t = x_t if taps else (x_t, None)
     head_t, cap_t = jax.lax.stop_gradient(teacher.head(teacher.cfg.param_dtype)), teacher.cfg.final_softcap
     V = min(student.cfg.vocab_size, teacher.cfg.vocab_size)
 
@@ -210,7 +215,7 @@ def student_teacher_terms(student, teacher, batch, mask, coefficients: dict, cfg
         return token_terms(log_s, log_t, s1, t1, target, cfg)
     loss, sums = logprobs.summed_terms(per_token, x, student.head(student.cfg.param_dtype), mask, coefficients,
                                        tokens[:, 1:], x_t, cap=student.cfg.final_softcap)
-    return loss, sums, layer_terms(taps_s, taps_t, projections, cfg)
+    return loss, sums, layer_terms(taps_s, taps_t, projections, cfg), router
 
 
 def topk_terms(student, x, batch, mask, coefficients: dict, cfg: Config):
@@ -289,11 +294,15 @@ def distill_loss(student, teacher, batch, cfg: Config, projections=None):
     """Σ over completion tokens of kd_ratio · divergence + (1 − kd_ratio) · NLL (+ the weighted intermediate
     layers' losses), and {name: the sum of what is logged}, with "tokens", their count."""
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)  # [B, T − 1]
-    token_loss, sums, layers = student_teacher_terms(student, teacher, batch, mask, {  # Σ m·(kd_ratio·D + ...)
-        "kd_loss": cfg.kd_ratio, "nll_loss": 1 - cfg.kd_ratio}, cfg, projections)
+    coefficients = {"kd_loss": cfg.kd_ratio, "nll_loss": 1 - cfg.kd_ratio}  # Σ m·(kd_ratio·D + ...)
+    token_loss, sums, layers, router = student_teacher_terms(student, teacher, batch, mask, coefficients, cfg,
+                                                             projections)
     sums = {**sums, **{name: jnp.sum(term * mask) for name, term in layers.items()}}
+    aux_loss_coef = moe.aux_loss_coef(cfg.router_aux_loss_coef, student.cfg)  # a MoE student's c (None: dense)
+    if aux_loss_coef is not None:  # weighted by the batch's tokens, as the step divides the sums by all of them
+        sums["aux_loss"] = router * jnp.sum(mask)
     loss = token_loss + cfg.hidden_weight * sums.get("hidden_loss", 0.0) + \
-        cfg.attention_weight * sums.get("attention_loss", 0.0)
+        cfg.attention_weight * sums.get("attention_loss", 0.0) + (aux_loss_coef or 0.0) * sums.get("aux_loss", 0.0)
     return loss, {**sums, "tokens": jnp.sum(mask)}
 
 

@@ -6,6 +6,7 @@ log-ratio to a frozen reference policy π_ref, and the loss is the logistic loss
 
     ρ± = log π_θ(y±|x) − log π_ref(y±|x)      (log-probs summed over the answer's tokens)
     L  = −log σ(β (ρ⁺ − ρ⁻))                   (--loss-type sigmoid; the mean over the step's pairs)
+                                               (+ c · a MoE router's aux loss, c = --router-aux-loss-coef)
 
 --loss-type takes a comma list of TRL v1's losses, summed with --loss-weights, or one reference-free loss
 (no π_ref at all: simpo, cpo, orpo); each is one line of LOSSES below, its formula beside it. Modifiers,
@@ -53,6 +54,7 @@ import data
 import flags
 import logprobs
 import model as model_lib
+import moe
 import run
 import shard
 import tasks
@@ -242,11 +244,12 @@ def answer_stats(model, batch, orpo: bool = False, wpo: bool = False):
     """Per token of each row's answer [2b, C] (rows 2i, 2i + 1: pair i's chosen and rejected answer after its
     prompt): log π(token) in float32, and without gradients the mean logit, whether the top logit is the
     token, and with `wpo` log Σ_v π(v)². A pair's prompt runs once for both answers (next_token_hidden,
-    group 2); orpo scores the prompt's tokens too, so its rows run whole ([2b, T − 1])."""
+    group 2); orpo scores the prompt's tokens too, so its rows run whole ([2b, T − 1]). → those, and the router's
+    load-balancing loss over the rows' tokens (a MoE model's, moe.load_balancing_loss; 0 for a dense one)."""
     tokens, C = batch["tokens"], batch["mask"].shape[-1]
     L = tokens.shape[1] - 1 if orpo else C
-    x = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], L,
-                                    1 if orpo else 2)  # [2b, L, D]
+    x, taps = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], L,
+                                          1 if orpo else 2, taps=("router",))  # [2b, L, D]
 
     def per_token(logits, target):  # [c, V], [c]
         lse, z = jax.nn.logsumexp(logits, axis=-1), jax.lax.stop_gradient(logits)
@@ -254,8 +257,9 @@ def answer_stats(model, batch, orpo: bool = False, wpo: bool = False):
         top1 = (jnp.argmax(z, axis=-1) == target).astype(jnp.float32)
         log_sum_sq = jax.nn.logsumexp(2 * z, axis=-1) - 2 * jax.lax.stop_gradient(lse) if wpo else jnp.zeros_like(lse)
         return logp, jnp.mean(z, axis=-1), top1, log_sum_sq
-    return logprobs.per_position(per_token, x, model.head(model.cfg.param_dtype), tokens[:, -L:],
-                                 cap=model.cfg.final_softcap)
+    stats = logprobs.per_position(per_token, x, model.head(model.cfg.param_dtype), tokens[:, -L:],
+                                  cap=model.cfg.final_softcap)
+    return stats, moe.load_balancing_loss(taps["router"], batch["segment_ids"][:, :-1] > 0, model.cfg)
 
 
 def sequence_logps(logp, mask, ld_alpha: float | None):
@@ -285,7 +289,7 @@ def dpo_loss(model, batch, cfg: Config):
     logged (summarise turns them into TRL's metrics). batch: answer_stats' rows plus ref_logps [2b], π_ref's
     sums (zeros for the reference-free losses)."""
     orpo, C = LOSSES[cfg.losses[0]].nll == "prompt+answer", batch["mask"].shape[-1]
-    stats = answer_stats(model, batch, orpo, cfg.use_weighting)
+    stats, aux_loss = answer_stats(model, batch, orpo, cfg.use_weighting)
     logp, mean_logit, top1, log_sum_sq = (as_pairs(a[:, -C:]) for a in stats)  # [b, 2, C]
     mask, ref = as_pairs(batch["mask"]), as_pairs(batch["ref_logps"])  # [b, 2, C], [b, 2]
     sums, n = sequence_logps(logp, mask, cfg.ld_alpha), jnp.sum(mask, axis=-1)  # [b, 2]
@@ -295,6 +299,8 @@ def dpo_loss(model, batch, cfg: Config):
     w = jnp.exp(jax.lax.stop_gradient(jnp.sum((logp - log_sum_sq) * mask, axis=-1) / jnp.maximum(n, 1.0)))
     weight = w[:, 0] * w[:, 1] if cfg.use_weighting else 1.0
     loss = sum(w_k * jnp.mean(LOSSES[name].per_pair(q, cfg) * weight) for name, w_k in zip(cfg.losses, cfg.weights))
+    aux_loss_coef = moe.aux_loss_coef(cfg.router_aux_loss_coef, model.cfg)  # a MoE model's c (None: dense)
+    loss = loss + (aux_loss_coef or 0.0) * aux_loss
     logged = LOSSES[cfg.losses[0]].logged_reward  # TRL's rewards: β·ρ±, or β times the policy's own log-probs
     rewards = cfg.beta * (sums - ref if logged == "ratio" else sums / (jnp.maximum(n, 1.0) if logged == "mean" else 1))
     per_answer = lambda x: jnp.sum(jnp.sum(x * mask, axis=-1), axis=0)  # noqa: E731 ([b, 2, C] → [2]: Σ per side)
@@ -308,6 +314,8 @@ def dpo_loss(model, batch, cfg: Config):
            "rejected_tokens": per_answer(1.0)[1], "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)}
     if any(LOSSES[name].nll for name in cfg.losses):
         aux["nll_loss"] = nll * aux["pairs"]
+    if aux_loss_coef is not None:
+        aux["aux_loss"] = aux_loss * aux["pairs"]
     if orpo:
         odds = log_odds(q)
         aux.update({"log_odds_ratio": jnp.sum(jax.nn.log_sigmoid(odds)), "log_odds_chosen": jnp.sum(odds)})
@@ -338,7 +346,7 @@ def make_train_step(graphdef, tx, cfg: Config):
 def reference_logps(graphdef, cfg: Config):
     """jit: π_ref's answer log-prob sums [M, 2b] of a batch of micro-batches, one micro-batch at a time."""
     def one(ref_params, frozen, micro_batch):
-        logp = answer_stats(nnx.merge(graphdef, ref_params, frozen), micro_batch)[0]
+        logp = answer_stats(nnx.merge(graphdef, ref_params, frozen), micro_batch)[0][0]
         return sequence_logps(as_pairs(logp), as_pairs(micro_batch["mask"]), cfg.ld_alpha).reshape(-1)
     return jax.jit(lambda ref_params, frozen, batch: jax.lax.map(lambda mb: one(ref_params, frozen, mb), batch))
 

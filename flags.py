@@ -52,6 +52,7 @@ class RunConfig:
     clip: float = 1.0  # global gradient-norm clip
     dtype: str = ""  # compute dtype: float32 or bfloat16 (params stay float32); "": bfloat16 with --tpu, else float32
     remat: bool = False  # backward pass keeps only each block's input, recomputing the rest (least memory)
+    router_aux_loss_coef: float | None = None  # MoE: weight of the router's load-balancing loss (None: the model's)
     # -- logging and checkpoints --
     out: str = ""  # output directory ("": runs/<the running script's file name>, so a copy is its own run)
     keep: int = 2  # checkpoints kept
@@ -134,7 +135,8 @@ def check_shared(cfg) -> None:
          f"--batch-size must be a multiple of --grad-accum, got {getattr(cfg, 'batch_size', 0)} and "
          f"{getattr(cfg, 'grad_accum', 1)}"),
         (not has("warmup_sft_lr") or (cfg.warmup_sft_lr > 0 and cfg.warmup_sft_steps >= 0),
-         "need --warmup-sft-lr > 0 and --warmup-sft-steps >= 0")])
+         "need --warmup-sft-lr > 0 and --warmup-sft-steps >= 0"),
+        (cfg.router_aux_loss_coef is None or cfg.router_aux_loss_coef >= 0, "need --router-aux-loss-coef >= 0")])
 
 
 def starts_pretrained(args: dict) -> bool:

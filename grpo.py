@@ -69,7 +69,9 @@ from flax import nnx
 import adapters
 import data
 import flags
+import logprobs
 import model as model_lib
+import moe
 import run
 import shard
 import tasks
@@ -339,10 +341,15 @@ def token_losses(logp, old_logp, sampler_logp, ref_logp, advantages, mask, entro
 
 
 def policy_logps(model, batch, temperature: float, rows_per_prompt: int = 1):
-    """log π(o_t | q, o_<t) [b, C] of the completion tokens under softmax(logits / temperature), π's entropy there;
+    """log π(o_t | q, o_<t) [b, C] of the completion tokens under softmax(logits / temperature), π's entropy there,
+    a MoE router's load-balancing loss over the rows' tokens (moe.load_balancing_loss; 0 for a dense model);
     batch: data.completion_batch's rows, in runs of rows_per_prompt with one prompt (forward pass run once)."""
-    return model_lib.token_logps(model, batch, last=batch["mask"].shape[-1], group=rows_per_prompt,
-                                 temperature=temperature, entropy=True)
+    tokens, C = batch["tokens"], batch["mask"].shape[-1]
+    x, taps = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], C, rows_per_prompt,
+                                          taps=("router",))  # [b, C, D]
+    logp, entropy = logprobs.token_logps(x, model.head(model.cfg.param_dtype), tokens[:, -C:], entropy=True,
+                                         cap=model.cfg.final_softcap, temperature=temperature)
+    return logp, entropy, moe.load_balancing_loss(taps["router"], batch["segment_ids"][:, :-1] > 0, model.cfg)
 
 
 # ----------------------------------------------------------------------------- train step
@@ -352,7 +359,9 @@ def make_train_step(graphdef, tx, cfg: Config, group: int = 1):
     [grad_accum, b, C] before the update. π_old is batch["old_logp"] when given; else the step runs at the
     sampling parameters (the first update of a rollout batch), so π_old = π_θ (ratio exactly 1)."""
     def loss_fn(params, frozen, mb, key):
-        logp, entropy = policy_logps(nnx.merge(graphdef, params, frozen), mb, cfg.temperature, group)
+        model = nnx.merge(graphdef, params, frozen)
+        logp, entropy, aux_loss = policy_logps(model, mb, cfg.temperature, group)
+        c = moe.aux_loss_coef(cfg.router_aux_loss_coef, model.cfg)  # the weight of a MoE router's aux loss (None: dense)
         old_logp = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
         loss, terms = token_losses(logp, old_logp, mb["sampler_logp"], mb.get("ref_logp"), mb["advantages"],
                                    mb["mask"], entropy, cfg)
@@ -364,15 +373,16 @@ def make_train_step(graphdef, tx, cfg: Config, group: int = 1):
             ok = (m if w.shape[-1] > 1 else jnp.max(m, -1, keepdims=True)) > 0
             aux |= {"is/min": jnp.min(jnp.where(ok, w, jnp.inf)), "is/max": jnp.max(jnp.where(ok, w, 0.0)),
                     "is/sum": jnp.sum(w * ok), "is/zero": jnp.sum((w == 0) & ok), "is/n": jnp.sum(ok)}
-        # L: the weights hold --loss-type's averaging over the whole step (loss_weights)
-        return jnp.sum(loss * mb["weights"]), {**aux, "logp": jax.lax.stop_gradient(logp)}
+        aux |= {} if c is None else {"aux_loss": aux_loss}
+        # L: the weights hold --loss-type's averaging over the whole step (loss_weights); + c · the aux loss' mean
+        return jnp.sum(loss * mb["weights"]) + (c or 0.0) / cfg.grad_accum * aux_loss, {**aux, "logp": jax.lax.stop_gradient(logp)}
     update = run.make_update(loss_fn, tx)  # sums the micro-batches' losses and gradients
 
     def train_step(params, opt_state, frozen, batch):
         params, opt_state, metrics, aux = update(params, opt_state, frozen, batch, None)
         tokens = jnp.maximum(jnp.sum(aux["tokens"]), 1.0)
         means = ("kl", "clip_ratio", "entropy", "sampling/logp_difference")  # per completion token
-        metrics.update({k: jnp.sum(aux[k]) / tokens for k in means})
+        metrics.update({k: jnp.sum(aux[k]) / tokens for k in means} | {k: jnp.mean(aux[k]) for k in aux if k == "aux_loss"})
         if "is/n" in aux:
             n = jnp.maximum(jnp.sum(aux["is/n"]), 1.0)
             metrics.update({"sampling/importance_sampling_ratio/min": jnp.min(aux["is/min"]),
@@ -473,7 +483,7 @@ def step_record(r: Rollout, funcs, update_metrics, drew: dict, eos_ids, cfg: Con
             **({"kl": mean["kl"]} if cfg.beta else {}), "clip_ratio": mean["clip_ratio"],
             "completions/mean_length": float(np.mean([len(c) for c in r.completions])),
             "completions/clipped_ratio": float(np.mean([c[-1] not in eos_ids for c in r.completions])), **drew,
-            **{k: float(v) for k, v in update_metrics[0].items() if k == "entropy" or k.startswith("sampling/")},
+            **{k: float(v) for k, v in update_metrics[0].items() if k in ("entropy", "aux_loss") or k.startswith("sampling/")},
             **(tools.metrics(r.tool_calls) if cfg.tools else {})}
 
 

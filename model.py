@@ -361,14 +361,15 @@ def mlp(p: dict, h, cfg: Config, adapters) -> jax.Array:
 
 def block(x, p: dict, cfg: Config, rope: Rope, mask, kv, start, adapters, sparse=False):
     """One pre-norm block on the residual stream x [B, T, D] (post norms: Gemma 2/3 only) → x, the layer's
-    keys and values, its head-averaged attention map [B, T, S]. sparse: its MLP is the experts (moe.py)."""
+    keys and values, its head-averaged attention map [B, T, S], its router logits [B, T, E] (None in a dense
+    model). sparse: its MLP is the experts (moe.py)."""
     norm = lambda y, name: rms_norm(y, p[name], cfg.norm_eps, cfg.norm_plus_one)  # noqa: E731
     post = lambda y, name: norm(y, name) if cfg.post_norms else y  # noqa: E731
     out, kv, attention_map = self_attention(p, norm(x, "attn_norm"), cfg, rope, mask, kv, start, adapters)
     x = x + post(out, "post_attn_norm")
     h = norm(x, "ffw_norm")
-    x = x + post(moe.mlp_or_experts(p, h, cfg, sparse, lambda: mlp(p, h, cfg, adapters)), "post_ffw_norm")
-    return x, kv, attention_map
+    y, router_logits = moe.mlp_or_experts(p, h, cfg, sparse, lambda: mlp(p, h, cfg, adapters))
+    return x + post(y, "post_ffw_norm"), kv, attention_map, router_logits
 
 
 # ----------------------------------------------------------------------------- the model
@@ -413,17 +414,15 @@ class Transformer(nnx.Module):
         segment_ids [B, T]: attention stays within equal ids and never sees id 0 (padding), which makes
         left-padded and packed batches exact (default all 1).
         cache: the tokens are written at slots index..index+T-1 and attend to all earlier slots.
-        last: logits of the last `last` positions only, [B, last, V] (a prefill needs one, a learner only the
-        completion's; the output head is the largest matmul of a small model). hidden: the final-normed hidden
-        states [B, T, D] instead of logits (`self.logits` maps them).
-        layers: the block parameters as separate per-layer arrays (`unstack_layers`), run unrolled instead of
-        scanned, at the price of compiling every layer: on CPU decoding is ~1.5x and a GRPO update ~1.7x faster
-        (benchmarks/RESULTS.md).
+        last: the last `last` positions only, [B, last, V] (a prefill needs one, a learner the completion's: the
+        output head is a small model's largest matmul). hidden: final-normed hidden states [B, T, D], not logits.
+        layers: the block parameters as separate per-layer arrays (`unstack_layers`), run unrolled, not scanned,
+        at the price of compiling every layer: on CPU decoding ~1.5x and a GRPO update ~1.7x faster (RESULTS.md).
         dropout_key: LoRA dropout on the adapters' inputs (training only; None: no dropout).
-        taps (no cache): also return {"hidden": the residual stream after 0..L blocks [L + 1, B, T, D] (HF's
-        hidden_states but the last, which is not final-normed here), "attention": each layer's attention map
-        averaged over heads [L, B, T, T]}, those named, as (out, taps); what distill.py matches layer by layer.
-        """
+        taps: also return {"hidden": the residual stream after 0..L blocks [L + 1, B, T, D] (HF's hidden_states
+        but the last, not final-normed here), "attention": each layer's head-averaged attention map [L, B, T, S]
+        (distill.py), "router": each layer's router logits [L, B, T, E] (moe.load_balancing_loss; None in a
+        dense model)}, those named: (out, taps), with a cache (out, cache, taps)."""
         cfg, (B, T) = self.cfg, tokens.shape
         dtype = jnp.dtype(cfg.dtype)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None else positions
@@ -446,13 +445,13 @@ class Transformer(nnx.Module):
             rope = Rope(*(jnp.where(is_sliding, a, b) for a, b in zip(local_rope, global_rope)))
             mask = jnp.where(is_sliding, sliding_mask, global_mask)
             adapters = Adapters(lora.scale, lora.dropout, drop_key) if lora else None
-            y, kv, attention_map = block(x, p, cfg, rope, mask, (layer_k, layer_v), start, adapters, is_sparse)
-            return y, (kv, {name: a for name, a in (("hidden", x), ("attention", attention_map)) if name in taps})
+            y, kv, attention_map, router = block(x, p, cfg, rope, mask, (layer_k, layer_v), start, adapters, is_sparse)
+            tapped = (("hidden", x), ("attention", attention_map), ("router", router))
+            return y, (kv, {name: a for name, a in tapped if name in taps})
 
-        # The backward pass reads each block's projection outputs (matmuls without batch dimensions) from
-        # the forward pass and recomputes the rest (norms, RoPE, attention, activations) from them: on
-        # Gemma 3 270M this halves what the forward pass keeps, and the step is faster for it on CPU
-        # (fewer fresh pages per step). cfg.remat keeps only each block's input.
+        # The backward pass reads each block's projection outputs (matmuls without batch dimensions) from the forward
+        # pass and recomputes the rest (norms, RoPE, attention, activations): on Gemma 3 270M this halves what the
+        # forward keeps, and the CPU step is faster for it (fewer fresh pages). cfg.remat keeps each block's input.
         policy = None if cfg.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
         layer_step = jax.checkpoint(layer_step, policy=policy)
         cache_kv = (cache.k, cache.v) if cache is not None else (None, None)
@@ -464,8 +463,7 @@ class Transformer(nnx.Module):
             for i, p in enumerate(layers):
                 per_layer = (c if c is None else c[i] for c in (*cache_kv, drop_keys))
                 x, (kv, tap) = layer_step(x, (p, (sliding[i], sparse[i]), *per_layer))
-                new_kv.append(kv)
-                tapped.append(tap)
+                new_kv, tapped = [*new_kv, kv], [*tapped, tap]
             tapped = jax.tree.map(lambda *a: jnp.stack(a), *tapped)
             new_k, new_v = (None, None) if cache is None else [  # a per-layer cache stays per layer
                 tuple(kvs) if isinstance(cache.k, tuple) else jnp.stack(kvs) for kvs in zip(*new_kv)]
@@ -475,9 +473,10 @@ class Transformer(nnx.Module):
         x = x if last is None else x[:, -last:]
         x = rms_norm(x, self.final_norm[...], cfg.norm_eps, cfg.norm_plus_one)
         out = x if hidden else self.logits(x)
+        cache = None if cache is None else KVCache(new_k, new_v, k_segments, start + T)
         if taps:
-            return out, tapped
-        return out if cache is None else (out, KVCache(new_k, new_v, k_segments, start + T))
+            return (out, tapped) if cache is None else (out, cache, tapped)
+        return out if cache is None else (out, cache)
 
     def attention_inputs(self, positions, segment_ids, cache: KVCache | None):
         """What every layer's attention shares: the first query slot, the key slots' (the cache's, else this
@@ -486,9 +485,8 @@ class Transformer(nnx.Module):
         if cache is None:
             start, k_segments, k_slots = 0, segment_ids, jnp.arange(T)
         else:
-            start = cache.index
+            start, k_slots = cache.index, jnp.arange(cache.segment_ids.shape[1])
             k_segments = write_slots(cache.segment_ids, segment_ids, start)
-            k_slots = jnp.arange(cache.segment_ids.shape[1])
         q_slots = jnp.asarray(start)[..., None] + jnp.arange(T)  # [T], or [B, T] with a per-row index
         masks = tuple(attention_mask(q_slots, k_slots, segment_ids, k_segments, window)
                       for window in (None, cfg.sliding_window))
@@ -526,10 +524,10 @@ class Transformer(nnx.Module):
 # ----------------------------------------------------------------------------- what learners call
 
 def unstack_layers(model: Transformer, fuse: bool = False) -> list[dict[str, jax.Array]]:
-    """The stacked [L, ...] block parameters as L dicts of separate arrays (one jitted copy): the model's
-    `layers=` argument, an unrolled forward (on CPU faster for decoding and for small models' training).
-    fuse: q/k/v and gate/up as one weight each (the "fused" form above): fewer, larger matmuls, ~5% faster
-    per decode step on Gemma 3 270M (not with adapters or quantized weights)."""
+    """The stacked [L, ...] block parameters as L dicts of separate arrays (one jitted copy): the model's `layers=`
+    argument, an unrolled forward (on CPU faster for decoding and for small models' training). fuse: q/k/v and
+    gate/up as one weight each: fewer, larger matmuls, ~5% faster per decode step on Gemma 3 270M (not with
+    adapters or quantized weights)."""
     stacked = model.layers.arrays()
     fuse = fuse and "up" in stacked and not any(name.endswith(("_lora_a", "_codes")) for name in stacked)  # MoE: no up
     return _unstack(stacked, model.cfg.n_layers, fuse)
@@ -560,23 +558,26 @@ def repeat_rows(cache: KVCache, group: int) -> KVCache:
 
 def next_token_hidden(model: Transformer, tokens, positions, segment_ids, last: int, group: int = 1, layers=None,
                       dropout_key=None, taps: tuple[str, ...] = ()):
-    """Final-normed hidden states [B, C, D] predicting the last C = `last` tokens of each row of tokens
-    [B, T]: model(tokens[:, :-1], ..., last=C, hidden=True). group > 1: rows come in runs of `group` that
-    share their first T - C tokens (a GRPO group's prompt); those run once per run, into a KV cache that
-    the run's rows attend to, so the prompt's work is done once, not `group` times (gradients flow
-    through the cache: the run's contributions add up). taps (group 1): also the model's taps of tokens[:, :-1].
-    layers None: unrolled_if_small's choice, so no algorithm passes a CPU-speed knob."""
+    """Final-normed hidden states [B, C, D] predicting the last C = `last` tokens of each row of tokens [B, T]:
+    model(tokens[:, :-1], ..., last=C, hidden=True). group > 1: rows come in runs of `group` that share their
+    first T - C tokens (a GRPO group's prompt); those run once per run, into a KV cache that the run's rows attend
+    to, so the prompt's work is done once, not `group` times (gradients flow through the cache: the run's
+    contributions add up). taps: (hidden, the model's taps of tokens[:, :-1]); group > 1 taps "router" only (the
+    prompt's rows repeated, as if each row ran whole). layers None: unrolled_if_small's choice."""
     C, P = last, tokens.shape[1] - last
     layers = unrolled_if_small(model) if layers is None else layers
     if group == 1 or C == 1:
         return model(tokens[:, :-1], positions=positions[:, :-1], segment_ids=segment_ids[:, :-1], last=C,
                      layers=layers, dropout_key=dropout_key, hidden=True, taps=taps)
+    run = functools.partial(model, layers=layers, dropout_key=dropout_key, hidden=True, taps=taps)
     cache = KVCache.init(model.cfg, tokens.shape[0] // group, P + C)
-    first, cache = model(tokens[::group, :P], positions=positions[::group, :P], segment_ids=segment_ids[::group, :P],
-                         cache=cache, last=1, layers=layers, dropout_key=dropout_key, hidden=True)  # [B/G, 1, D]
-    rest, _ = model(tokens[:, P:-1], positions=positions[:, P:-1], segment_ids=segment_ids[:, P:-1],
-                    cache=repeat_rows(cache, group), layers=layers, dropout_key=dropout_key, hidden=True)
-    return jnp.concatenate([jnp.repeat(first, group, axis=0), rest], axis=1)  # [B, C, D]
+    first, cache, *first_taps = run(tokens[::group, :P], positions=positions[::group, :P],
+                                    segment_ids=segment_ids[::group, :P], cache=cache, last=1)  # [B/G, 1, D]
+    rest, _, *rest_taps = run(tokens[:, P:-1], positions=positions[:, P:-1], segment_ids=segment_ids[:, P:-1],
+                              cache=repeat_rows(cache, group))
+    x = jnp.concatenate([jnp.repeat(first, group, axis=0), rest], axis=1)  # [B, C, D]
+    return (x, jax.tree.map(lambda a, b: jnp.concatenate([jnp.repeat(a, group, axis=1), b], axis=2),  # [L, B, T, E]
+                            first_taps[0], rest_taps[0])) if taps else x
 
 
 def token_logps(model: Transformer, batch: dict, last: int | None = None, group: int = 1, temperature: float = 1.0,
@@ -585,8 +586,7 @@ def token_logps(model: Transformer, batch: dict, last: int | None = None, group:
     first), π = softmax(logits / temperature); with `entropy`, also π's entropy there [B, C].
     batch: tokens, positions, segment_ids [B, T]; group as in next_token_hidden. The output head runs
     a chunk of positions at a time (logprobs.py): no [B, C, V] float32 tensor, forward or backward."""
-    tokens = batch["tokens"]
-    C = tokens.shape[1] - 1 if last is None else last
+    tokens, C = batch["tokens"], batch["tokens"].shape[1] - 1 if last is None else last
     x = next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], C, group, dropout_key=dropout_key)
     return logprobs.token_logps(x, model.head(model.cfg.param_dtype), tokens[:, -C:], cap=model.cfg.final_softcap,
                                 temperature=temperature, entropy=entropy)

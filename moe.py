@@ -20,8 +20,10 @@ intermediate_size. A model's per-layer parameters are stacked on L, so a mixed m
 every layer (the other kind's slots are zeros in a loaded checkpoint) and `mlp_or_experts` runs this layer's
 kind; the published models are sparse everywhere and store no dense MLP at all.
 
-Not here yet (issue 30's later parts): the router's load-balancing loss in training, LoRA on experts, an
-expert-parallel mesh axis (experts are split on fsdp along D today, shard.py).
+Training adds the router's load-balancing loss (`load_balancing_loss`, transformers' formula) times
+`--router-aux-loss-coef` (the checkpoint's router_aux_loss_coef, 0.001 by default) to each script's loss.
+Not here: LoRA on the experts (run.load refuses it in one line); an expert-parallel mesh axis (shard.py says
+why the experts are split along D on fsdp instead).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class Experts:
     ffn_dim: int  # F of one expert (moe_intermediate_size)
     norm_topk_prob: bool  # renormalise the k chosen probabilities to sum to 1
     sparse_layers: tuple[bool, ...]  # per layer, True if its MLP is the experts
+    router_aux_loss_coef: float = 0.001  # training's default weight of load_balancing_loss (router_aux_loss_coef)
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.n_experts:
@@ -67,15 +70,16 @@ def with_expert_shapes(cfg, shapes: dict[str, tuple[int, ...]]) -> dict[str, tup
 
 # ----------------------------------------------------------------------------- the layer
 
-def route(h, router, cfg: Experts) -> tuple[jax.Array, jax.Array]:
+def route(h, router, cfg: Experts) -> tuple[jax.Array, jax.Array, jax.Array]:
     """h [M, D] → the weights [M, k] float32 and indices [M, k] of each token's k experts: softmax over the
     router logits in float32 (the logits rounded to h's dtype first, as transformers does), top-k, and
-    renormalised to sum to 1 only with norm_topk_prob."""
-    logits = jnp.einsum("MD,DE->ME", h, router.astype(h.dtype), preferred_element_type=jnp.float32).astype(h.dtype)
-    weights, chosen = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), cfg.top_k)
+    renormalised to sum to 1 only with norm_topk_prob; and those logits [M, E] (float32), for the aux loss."""
+    logits = jnp.einsum("MD,DE->ME", h, router.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = logits.astype(h.dtype).astype(jnp.float32)
+    weights, chosen = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.top_k)
     if cfg.norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, chosen
+    return weights, chosen, logits
 
 
 def dense_experts(h, weights, chosen, gate, up, down, act: Callable) -> jax.Array:
@@ -106,29 +110,60 @@ def grouped_experts(h, weights, chosen, gate, up, down, act: Callable) -> jax.Ar
     return jnp.einsum("MK,MKD->MD", weights, y).astype(h.dtype)
 
 
-def experts(p: dict, h, cfg: Experts, act: Callable, grouped: bool | None = None) -> jax.Array:
-    """The sparse MLP of h [B, T, D] → [B, T, D] with this layer's p["router"] [D, E] and p["expert_gate"],
-    p["expert_up"] [E, D, F], p["expert_down"] [E, F, D]. grouped None: by size, ragged_dot once a layer's
-    experts hold 2^24 weights (the dense path's E/k extra FLOPs stop being cheaper than sorting)."""
+def experts(p: dict, h, cfg: Experts, act: Callable, grouped: bool | None = None) -> tuple[jax.Array, ...]:
+    """The sparse MLP of h [B, T, D] → [B, T, D], and the router logits [B, T, E] float32, with this layer's
+    p["router"] [D, E] and p["expert_gate"], p["expert_up"] [E, D, F], p["expert_down"] [E, F, D]. grouped
+    None: by size, ragged_dot once a layer's experts hold 2^24 weights (the dense path's E/k extra FLOPs stop
+    being cheaper than sorting)."""
     B, T, D = h.shape
     h = h.reshape(B * T, D)  # [M, D]
-    weights, chosen = route(h, p["router"], cfg)  # [M, k] float32, int32
+    weights, chosen, logits = route(h, p["router"], cfg)  # [M, k] float32, int32; [M, E]
     if grouped is None:
         grouped = p["expert_gate"].size * 3 >= 2**24
     compute = grouped_experts if grouped else dense_experts
     y = compute(h, weights, chosen, p["expert_gate"], p["expert_up"], p["expert_down"], act)
-    return y.reshape(B, T, D)
+    return y.reshape(B, T, D), logits.reshape(B, T, -1)
 
 
-def mlp_or_experts(p: dict, h, cfg, sparse, dense: Callable[[], jax.Array]) -> jax.Array:
-    """A block's feed-forward of h [B, T, D] (model.Config cfg): the experts where `sparse` ([] bool, traced in
-    the layer scan), else dense(), the model's MLP (always, in a dense model). A model sparse everywhere never
-    builds the dense branch."""
+def mlp_or_experts(p: dict, h, cfg, sparse, dense: Callable[[], jax.Array]) -> tuple[jax.Array, jax.Array | None]:
+    """A block's feed-forward of h [B, T, D] (model.Config cfg) and its router logits [B, T, E] (None in a
+    dense model): the experts where `sparse` ([] bool, traced in the layer scan), else dense(), the model's
+    MLP, with logits 0 (the aux loss skips those layers). A model sparse everywhere never builds the dense
+    branch."""
     if cfg.experts is None:
-        return dense()
+        return dense(), None
     if all(cfg.experts.sparse_layers):
         return experts(p, h, cfg.experts, jax.nn.silu)
-    return jax.lax.cond(sparse, lambda: experts(p, h, cfg.experts, jax.nn.silu), dense)
+    no_router = jnp.zeros((*h.shape[:2], cfg.experts.n_experts), jnp.float32)
+    return jax.lax.cond(sparse, lambda: experts(p, h, cfg.experts, jax.nn.silu), lambda: (dense(), no_router))
+
+
+def aux_loss_coef(flag: float | None, cfg) -> float | None:
+    """--router-aux-loss-coef for model.Config cfg: None for a dense model (no aux loss), else the flag, or
+    when it is unset the checkpoint's router_aux_loss_coef (0.001: transformers' and TRL's default)."""
+    return None if cfg.experts is None else cfg.experts.router_aux_loss_coef if flag is None else flag
+
+
+def load_balancing_loss(router_logits, mask, cfg) -> jax.Array:
+    """transformers' load_balancing_loss_func (Switch Transformer's eqs. 4-6) pooled over the sparse layers
+    (model.Config cfg; 0.0 for a dense model): router_logits [L, B, T, E] (model's "router" tap), mask [B, T]
+    (1 on real tokens, 0 on padding), p^l = softmax(router_logits^l), S^l the top-k of p^l, and
+
+        f_e = sum_l sum_n m_n [e in S^l_n] / (L_sparse sum_n m_n)     # share of routed slots, sums to k
+        P_e = sum_l sum_n m_n p^l_ne       / (L_sparse sum_n m_n)     # mean router probability
+        aux = E sum_e f_e P_e                                         # k when routing is uniform
+
+    The gradient reaches the router through P only (top-k is not differentiable)."""
+    if cfg.experts is None:
+        return jnp.zeros((), jnp.float32)
+    x = cfg.experts
+    p = jax.nn.softmax(router_logits[np.flatnonzero(x.sparse_layers)], axis=-1)  # [L_sparse, B, T, E]
+    _, chosen = jax.lax.top_k(p, x.top_k)  # [L_sparse, B, T, k]
+    m = mask.astype(jnp.float32)[None, :, :, None]  # [1, B, T, 1]
+    slots = jnp.sum(jax.nn.one_hot(chosen, x.n_experts, dtype=jnp.float32), axis=-2)  # [L_sparse, B, T, E]
+    rows = jnp.maximum(p.shape[0] * jnp.sum(mask), 1.0)
+    f, P = jnp.sum(slots * m, axis=(0, 1, 2)) / rows, jnp.sum(p * m, axis=(0, 1, 2)) / rows  # [E] each
+    return x.n_experts * jnp.sum(f * P)
 
 
 # ----------------------------------------------------------------------------- checkpoints (ckpt.py's helpers)
@@ -144,7 +179,8 @@ def experts_from_hf(hf: dict) -> Experts | None:
         return None
     layers = sparse_layers(hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or ())
     return Experts(n_experts=n_experts, top_k=hf["num_experts_per_tok"], ffn_dim=hf["moe_intermediate_size"],
-                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)), sparse_layers=layers)
+                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)), sparse_layers=layers,
+                   router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
 
 
 def experts_to_hf(cfg) -> dict:
@@ -154,7 +190,8 @@ def experts_to_hf(cfg) -> dict:
         return {}
     return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": x.n_experts,
             "num_experts_per_tok": x.top_k, "moe_intermediate_size": x.ffn_dim, "norm_topk_prob": x.norm_topk_prob,
-            "decoder_sparse_step": 1, "mlp_only_layers": [i for i, s in enumerate(x.sparse_layers) if not s]}
+            "decoder_sparse_step": 1, "mlp_only_layers": [i for i, s in enumerate(x.sparse_layers) if not s],
+            "router_aux_loss_coef": x.router_aux_loss_coef}
 
 
 def layers_using(cfg, name: str) -> tuple[bool, ...]:

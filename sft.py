@@ -6,6 +6,9 @@ normalised by the number of target tokens in the whole (accumulated) batch:
 
     L(θ) = − Σ_i Σ_t m_it · log p_θ(x_it | x_i,<t)  /  Σ_i Σ_t m_it,   m_it = 1 on completion tokens
 
+(+ c · the router's load-balancing loss for a mixture-of-experts model, moe.load_balancing_loss, c =
+--router-aux-loss-coef.)
+
 With no arguments it trains the tiny Qwen 3 preset on the built-in task (fixed-width
 3-digit × 1-digit multiplication) on a laptop CPU in about two minutes, reaching
 ≥ 0.9 exact-match accuracy on held-out problems:
@@ -35,6 +38,7 @@ import data
 import flags
 import logprobs
 import model as model_lib
+import moe
 import run
 import shard
 import tasks
@@ -80,32 +84,37 @@ class Config(flags.RunConfig):
 # ----------------------------------------------------------------------------- loss
 
 def token_nll(model, batch, dropout_key=None):
-    """Summed NLL of the target tokens and their count. batch: tokens, loss_mask, segment_ids, positions
-    [B, T]; position t is predicted from tokens[:t]. dropout_key: LoRA dropout. The output head runs a chunk
-    of positions at a time, its gradient taken on the way (logprobs.weighted_nll): no [B, T, V] logits."""
+    """Summed NLL of the target tokens, their count, and the router's load-balancing loss over the batch's
+    tokens (a MoE model's; 0 for a dense one). batch: tokens, loss_mask, segment_ids, positions [B, T];
+    position t is predicted from tokens[:t]. dropout_key: LoRA dropout. The output head runs a chunk of
+    positions at a time, its gradient taken on the way (logprobs.weighted_nll): no [B, T, V] logits."""
     tokens, T = batch["tokens"], batch["tokens"].shape[1]
-    x = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], T - 1,
-                                    dropout_key=dropout_key)  # [B, T-1, D]
+    x, taps = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], T - 1,
+                                          dropout_key=dropout_key, taps=("router",))  # [B, T-1, D]
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
     nll = logprobs.weighted_nll(x, model.head(model.cfg.param_dtype), tokens[:, 1:], mask, cap=model.cfg.final_softcap)
-    return nll, jnp.sum(mask)
+    return nll, jnp.sum(mask), moe.load_balancing_loss(taps["router"], batch["segment_ids"][:, :-1] > 0, model.cfg)
 
 
 # ----------------------------------------------------------------------------- train step
 
-def make_train_step(graphdef, tx):
+def make_train_step(graphdef, tx, aux_loss_coef: float | None = None):
     """step(params, opt_state, frozen, batch [grad_accum, B/grad_accum, T], key) → params, opt_state,
-    metrics: the trained params (all of them, or LoRA's adapters) move; frozen is the rest of the model."""
+    metrics: the trained params (all of them, or LoRA's adapters) move; frozen is the rest of the model.
+    aux_loss_coef: c of a MoE model's aux loss (moe.aux_loss_coef; None: a dense model, no aux_loss logged)."""
     def loss_fn(params, frozen, micro_batch, key):
-        nll, count = token_nll(nnx.merge(graphdef, params, frozen), micro_batch, key)
-        return nll / micro_batch["targets"], {"tokens": count}  # L: / Σ m over the whole step
+        nll, count, aux_loss = token_nll(nnx.merge(graphdef, params, frozen), micro_batch, key)
+        # L: / Σ m over the whole step, + c · the aux loss averaged over the micro-batches (aux_weight = c / M)
+        return nll / micro_batch["targets"] + micro_batch["aux_weight"] * aux_loss, {"tokens": count, "aux": aux_loss}
     update = run.make_update(loss_fn, tx)  # sums the micro-batches' losses and gradients
 
     def train_step(params, opt_state, frozen, batch, key):
+        M = batch["tokens"].shape[0]
         targets = jnp.maximum(jnp.sum(batch["loss_mask"][:, :, 1:]), 1.0)  # Σ m of every micro-batch
-        batch = {**batch, "targets": jnp.full(batch["tokens"].shape[:1], targets)}  # one per micro-batch
+        batch = {**batch, "targets": jnp.full(M, targets), "aux_weight": jnp.full(M, (aux_loss_coef or 0.0) / M)}
         params, opt_state, metrics, aux = update(params, opt_state, frozen, batch, key)
-        return params, opt_state, {**metrics, "tokens": jnp.sum(aux["tokens"])}
+        aux_metric = {} if aux_loss_coef is None else {"aux_loss": jnp.mean(aux["aux"])}
+        return params, opt_state, {**metrics, "tokens": jnp.sum(aux["tokens"]), **aux_metric}
     return train_step
 
 
@@ -124,9 +133,10 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
     opt_state, param_sh, opt_sh = run.init_optimizer(tx, params, mesh)
     frozen_sh = shard.tree_shardings(frozen, mesh)
     batch_sh = shard.batch_sharding(mesh, 3, axis=1)  # [grad_accum, B, T]: each micro-batch's rows over (data, fsdp)
-    train_step = jax.jit(make_train_step(graphdef, tx), in_shardings=(param_sh, opt_sh, frozen_sh, batch_sh, None),
-                         out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 1))
-    eval_nll = jax.jit(lambda p, f, b: token_nll(nnx.merge(graphdef, p, f), b))
+    aux_loss_coef = moe.aux_loss_coef(cfg.router_aux_loss_coef, model.cfg)  # None: dense
+    train_step = jax.jit(make_train_step(graphdef, tx, aux_loss_coef), out_shardings=(param_sh, opt_sh, None),
+                         in_shardings=(param_sh, opt_sh, frozen_sh, batch_sh, None), donate_argnums=(0, 1))
+    eval_nll = jax.jit(lambda p, f, b: token_nll(nnx.merge(graphdef, p, f), b)[:2])
 
     def evaluate(params):  # eval/loss and greedy eval/accuracy of the model at these params
         return run.evaluate_completions(nnx.merge(graphdef, params, frozen), evals, tok,
@@ -151,6 +161,7 @@ def train(cfg: Config, loaded: run.Loaded, model, trainable=nnx.Param, first_rec
             if progress.due(step, cfg.log_every):
                 record = progress.record(step, metrics, schedule(step - 1))
                 record["tokens_per_sec"] = float(sum(pending)) / (time.perf_counter() - progress.t0)
+                record.update({"aux_loss": float(metrics["aux_loss"])} if "aux_loss" in metrics else {})
                 if progress.due(step, cfg.eval_every):
                     record.update(evaluate(params))
                 progress.write(log, record, loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}",

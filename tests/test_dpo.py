@@ -217,7 +217,7 @@ def test_the_shared_prompt_forward_gives_the_same_logps_and_gradients(preset):
     C = batch["mask"].shape[-1]
 
     def objective(p, whole):
-        logp = dpo.answer_stats(nnx.merge(graphdef, p), batch, orpo=whole)[0][:, -C:]
+        logp = dpo.answer_stats(nnx.merge(graphdef, p), batch, orpo=whole)[0][0][:, -C:]
         return jnp.sum(logp * batch["mask"] * jnp.arange(1, 7)[:, None]), logp
     (_, shared), g_shared = jax.value_and_grad(objective, has_aux=True)(params, False)
     (_, whole), g_whole = jax.value_and_grad(objective, has_aux=True)(params, True)
@@ -250,7 +250,7 @@ def test_policy_equal_to_reference_gives_log2_and_zero_margins():
     model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(3))
     pairs = random_pairs(n=4, seed=2)
     batch = local_batch(pairs)
-    ref = dpo.sequence_logps(dpo.as_pairs(dpo.answer_stats(model, batch)[0]), dpo.as_pairs(batch["mask"]), None)
+    ref = dpo.sequence_logps(dpo.as_pairs(dpo.answer_stats(model, batch)[0][0]), dpo.as_pairs(batch["mask"]), None)
     ref = ref.reshape(-1)  # rows 2i, 2i + 1 as the batch holds them
     loss, aux = dpo.dpo_loss(model, {**batch, "ref_logps": ref}, cfg_for("sigmoid"))
     metrics = dpo.summarise(jax.device_get(aux))

@@ -94,6 +94,38 @@ def test_greedy_matches_transformers_generate(tmp_path):
     assert sample.generate(ours, prompts, max_new_tokens=24, eos_ids=()) == expected
 
 
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_unnormed"])
+def test_aux_loss_equals_transformers(variant, tmp_path):
+    """moe.load_balancing_loss of the model's router tap equals Qwen3MoeForCausalLM's aux_loss (output_router_logits,
+    right-padded rows masked by attention_mask), on models with dense layers among the sparse ones; and its
+    loss is loss + router_aux_loss_coef · aux_loss, the coefficient read from config.json."""
+    hf = make_hf_model(variant, attn_implementation="eager")
+    hf.config.router_aux_loss_coef = hf.router_aux_loss_coef = 0.25  # the model copies it at init
+    model = ckpt.load_hf(save_hf_model(hf, tmp_path / variant))
+    assert model.cfg.experts.router_aux_loss_coef == 0.25
+    x, mask = tokens(3, 24).astype(np.int64), np.ones((3, 24), np.int64)
+    mask[1, 15:], mask[2, 7:] = 0, 0  # padding: its tokens are routed, but do not count
+    with torch.no_grad():
+        out = hf(torch.as_tensor(x), attention_mask=torch.as_tensor(mask), labels=torch.as_tensor(x),
+                 output_router_logits=True)
+        plain = hf(torch.as_tensor(x), attention_mask=torch.as_tensor(mask), labels=torch.as_tensor(x)).loss
+    _, taps = model(jnp.asarray(x), segment_ids=jnp.asarray(mask), taps=("router",))
+    ours = float(moe.load_balancing_loss(taps["router"], jnp.asarray(mask), model.cfg))
+    assert abs(ours - float(out.aux_loss)) <= 1e-5 * float(out.aux_loss)
+    assert abs(float(out.loss) - float(plain) - 0.25 * float(out.aux_loss)) < 1e-5
+    unmasked = float(moe.load_balancing_loss(taps["router"], jnp.ones_like(mask), model.cfg))
+    assert abs(unmasked - ours) > 1e-4  # the mask matters on this batch, so the test would see it ignored
+
+
+def test_aux_loss_is_k_when_routing_is_uniform_and_dense_models_have_none():
+    cfg = CONFIGS["tiny-qwen3-moe"]
+    logits = jnp.zeros((2, 3, 5, cfg.experts.n_experts))  # [L, B, T, E]: every expert equally likely
+    assert abs(float(moe.load_balancing_loss(logits, jnp.ones((3, 5)), cfg)) - cfg.experts.top_k) < 1e-6
+    assert float(moe.load_balancing_loss(None, jnp.ones((3, 5)), CONFIGS["tiny-qwen3"])) == 0.0
+    assert moe.aux_loss_coef(None, CONFIGS["tiny-qwen3"]) is None and moe.aux_loss_coef(None, cfg) == 0.001
+    assert moe.aux_loss_coef(0.0, cfg) == 0.0
+
+
 def test_grouped_equals_dense_in_values_and_gradients():
     E, k, D, F, M = 8, 2, 32, 24, 40
     keys = jax.random.split(jax.random.key(0), 5)
@@ -104,7 +136,7 @@ def test_grouped_equals_dense_in_values_and_gradients():
     cfg = moe.Experts(E, k, F, norm_topk_prob=False, sparse_layers=(True,))
 
     def out(compute, h, gate, up, down, router):
-        weights, chosen = moe.route(h, router, cfg)
+        weights, chosen, _ = moe.route(h, router, cfg)
         return compute(h, weights, chosen, gate, up, down, jax.nn.silu)
 
     args = (h, gate, up, down, router)

@@ -98,14 +98,32 @@ def test_grad_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_a_moe_step_adds_the_weighted_aux_loss():
+    """sft's step on a MoE model: loss = NLL + c · aux_loss (the micro-batches' mean), logged as aux_loss; c = 0
+    leaves the NLL; a dense model logs none."""
+    model = Transformer(CONFIGS["tiny-qwen3-moe"], nnx.Rngs(0))
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+    tx = optax.sgd(0.0)
+    batch = data.collate([[ex] for ex in tiny_examples()], 32)
+    two = {k: v.reshape(2, 4, -1) for k, v in batch.items()}
+    out = {c: jax.jit(sft.make_train_step(graphdef, tx, c))(params, tx.init(params), frozen, two, None)[2]
+           for c in (0.0, 0.5)}
+    halves = [sft.token_nll(model, {k: v[i] for k, v in two.items()})[2] for i in range(2)]
+    assert abs(float(out[0.5]["aux_loss"]) - float(np.mean(halves))) < 1e-5 and float(out[0.5]["aux_loss"]) > 1.0
+    assert abs(float(out[0.5]["loss"] - out[0.0]["loss"]) - 0.5 * float(out[0.5]["aux_loss"])) < 1e-5
+    dense = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(0))
+    graphdef, params, frozen = nnx.split(dense, nnx.Param, ...)
+    assert "aux_loss" not in jax.jit(sft.make_train_step(graphdef, tx))(params, tx.init(params), frozen, two, None)[2]
+
+
 def test_packed_batches_give_the_unpacked_loss():
     model = Transformer(CONFIGS["tiny-gemma3"], nnx.Rngs(0))
     examples = tiny_examples()
     unpacked = data.collate([[ex] for ex in examples], 32)
     packed = data.collate([examples[:4], examples[4:]], 128)
     assert packed["segment_ids"].max() == 4
-    nll_a, n_a = sft.token_nll(model, unpacked)
-    nll_b, n_b = sft.token_nll(model, packed)
+    nll_a, n_a, _ = sft.token_nll(model, unpacked)
+    nll_b, n_b, _ = sft.token_nll(model, packed)
     assert float(n_a) == float(n_b) and abs(float(nll_a) - float(nll_b)) < 1e-4
     stream = next(data.Batches(examples, 2, 128, pack=True))
     assert stream["segment_ids"].max() > 1
