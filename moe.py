@@ -22,8 +22,15 @@ kind; the published models are sparse everywhere and store no dense MLP at all.
 
 Training adds the router's load-balancing loss (`load_balancing_loss`, transformers' formula) times
 `--router-aux-loss-coef` (the checkpoint's router_aux_loss_coef, 0.001 by default) to each script's loss.
-Not here: LoRA on the experts (run.load refuses it in one line); an expert-parallel mesh axis (shard.py says
-why the experts are split along D on fsdp instead).
+
+Sharding: the experts are split along D on the fsdp axis, like the dense MLP (shard.py), not across devices
+by expert. Under FSDP a layer's weights are gathered where they are used, so either split leaves each device
+1/n of every layer's experts at rest; splitting D keeps each device's tokens where they are (routing needs
+no all-to-all, no capacity, nothing dropped) and runs the same dropless code on one device or many
+(tests/test_shard.py: 8 simulated devices equal one, both paths). The price: each layer's whole expert stack
+is gathered per step (Qwen3-30B-A3B: 3·128·2048·768 weights, 1.2 GB in bf16, per layer), where expert
+parallelism would move only the routed tokens (B·T·k·D) — the better trade at large batches on real pods,
+and the path not taken yet. Not here either: LoRA on the experts (run.load refuses it in one line).
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import ckpt
+import moe
 import shard
 from model import CONFIGS, Config, Transformer
 
@@ -46,10 +47,17 @@ def loss_fn(model, tokens):
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
-def run(mesh_spec, tokens):
+def moe_loss_fn(model, tokens):  # the NLL + a weighted router aux loss
+    logits, taps = model(tokens[:, :-1], taps=("router",))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    aux = moe.load_balancing_loss(taps["router"], jnp.ones(tokens[:, :-1].shape), model.cfg)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)) + 0.1 * aux
+
+
+def run(mesh_spec, tokens, cfg=SMALL, loss_fn=loss_fn):
     """Forward logits and one AdamW step on the given mesh, through explicit jit shardings."""
     mesh = shard.make_mesh(mesh_spec)
-    model = shard.shard_model(Transformer(SMALL, nnx.Rngs(0)), mesh)
+    model = shard.shard_model(Transformer(cfg, nnx.Rngs(0)), mesh)
     graphdef, params = nnx.split(model)
     # Adam's first step is lr * g / (|g| + eps): gradients that differ in the 7th digit because
     # the sharded program sums in another order move a near-zero component by up to lr, so
@@ -88,8 +96,27 @@ def reference():
 
 @pytest.mark.parametrize("mesh_spec", MESHES[1:])
 def test_sharded_forward_and_step_equal_single_device(reference, mesh_spec):
+    assert_equal_to_reference(reference, run(mesh_spec, reference[0]))
+
+
+# Qwen 3 MoE: a sparse layer and a dense one, 8 experts of 1 MB or more each layer's stack (split on fsdp)
+SMALL_MOE = SMALL.replace(experts=moe.Experts(8, 2, 256, norm_topk_prob=True, sparse_layers=(True, False)))
+
+
+@pytest.mark.parametrize("grouped,mesh_spec", [(False, "fsdp=8"), (True, "data=2,fsdp=2,tp=2")])
+def test_a_moe_model_on_eight_devices_equals_one(grouped, mesh_spec, monkeypatch):
+    """Values, gradients (the router's aux loss among the losses) and an AdamW step of a mixed MoE model, the
+    dense and the grouped (ragged_dot) experts alike: the experts split along D on fsdp (shard.py says why)."""
+    monkeypatch.setattr(moe, "experts", lambda *a, f=moe.experts: f(*a, grouped=grouped))
+    tokens = np.random.default_rng(1).integers(0, SMALL.vocab_size, (8, 33)).astype(np.int32)
+    logits, grads, params, opt_state, loss, _ = run("data=1,fsdp=1,tp=1", tokens, SMALL_MOE, moe_loss_fn)
+    reference = (tokens, np.asarray(logits), *jax.tree.map(np.asarray, (grads, params, opt_state)), float(loss))
+    assert_equal_to_reference(reference, run(mesh_spec, tokens, SMALL_MOE, moe_loss_fn))
+
+
+def assert_equal_to_reference(reference, result):
     tokens, ref_logits, ref_grads, ref_params, ref_opt, ref_loss = reference
-    logits, grads, params, opt_state, loss, mesh = run(mesh_spec, tokens)
+    logits, grads, params, opt_state, loss, mesh = result
     np.testing.assert_allclose(np.asarray(logits), ref_logits, rtol=1e-5, atol=1e-5)
     assert abs(float(loss) - ref_loss) < 1e-5
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
