@@ -27,6 +27,7 @@ from flax import nnx
 import ml_dtypes
 from safetensors.numpy import save_file
 
+import gemma4
 import moe
 from adapters import add_lora
 from model import CONFIGS, Config, Transformer, every_nth_global, get_config, layer_shapes
@@ -40,8 +41,7 @@ class CheckpointError(ValueError):
 
 FAMILIES = {"llama": "llama3", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3", "gemma": "gemma",
             "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}  # Qwen 3 MoE: Qwen 3 with cfg.experts
-HF_MODEL_TYPE = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
-                 "gemma3": "gemma3_text"}
+HF_MODEL_TYPE = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 HF_ARCH = {"llama3": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
            "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 HF_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
@@ -52,12 +52,13 @@ def _ids(x) -> tuple[int, ...]:
 
 
 def config_from_hf(hf: dict, **overrides) -> Config:
-    """Our Config from an HF config.json dict, in the hub's classic form (rope_theta,
-    rope_scaling, rope_local_base_freq, sliding_window_pattern) or transformers 5's
-    (rope_parameters, layer_types)."""
-    if hf.get("model_type") == "gemma3" and "text_config" in hf:  # multimodal Gemma 3: its text tower
-        hf = {**hf["text_config"], "model_type": "gemma3_text", "tie_word_embeddings": True,
+    """Our Config from an HF config.json dict, in the hub's classic form (rope_theta, rope_scaling, rope_local_base_freq,
+    sliding_window_pattern) or transformers 5's (rope_parameters, layer_types). Gemma 4: gemma4.config_from_hf."""
+    if hf.get("model_type") in ("gemma3", "gemma4") and "text_config" in hf:  # multimodal Gemma 3 / 4: its text model
+        hf = {**hf["text_config"], "model_type": hf["model_type"] + "_text", "tie_word_embeddings": True,
               **{k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}}
+    if hf.get("model_type") == "gemma4_text":
+        return gemma4.config_from_hf(hf).replace(**overrides)
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
         raise CheckpointError(f"unknown model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
@@ -126,8 +127,9 @@ def config_from_hf(hf: dict, **overrides) -> Config:
 
 def config_to_hf(cfg: Config) -> dict:
     """config.json in the classic field names, which transformers 4.x and 5.x both read."""
-    hf = {
-        "architectures": [HF_ARCH[cfg.family]], "model_type": HF_MODEL_TYPE[cfg.family],
+    if cfg.gemma4:
+        return gemma4.config_to_hf(cfg)
+    hf = {"architectures": [HF_ARCH[cfg.family]], "model_type": HF_MODEL_TYPE[cfg.family],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "intermediate_size": cfg.ffn_dim, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
@@ -140,8 +142,7 @@ def config_to_hf(cfg: Config) -> dict:
     if cfg.rope_scaling == "linear":
         hf["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_factor}
     elif cfg.rope_scaling == "llama3":
-        hf["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
-                              "low_freq_factor": cfg.rope_low_freq_factor,
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
                               "high_freq_factor": cfg.rope_high_freq_factor,
                               "original_max_position_embeddings": cfg.rope_original_max_len}
     if cfg.family in ("gemma2", "gemma3"):
@@ -165,8 +166,7 @@ def config_to_hf(cfg: Config) -> dict:
 # [out, in] whose `in` is our first n_in axes (q [N*H, D] → [D, N, H]; o [D, N*H] → [N, H, D]).
 GLOBAL_NAMES = [("model.embed_tokens.weight", "embed", None), ("model.norm.weight", "final_norm", None),
                 ("lm_head.weight", "lm_head", None)]
-LAYER_NAMES = [
-    ("input_layernorm.weight", "attn_norm", None),
+LAYER_NAMES = [("input_layernorm.weight", "attn_norm", None),
     ("self_attn.q_proj.weight", "q", 1), ("self_attn.k_proj.weight", "k", 1), ("self_attn.v_proj.weight", "v", 1),
     ("self_attn.q_proj.bias", "q_bias", 0), ("self_attn.k_proj.bias", "k_bias", 0),
     ("self_attn.v_proj.bias", "v_bias", 0), ("self_attn.o_proj.weight", "o", 2),
@@ -183,7 +183,9 @@ LAYER_NAMES = [
 
 
 def name_table(cfg: Config) -> list[tuple[str, str, int | None]]:
-    """(HF name, our name, n_in) for every tensor of this config; layer names use {i}."""
+    """(HF name, our name, n_in) for every tensor of this config; layer names use {i} (Gemma 4: a row per layer)."""
+    if cfg.gemma4:
+        return gemma4.name_table(cfg, GLOBAL_NAMES)
     table = [row for row in GLOBAL_NAMES if row[1] != "lm_head" or not cfg.tie_embeddings]
     ours = layer_shapes(cfg)
     for hf, name, n_in in LAYER_NAMES:
@@ -218,8 +220,8 @@ def to_hf(x: np.ndarray, n_in: int | None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- loading
 
-# Tensors some exports carry that are not weights, and the vision half of multimodal Gemma 3.
-IGNORED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+# Tensors some exports carry that are not weights, and the vision (audio) half of multimodal Gemma 3 (4).
+IGNORED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.", *gemma4.TOWERS)
 RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."),
            ("language_model.lm_head.", "lm_head."))
 
@@ -265,9 +267,8 @@ def tensor_index(path: pathlib.Path) -> dict[str, tuple[pathlib.Path, str]]:
             and not n.endswith("rotary_emb.inv_freq")}
 
 
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                      "BOOL": np.bool_}
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+                      "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
 class SafetensorsFile:
@@ -334,6 +335,7 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
         detail = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
         raise CheckpointError(f"{path / 'config.json'}: not a config this loader understands "
                               f"({(detail.splitlines() or [''])[0][:200]})") from None
+    gemma4.say_skipped_towers(hf_config)  # a multimodal Gemma 4's vision and audio: one line on stderr
     table = name_table(cfg)
     files = moe.unfused(tensor_index(path), cfg)  # fused expert tensors listed per expert
     expected = {n for hf, name, _ in table for _, n in (moe.stacked_rows(cfg, hf, name) if "{i}" in hf else [(0, hf)])}
@@ -361,8 +363,7 @@ def load_hf(path, dtype: str | None = None, param_dtype: str | None = None, **ov
 
     flat = dict(nnx.to_flat_state(state))
     for hf, name, n_in in table:
-        key = tuple(name.split("."))
-        var = flat[key]
+        var = flat[tuple(int(k) if k.isdigit() else k for k in name.split("."))]  # layers.3.q: Gemma 4's per-layer
         target = np.dtype(var.dtype)
         if "{i}" in hf:  # stack layer (and expert) tensors into one [L, (E,) ...] array, filled in place
             rows = moe.stacked_rows(cfg, hf, name)
@@ -542,8 +543,7 @@ HF_REPOS = {
     "qwen3-4b": "Qwen/Qwen3-4B", "qwen3-8b": "Qwen/Qwen3-8B", "gemma-2b": "google/gemma-2b",
     "gemma2-2b": "google/gemma-2-2b", "gemma3-270m": "google/gemma-3-270m", "gemma3-1b": "google/gemma-3-1b-pt",
     "gemma3-4b": "google/gemma-3-4b-pt", "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B",
-    "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B",
-}
+    "qwen3-235b-a22b": "Qwen/Qwen3-235B-A22B", **gemma4.HUB_REPOS}
 
 
 def hub_repo(name: str) -> str | None:

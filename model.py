@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import gemma4
 import logprobs
 import moe
 from adapters import TARGETS, dequantize, lora_delta, lora_dropout, projection_shapes, weight
 from logprobs import softcap
+from rope import Rope, apply_rope, rope_inv_freq, rope_table
 
 
 # The MLP is act(x W_gate) * (x W_up) W_down: SwiGLU with silu, GeGLU with gelu.
@@ -80,6 +82,7 @@ class Config:
     dtype: str = "float32"  # compute dtype of activations and matmuls (bf16 on TPU)
     remat: bool = False  # backward pass keeps only each block's input (default: its projection outputs too)
     experts: moe.Experts | None = None  # Qwen 3 MoE: the sparse layers' experts (moe.py); None: a dense model
+    gemma4: gemma4.Gemma4 | None = None  # Gemma 4's switches (gemma4.py: its layers are built and run there)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -161,9 +164,10 @@ CONFIGS.update({
                           sliding_layers=every_nth_global(3, 3)),
 })
 CONFIGS.update({name: Config(**kw) for name, kw in moe.presets(_QWEN3, _TINY).items()})  # Qwen 3 MoE
+CONFIGS.update({name: Config(**kw) for name, kw in gemma4.presets(_TINY, every_nth_global).items()})  # Gemma 4
 
-ALIASES = {"llama3": "llama3.2-1b", "qwen2": "qwen2.5-0.5b", "qwen3": "qwen3-0.6b", "gemma": "gemma-2b",
-           "gemma2": "gemma2-2b", "gemma3": "gemma3-270m", "tiny": "tiny-qwen3"}  # a default size per family
+ALIASES = {"llama3": "llama3.2-1b", "qwen2": "qwen2.5-0.5b", "qwen3": "qwen3-0.6b", "gemma": "gemma-2b",  # a default size
+           "gemma2": "gemma2-2b", "gemma3": "gemma3-270m", "gemma4": "gemma4-e2b", "tiny": "tiny-qwen3"}  # per family
 
 
 def get_config(name: str) -> Config:
@@ -197,37 +201,6 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Arra
     return (x32 * scale).astype(x.dtype)
 
 
-def rope_inv_freq(cfg: Config, theta: float, scaled: bool) -> jax.Array:
-    """Inverse frequencies [H/2] of one RoPE table, with the checkpoint's scaling rule."""
-    inv = 1.0 / theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim)
-    if not scaled or cfg.rope_scaling is None:
-        return inv
-    if cfg.rope_scaling == "linear":
-        return inv / cfg.rope_factor
-    if cfg.rope_scaling == "llama3":  # Llama 3.1: stretch low frequencies, keep high, blend between
-        wavelen = 2 * math.pi / inv
-        low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor
-        high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor
-        smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
-            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
-        blended = (1 - smooth) * inv / cfg.rope_factor + smooth * inv
-        return jnp.where(wavelen > low_wavelen, inv / cfg.rope_factor, jnp.where(wavelen < high_wavelen, inv, blended))
-    raise ValueError(f"unknown rope_scaling {cfg.rope_scaling!r}")
-
-
-def rope_table(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [B, T, H/2] in float32 (bf16 angles are already wrong at position 256)."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate pairs (i, i + H/2) of x [B, T, N, H] (the HF "rotate_half" layout)."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 def attention(q, k, v, mask, scale: float, cap: float | None) -> tuple[jax.Array, jax.Array]:
     """Grouped-query attention. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] (True = may attend) → output
     [B,T,N,H] and the attention map averaged over heads [B,T,S] (XLA drops it where it is not used)."""
@@ -252,6 +225,8 @@ class KVCache(NamedTuple):
 
     @staticmethod
     def init(cfg: Config, batch: int, length: int, dtype=None) -> KVCache:
+        if cfg.gemma4:  # a tuple of per-layer arrays of each layer's shape, None for KV-shared layers
+            return gemma4.init_cache(cfg, batch, length, dtype)
         shape, dtype = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim), dtype or cfg.dtype
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros(shape[1:3], jnp.int32), jnp.int32(0))
 
@@ -326,11 +301,6 @@ def projections(p: dict, names: tuple[str, ...], h, cfg: Config, adapters: Adapt
 
 # ----------------------------------------------------------------------------- the block
 
-class Rope(NamedTuple):
-    cos: jax.Array  # [B, T, H/2] float32
-    sin: jax.Array  # [B, T, H/2]
-
-
 def self_attention(p: dict, h, cfg: Config, rope: Rope, mask, kv, start, adapters):
     """Grouped-query self-attention of h [B, T, D] → [B, T, D], the keys and values, the head-averaged map
     [B, T, S]. kv: this layer's cached keys and values [B, S, K, H] (None without a cache): this call's are
@@ -400,7 +370,10 @@ class Transformer(nnx.Module):
         # Rows of unit norm, so tied logits can reach order sqrt(D): the usual 0.02 caps a D=128
         # model's logits near 2.6, too flat to learn through when only adapters train.
         self.embed = nnx.Param(cfg.dim ** -0.5 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
-        self.layers = Layers(cfg, rngs)
+        if cfg.gemma4:  # one parameter dict per layer (their shapes differ), and the per-layer embeddings
+            gemma4.init_params(self, cfg, rngs)
+        else:
+            self.layers = Layers(cfg, rngs)
         self.final_norm = nnx.Param(jnp.zeros((cfg.dim,), dtype) if cfg.norm_plus_one else jnp.ones((cfg.dim,), dtype))
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.dim), dtype))
@@ -427,6 +400,8 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None else positions
         segment_ids = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+        if cfg.gemma4:  # its layers, unrolled, each of its own shape
+            return gemma4.forward(self, tokens, positions, segment_ids, cache, last, layers, hidden, taps)
 
         x = self.embed_rows(tokens).astype(dtype)  # [B, T, D]
         if cfg.embed_scale:  # Gemma rounds sqrt(D) to the compute dtype, as HF does
@@ -528,6 +503,8 @@ def unstack_layers(model: Transformer, fuse: bool = False) -> list[dict[str, jax
     argument, an unrolled forward (on CPU faster for decoding and for small models' training). fuse: q/k/v and
     gate/up as one weight each: fewer, larger matmuls, ~5% faster per decode step on Gemma 3 270M (not with
     adapters or quantized weights)."""
+    if model.cfg.gemma4:
+        return gemma4.layer_arrays(model)
     stacked = model.layers.arrays()
     fuse = fuse and "up" in stacked and not any(name.endswith(("_lora_a", "_codes")) for name in stacked)  # MoE: no up
     return _unstack(stacked, model.cfg.n_layers, fuse)

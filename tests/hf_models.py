@@ -36,10 +36,11 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     config = getattr(transformers, cls)(**{**kw, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    gemma = family.startswith("gemma")
+    gemma = family.startswith("gemma") and not family.startswith("gemma4")  # Gemma 4 norms scale by w, not 1 + w
     with torch.no_grad():
+        randomize_gemma4_extras(model)
         for name, p in model.named_parameters():
-            if "norm" in name:  # non-identity norms in both conventions (w and 1 + w)
+            if "norm" in name or name.endswith(("router.scale", "per_expert_scale")):  # non-identity scales, both conventions
                 p.uniform_(-0.5, 0.5)
                 if not gemma:
                     p.add_(1.0)
@@ -91,3 +92,47 @@ HF_CONFIGS.update({
     "qwen3_moe_all_sparse": ("Qwen3MoeConfig", dict(_MOE, norm_topk_prob=True, num_experts_per_tok=2)),
 })
 MOE_VARIANTS = ["qwen3_moe", "qwen3_moe_unnormed", "qwen3_moe_all_sparse"]
+
+
+# Gemma 4 (tests/test_gemma4.py): every switch of gemma4.py on, windows (16) shorter than the test sequences (48).
+# "gemma4": PLE, KV sharing (the last 3 of 6 layers: a sliding one reuses layer 1's keys, a full one layer 2's),
+# k = v on full layers with their own head dim (32) and kv heads (1), proportional RoPE (half the pairs rotated),
+# twice-wide MLPs on the shared layers. "gemma4_plain": 31B's kind (no PLE, no sharing, separate v, transformers'
+# default 5:1 pattern). "gemma4_moe": 26B-A4B's experts beside the MLP.
+_GEMMA4 = dict(vocab_size=300, hidden_size=96, intermediate_size=160, num_attention_heads=6, num_key_value_heads=2,
+               head_dim=24, global_head_dim=32, sliding_window=16, rms_norm_eps=1e-5, final_logit_softcapping=5.0,
+               max_position_embeddings=512, rope_parameters={
+                   "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                   "full_attention": {"rope_type": "proportional", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})
+HF_CONFIGS.update({
+    "gemma4": ("Gemma4TextConfig", dict(
+        _GEMMA4, num_hidden_layers=6, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=300, num_kv_shared_layers=3, attention_k_eq_v=True,
+        num_global_key_value_heads=1, use_double_wide_mlp=True)),
+    "gemma4_plain": ("Gemma4TextConfig", dict(_GEMMA4, num_hidden_layers=7, hidden_size_per_layer_input=0)),
+    "gemma4_moe": ("Gemma4TextConfig", dict(
+        _GEMMA4, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+        hidden_size_per_layer_input=0, attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True,
+        num_experts=6, top_k_experts=2, moe_intermediate_size=48)),
+})
+GEMMA4_VARIANTS = ["gemma4", "gemma4_plain", "gemma4_moe"]
+
+
+def randomize_gemma4_extras(model):
+    """Gemma 4's layer_scalar is a buffer (not a parameter): away from 1, so that it is tested."""
+    for name, b in model.named_buffers():
+        if name.endswith("layer_scalar"):
+            b.uniform_(0.5, 1.5)
+
+
+def to_gemma4_hub_config(path: pathlib.Path) -> None:
+    """Rewrite a transformers-5 Gemma 4 config.json as the Hub writes it: global_head_dim and
+    num_global_key_value_heads instead of per_layer_config."""
+    file = path / "config.json"
+    cfg = json.loads(file.read_text())
+    overrides = list(cfg.pop("per_layer_config").values())
+    if overrides:
+        cfg["global_head_dim"] = overrides[0]["head_dim"]
+        if cfg["attention_k_eq_v"]:
+            cfg["num_global_key_value_heads"] = overrides[0].get("num_key_value_heads", cfg["num_key_value_heads"])
+    file.write_text(json.dumps(cfg, indent=2))

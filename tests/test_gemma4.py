@@ -1,0 +1,161 @@
+"""gemma4.py and Gemma 4 checkpoints against transformers' Gemma4ForCausalLM (float32, eager attention): logits,
+both config.json styles, the multimodal checkpoint's text model, save_hf, greedy generation, the KV cache that
+KV-shared layers do without, the presets' sizes and every script on tiny-gemma4."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import ckpt
+import gemma4
+import sample
+from hf_models import GEMMA4_VARIANTS, HF_CONFIGS, hf_logits, make_hf_model, save_hf_model, to_gemma4_hub_config
+from model import CONFIGS, KVCache, Transformer, get_config
+from test_model import rel_err, tokens
+from test_sample import hf_greedy
+
+
+def load_pair(variant, tmp_path, style="transformers5", seed=0):
+    hf = make_hf_model(variant, seed=seed, attn_implementation="eager")
+    path = save_hf_model(hf, tmp_path / variant)
+    if style == "hub":
+        to_gemma4_hub_config(path)
+    return hf, ckpt.load_hf(path)
+
+
+def assert_same_logits(ours, ref):
+    assert rel_err(ours, ref) <= 2e-4
+    assert np.mean(np.asarray(ours).argmax(-1) == ref.argmax(-1)) == 1.0
+
+
+@pytest.mark.parametrize("style", ["transformers5", "hub"])
+@pytest.mark.parametrize("variant", GEMMA4_VARIANTS)
+def test_logits_match_transformers(variant, style, tmp_path):
+    hf, model = load_pair(variant, tmp_path, style)
+    x = tokens()  # 48 tokens: past the sliding window of 16
+    assert_same_logits(model(jnp.asarray(x)), hf_logits(hf, x))
+
+
+def test_the_switches_are_really_read(tmp_path):
+    """Parity would pass vacuously if a switch were off on both sides: each is on where the test configs say."""
+    cfgs = {v: ckpt.load_hf(save_hf_model(make_hf_model(v), tmp_path / v)).cfg for v in GEMMA4_VARIANTS}
+    g = cfgs["gemma4"].gemma4
+    assert (g.ple_dim, g.kv_shared_layers, g.k_eq_v, g.global_head_dim, g.global_kv_heads) == (8, 3, True, 32, 1)
+    assert g.double_wide_mlp and g.global_rope_fraction == 0.5 and cfgs["gemma4"].rope_local_theta == 100.0
+    assert gemma4.kv_sources(cfgs["gemma4"]) == (0, 1, 2, 1, 1, 2)
+    assert cfgs["gemma4"].sliding_layers == (True, True, False) * 2 and cfgs["gemma4"].sliding_window == 16
+    plain = cfgs["gemma4_plain"]
+    assert plain.sliding_layers == (True,) * 5 + (False, False) and not plain.gemma4.ple_dim
+    assert plain.gemma4.global_kv_heads == 2 and "v" in gemma4.layer_shapes(plain, 5)  # no k = v: own v
+    assert cfgs["gemma4_moe"].gemma4.experts.n_experts == 6 and cfgs["gemma4_moe"].gemma4.experts.top_k == 2
+    shapes = gemma4.layer_shapes(cfgs["gemma4"], 4)  # a KV-shared sliding layer: no k, v; a 2F-wide MLP
+    assert "k" not in shapes and "v" not in shapes and shapes["gate"] == (96, 320)
+    assert "v" not in gemma4.layer_shapes(cfgs["gemma4"], 2) and gemma4.layer_shapes(cfgs["gemma4"], 2)["k"] == (96, 1, 32)
+
+
+def test_each_switch_changes_the_answer(tmp_path):
+    """Turning a switch off (the same weights) changes the logits past the window, so parity really tests it."""
+    hf, model = load_pair("gemma4", tmp_path)
+    x = jnp.asarray(tokens())
+    ref = model(x)
+    for change in (dict(sliding_window=10_000), dict(rope_local_theta=1e4)):
+        other = nnx.merge(*nnx.split(model))
+        other.cfg = model.cfg.replace(**change)
+        assert rel_err(other(x), ref) > 1e-3, change
+    other = nnx.merge(*nnx.split(model))
+    other.cfg = model.cfg.replace(gemma4=model.cfg.gemma4.__class__(**{**vars(model.cfg.gemma4),
+                                                                         "global_rope_fraction": 1.0}))
+    assert rel_err(other(x), ref) > 1e-3
+
+
+def test_multimodal_checkpoint_loads_its_text_model(tmp_path, capfd):
+    """Gemma4ForConditionalGeneration (text_config, model.language_model.*, vision and audio towers): the text model,
+    one line on stderr saying the towers were skipped, and the multimodal model's logits on text."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                  head_dim=16, patch_size=4, position_embedding_size=64)
+    audio = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+                 output_proj_dims=32)
+    config = transformers.Gemma4Config(text_config=HF_CONFIGS["gemma4"][1], vision_config=vision, audio_config=audio)
+    torch.manual_seed(0)
+    hf = transformers.Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0.0, 0.08)
+    hf.save_pretrained(tmp_path / "mm")
+    stored = ckpt.SafetensorsFile(tmp_path / "mm" / "model.safetensors").keys()
+    assert any(n.startswith("model.audio_tower.") for n in stored) and "model.language_model.norm.weight" in stored
+    capfd.readouterr()
+    model = ckpt.load_hf(tmp_path / "mm")
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vision and audio towers skipped" in err[0], err
+    x = tokens(vocab=250)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(x)).logits.numpy()
+    assert model.cfg.family == "gemma4" and model.cfg.gemma4.kv_shared_layers == 3
+    assert_same_logits(model(jnp.asarray(x)), ref)
+
+
+@pytest.mark.parametrize("variant", ["gemma4", "gemma4_moe"])
+def test_save_hf_gives_transformers_the_same_logits(variant, tmp_path):
+    hf, model = load_pair(variant, tmp_path)
+    ckpt.save_hf(model, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == "gemma4_text" and written["global_head_dim"] == 32  # the Hub's names
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+    x = tokens()
+    assert rel_err(hf_logits(again, x), hf_logits(hf, x)) < 1e-6
+    assert ckpt.load_hf(tmp_path / "out").cfg == model.cfg
+
+
+@pytest.mark.parametrize("variant", ["gemma4", "gemma4_moe"])
+def test_greedy_matches_transformers_generate(variant, tmp_path):
+    hf, ours = load_pair(variant, tmp_path, seed=1)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 300, n).tolist() for n in (5, 17, 11)]  # ragged, left-padded; 24 new > window 16
+    assert sample.generate(ours, prompts, max_new_tokens=24, eos_ids=()) == hf_greedy(hf, prompts, 24, pad_id=0)
+
+
+def test_cache_prefill_and_decode_equal_full_forward():
+    """tiny-gemma4 with a window of 8: prefill 12 tokens then decode 18, the KV-shared layers reading their source
+    layer's cache; they hold none of their own."""
+    cfg = CONFIGS["tiny-gemma4"].replace(sliding_window=8)
+    model = Transformer(cfg, nnx.Rngs(0))
+    x = jnp.asarray(tokens(2, 30, 259, 3))
+    full = model(x)
+    call = nnx.jit(lambda m, *a, **k: m(*a, **k))
+    cache = KVCache.init(cfg, batch=2, length=32)
+    assert [k is None for k in cache.k] == [False, False, True, True]  # layers 2 and 3 share 0's and 1's
+    logits, cache = call(model, x[:, :12], cache=cache)
+    steps = [logits]
+    for t in range(12, 30):
+        logits, cache = call(model, x[:, t:t + 1], positions=jnp.full((2, 1), t, jnp.int32), cache=cache)
+        steps.append(logits)
+    assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
+
+
+def test_kv_sharing_saves_cache_memory():
+    """E2B: 15 of 35 layers hold a cache (12 sliding of 256 dims, 3 full of 512); sharing saves 57% of it."""
+    held, unshared = gemma4.kv_cache_bytes(CONFIGS["gemma4-e2b"], batch=1, length=8192)
+    assert held == 2 * 2 * 8192 * (12 * 256 + 3 * 512)  # k and v, bf16, one kv head: 144 MiB (336 MiB unshared)
+    assert abs(1 - held / unshared - 0.571) < 0.001
+    cache = KVCache.init(CONFIGS["tiny-gemma4"], 1, 64)
+    assert sum(x.nbytes for x in jax.tree.leaves((cache.k, cache.v))) == gemma4.kv_cache_bytes(
+        CONFIGS["tiny-gemma4"], 1, 64, "float32")[0]
+
+
+def test_presets_have_published_sizes():
+    """The model cards' totals: 31B 30.7B, 26B-A4B 25.2B. E2B and E4B's text models: 4.63B and 7.46B, of which the
+    embedding and PLE tables are 2.75B and 3.49B; the cards say 5.1B and 8B "with embeddings" (2.3B and 4.5B
+    effective), which also counts what we do not load (their vision and audio encoders)."""
+    def n(name):
+        return sum(x.size for x in jax.tree.leaves(nnx.state(ckpt.abstract_model(get_config(name)), nnx.Param)))
+    sizes = {name: n(name) / 1e9 for name in ("gemma4-e2b", "gemma4-e4b", "gemma4-31b", "gemma4-26b-a4b")}
+    assert abs(sizes["gemma4-31b"] - 30.7) < 0.01 and abs(sizes["gemma4-26b-a4b"] - 25.2) < 0.05
+    assert abs(sizes["gemma4-e2b"] - 4.629) < 0.001 and abs(sizes["gemma4-e4b"] - 7.463) < 0.001
+    assert ckpt.hub_repo("gemma4") == "google/gemma-4-E2B"
