@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import sys
 import time
 from typing import Callable, ClassVar, NamedTuple
 
@@ -69,38 +68,21 @@ from flax import nnx
 import adapters
 import data
 import flags
-import logprobs
-import model as model_lib
 import moe
+import rl
 import run
 import shard
-import tasks
 import tools
 
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 @dataclasses.dataclass
-class Config(flags.RunConfig, flags.WarmUpConfig, flags.LoRAConfig):
-    # -- model and data --
-    model: str = "tiny-qwen3"  # preset or family alias (ignored when --ckpt is given)
-    ckpt: str | None = None  # Hugging Face checkpoint directory to start from (e.g. runs/sft/hf)
-    data: str | None = None  # JSONL/Parquet of prompt (or question) + answer, or a Hub dataset (None: the task)
-    eval_data: str | None = None  # the same, for eval/reward (held-out task problems; a Hub dataset's test split)
-    system_prompt: str | None = None  # before each prompt, a system turn with a chat template
-    enable_thinking: bool = True  # Qwen 3's chat template: --no-enable-thinking asks for answers without <think>
-    task: str | None = None  # built-in task, "op,a,b" (digits) or sequence; named: the data on any model (None: *,3,1)
-    train_examples: int = 50_000  # built-in task: problems that prompts (and warm-up examples) come from
-    eval_examples: int = 512  # held-out prompts for eval/reward (greedy decoding)
+class Config(rl.PromptConfig, flags.RunConfig, flags.WarmUpConfig, flags.LoRAConfig):
+    # (the prompts, their model and how they are sampled: rl.PromptConfig, the same in ppo.py)
     # -- sampling --
     num_generations: int = 8  # G, completions sampled per prompt (one group)
     prompts_per_step: int | None = None  # B, prompts per rollout batch, B·G completions
-    max_prompt_len: int = 512  # longer prompts keep their last tokens
-    max_completion_len: int | None = None  # new tokens per completion, no EOS by then = truncated
-    temperature: float | None = None  # sampling temperature, the learner scores logits / temperature too
-    top_p: float = 1.0  # nucleus sampling
-    top_k: int = 0  # top-k sampling (0: off)
-    rollout_slots: int = 0  # S > 0: decode in S slots refilled as completions end (engine.py); 0: one static batch
     tools: str | None = None  # functions the policy may call: calculator (the demo) or module:fn1,fn2 (tools.load)
     max_tool_calls: int = 4  # most calls in a completion; their results count in --max-completion-len
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw prompts until B are kept
@@ -144,9 +126,8 @@ class Config(flags.RunConfig, flags.WarmUpConfig, flags.LoRAConfig):
     num_completions_to_print: int = 8  # completions of each record (whole groups, the first ones)
     seed: int = 0  # data order, sampling and initialisation
     # (tiny, pretrained): TRL's GRPOConfig lr and length, DeepSeekMath's β, Tunix's GSM8K demo's temperature
-    AUTO: ClassVar[dict] = {"lr": (1e-3, 1e-6), "beta": (0.02, 0.04), "max_completion_len": (6, 256),
-                            "temperature": (1.0, 0.9), "prompts_per_step": (64, 16),
-                            "data": (None, "openai/gsm8k:main"), "system_prompt": ("", tasks.REASONING_PROMPT)}
+    AUTO: ClassVar[dict] = {"lr": (1e-3, 1e-6), "beta": (0.02, 0.04), "prompts_per_step": (64, 16),
+                            **rl.PromptConfig.AUTO}  # max_completion_len, temperature, data, system_prompt
     TOOL_DEMO: ClassVar[dict] = {"task": "*,3,3", "steps": 60, "prompts_per_step": 8, "max_completion_len": 192,
                                  "warmup_sft_batch_size": 32}  # --tools calculator: 3-digit products, to be computed
     RESUMABLE: ClassVar[frozenset] = flags.RunConfig.RESUMABLE | {"log_completions_every", "num_completions_to_print"}
@@ -155,22 +136,18 @@ class Config(flags.RunConfig, flags.WarmUpConfig, flags.LoRAConfig):
         demo = self.tools == "calculator" and self.data is None and self.task is None  # the tool demo
         for name, value in (self.TOOL_DEMO if demo else {"steps": 800}).items():  # the defaults of what is None
             setattr(self, name, value if getattr(self, name) is None else getattr(self, name))
-        if self.task is not None and self.data is None:  # a named task is the data, a pretrained model's too
-            self.data, self.system_prompt = "", self.system_prompt or ""  # its prompts as they are
-        self.task = self.task or "*,3,1"
+        self.fill_task()  # a named task is the data, a pretrained model's too
         flags.fill_defaults(self)  # the fields left None: AUTO's value for this start
         if self.epsilon_high is None:
             self.epsilon_high = 5.0 if self.loss_type == "cispo" else self.epsilon
         B, G, k = self.prompts_per_step, self.num_generations, self.steps_per_generation
-        flags.check(flags.positive(self, "prompts_per_step", "max_prompt_len", "max_completion_len", "num_iterations",
-                                   "steps_per_generation", "max_num_gen_batches", "num_completions_to_print",
-                                   "eval_samples") + [
+        flags.check(self.check_sampling() + flags.positive(
+                self, "prompts_per_step", "num_iterations", "steps_per_generation", "max_num_gen_batches",
+                "num_completions_to_print", "eval_samples") + [
             (G >= 2, "--num-generations must be >= 2: advantages compare a group's rewards"),
             (B % k == 0, "--prompts-per-step must be a multiple of --steps-per-generation (whole groups a step)"),
             ((B * G // k) % self.grad_accum == 0, "a step's completions (--prompts-per-step x --num-generations / "
              "--steps-per-generation) must be a multiple of --grad-accum"),
-            (self.temperature > 0 and self.top_k >= 0 and 0 < self.top_p <= 1,
-             "need --temperature > 0, --top-k >= 0 and 0 < --top-p <= 1"),
             (self.beta >= 0 and 0 < self.epsilon < 1 and self.epsilon_high > 0 and (self.delta or 2) > 1 and
              0 < self.top_entropy_quantile <= 1 and self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0,
              "need --beta >= 0, 0 < --epsilon < 1, --epsilon-high > 0, --delta > 1, 0 < --top-entropy-quantile <= 1 "
@@ -182,28 +159,13 @@ class Config(flags.RunConfig, flags.WarmUpConfig, flags.LoRAConfig):
             (self.multi_objective_aggregation == "sum_then_normalize" or self.advantage_estimator == "grpo",
              "normalize_then_sum (GDPO) is grpo's advantage"),
             (0 <= self.soft_punish_cache < self.max_completion_len and self.log_completions_every >= 0 and
-             self.rollout_slots >= 0 and self.max_tool_calls >= 0, "need 0 <= --soft-punish-cache < "
-             "--max-completion-len, --log-completions-every >= 0, --rollout-slots >= 0 and --max-tool-calls >= 0")])
+             self.max_tool_calls >= 0, "need 0 <= --soft-punish-cache < --max-completion-len, "
+             "--log-completions-every >= 0 and --max-tool-calls >= 0")])
         self.tool_functions = tools.load(self.tools) if self.tools else []
-        funcs = reward_functions(self)  # (a bad --task fails here) rewards are their sum, with --reward-weights:
+        funcs = rl.reward_functions(self)  # (a bad --task fails here) rewards are their sum, with --reward-weights:
         self.weights = np.array(flags.numbers(self.reward_weights, "reward-weights") or [1.0] * len(funcs))
         flags.check([(len(self.weights) == len(funcs), f"--reward-weights has {len(self.weights)} weights for "
                       f"{len(funcs)} reward functions ({', '.join(f.__name__ for f in funcs)})")])
-
-
-# ----------------------------------------------------------------------------- rewards
-
-def reward_functions(cfg: Config) -> list:
-    """What GRPO rewards, plain functions f(prompts, completions, completion_ids, **columns) → [reward per
-    completion]: the built-in task's exact answer and its fixed-width format, or for --data (GSM8K and the
-    like) the number in the completion equal to the answer and the <think>/<answer> format; --tools on the task: the
-    final answer's number (a tool writes no zero padding; with --tools completions are the final answers, see
-    tools.score); with --soft-punish-cache, DAPO's soft overlong punishment. The first is eval/reward."""
-    funcs = ([tasks.accuracy_reward, tasks.format_reward] if cfg.data else [tasks.accuracy_reward] if cfg.tools
-             else tasks.builtin_task(cfg.task).rewards())
-    if cfg.soft_punish_cache:
-        funcs.append(tasks.soft_overlong_punishment(cfg.max_completion_len, cfg.soft_punish_cache))
-    return funcs
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -340,18 +302,6 @@ def token_losses(logp, old_logp, sampler_logp, ref_logp, advantages, mask, entro
     return loss, {"kl": kl, "clip_ratio": jnp.broadcast_to(clipped_, logp.shape), "is_weight": w}
 
 
-def policy_logps(model, batch, temperature: float, rows_per_prompt: int = 1):
-    """log π(o_t | q, o_<t) [b, C] of the completion tokens under softmax(logits / temperature), π's entropy there,
-    a MoE router's load-balancing loss over the rows' tokens (moe.load_balancing_loss; 0 for a dense model);
-    batch: data.completion_batch's rows, in runs of rows_per_prompt with one prompt (forward pass run once)."""
-    tokens, C = batch["tokens"], batch["mask"].shape[-1]
-    x, taps = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], C, rows_per_prompt,
-                                          taps=("router",))  # [b, C, D]
-    logp, entropy = logprobs.token_logps(x, model.head(model.cfg.param_dtype), tokens[:, -C:], entropy=True,
-                                         cap=model.cfg.final_softcap, temperature=temperature)
-    return logp, entropy, moe.load_balancing_loss(taps["router"], batch["segment_ids"][:, :-1] > 0, model.cfg)
-
-
 # ----------------------------------------------------------------------------- train step
 
 def make_train_step(graphdef, tx, cfg: Config, group: int = 1):
@@ -360,7 +310,7 @@ def make_train_step(graphdef, tx, cfg: Config, group: int = 1):
     sampling parameters (the first update of a rollout batch), so π_old = π_θ (ratio exactly 1)."""
     def loss_fn(params, frozen, mb, key):
         model = nnx.merge(graphdef, params, frozen)
-        logp, entropy, aux_loss = policy_logps(model, mb, cfg.temperature, group)
+        logp, entropy, aux_loss = rl.policy_logps(model, mb, cfg.temperature, group)
         c = moe.aux_loss_coef(cfg.router_aux_loss_coef, model.cfg)  # the weight of a MoE router's aux loss (None: dense)
         old_logp = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
         loss, terms = token_losses(logp, old_logp, mb["sampler_logp"], mb.get("ref_logp"), mb["advantages"],
@@ -494,51 +444,7 @@ def completion_records(step: int, r: Rollout, funcs, tok, cfg: Config) -> list[d
              "advantage": float(r.advantages[i])} for i in range(min(cfg.num_completions_to_print, len(r.rows)))]
 
 
-def evaluate(model, prompts: data.Prompts, sample: tools.Sampler, cfg: Config) -> dict:
-    """eval/reward: the first reward function (accuracy) of greedy completions of the held-out prompts (with
-    --tools, greedy conversations: the tools run); eval/rewards/<name>: each; eval/tools/*: the calls. With
-    --eval-samples n > 1, also n sampled at --temperature: eval/pass@k, eval/maj@n, eval/mean@n (evaluate.py's)."""
-    if not prompts.evals:
-        return {}
-    outs, per_func = sample(model, prompts.evals, prompts.eval_ids, 0, 0.0)
-    rewards, n = per_func.mean(0), cfg.eval_samples
-    return {"eval/reward": float(rewards[0]), **{f"eval/rewards/{f.__name__}": x for f, x in zip(sample.funcs, rewards)},
-            **(tools.metrics(tools.calls(outs), "eval/") if cfg.tools else {}),
-            **(tasks.sampled_eval(sample, model, prompts.evals, prompts.eval_ids, n, 1, cfg.temperature) if n > 1 else {})}
-
-
 # ----------------------------------------------------------------------------- main
-
-def prepare(cfg: Config):
-    """The model, tokenizer and prompts of a run; the supervised warm-up of the demo (run.warm_up: GRPO
-    learns only where a group's rewards differ, and a random policy never earns one); LoRA adapters on top.
-    → run.Loaded, data.Prompts, π at step 0, the warm-up's record, tools.Sampler, mesh, checkpoint manager."""
-    with flags.user_errors():
-        loaded = run.load(cfg)
-        prompts = data.prompt_data(loaded.tokenizer, loaded.family, cfg.data, cfg.eval_data, cfg.task,
-                                   cfg.train_examples, cfg.eval_examples, cfg.seed, cfg.max_prompt_len,
-                                   cfg.system_prompt, data.has_chat_template(loaded.directory), cfg.enable_thinking,
-                                   cfg.tool_functions)
-        manager, mesh = run.checkpoints(cfg, loaded.model), shard.make_mesh(cfg.mesh)
-    print(f"prompt 0 as the model sees it: {loaded.tokenizer.decode(prompts.train_ids[0])!r}", file=sys.stderr)
-    model, first_record, tok = shard.shard_model(loaded.model, mesh), {}, loaded.tokenizer
-    sampler = tools.Sampler(reward_functions(cfg), tok, data.stop_ids(tok, model.cfg), loaded.family or model.cfg.family,
-                            cfg.tool_functions, cfg.max_completion_len, cfg.max_tool_calls, cfg.rollout_slots,
-                            cfg.top_k, cfg.top_p, cfg.enable_thinking)
-    if cfg.warmup_sft_steps:
-        rows = [{"prompt": r["prompt"], "completion": str(r["answer"])} for r in prompts.train]
-        examples, accuracy = [data.tokenize(r, tok) for r in rows], None
-        if cfg.tools == "calculator" and not cfg.data:  # the tool demo: conversations, and their answers' accuracy
-            examples = tasks.calculator_conversations(prompts.train, prompts.train_ids, tok, sampler.family,
-                                                      cfg.max_completion_len, cfg.enable_thinking)
-            train = prompts._replace(evals=prompts.train[:128], eval_ids=prompts.train_ids[:128])  # its stopping test
-            accuracy = lambda m: evaluate(m, train, sampler, cfg)["eval/reward"]  # noqa: E731
-        model, first_record = run.warm_up(cfg, loaded, model, examples, rows, mesh,
-                                          cfg.max_prompt_len + cfg.max_completion_len, accuracy)
-    if cfg.lora:  # adapters on the (warmed-up) base; B = 0, so the model starts unchanged
-        model = shard.shard_model(adapters.add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed), mesh)
-    return loaded, prompts, model, first_record, sampler, mesh, manager
-
 
 def learner(graphdef, tx, cfg: Config, mesh, param_sh, opt_sh) -> tuple[Callable, Callable]:
     """The jitted update (make_train_step) and the log-probs [M, b, C] of a step batch's micro-batches at given
@@ -548,14 +454,14 @@ def learner(graphdef, tx, cfg: Config, mesh, param_sh, opt_sh) -> tuple[Callable
     jit_train_step = jax.jit(make_train_step(graphdef, tx, cfg, group), donate_argnums=(0, 1),
                              out_shardings=(param_sh, opt_sh, None, shard.batch_sharding(mesh, 3, axis=1)))
     logps = jax.jit(lambda params, frozen, batch: jax.lax.map(
-        lambda mb: policy_logps(nnx.merge(graphdef, params, frozen), mb, cfg.temperature, group)[0], batch))
+        lambda mb: rl.policy_logps(nnx.merge(graphdef, params, frozen), mb, cfg.temperature, group)[0], batch))
     return jit_train_step, logps
 
 
 def main(argv=None):
     cfg = flags.parse(Config, argv)
     start_time = time.perf_counter()
-    loaded, prompts, model, first_record, sampler, mesh, manager = prepare(cfg)
+    loaded, prompts, model, first_record, sampler, mesh, manager = rl.prepare(cfg)
     (funcs, tok, eos_ids, *_), pad_id = sampler, data.pad_id(loaded.tokenizer)
     # π_θ: the trained parameters (all, or the adapters) | the frozen rest of the model
     graphdef, params, frozen = nnx.split(model, adapters.LoRA if cfg.lora else nnx.Param, ...)
@@ -573,7 +479,7 @@ def main(argv=None):
 
     with run.MetricsLog(cfg.out, cfg) as log:
         if step == 0:
-            log.write({"step": 0, **first_record, **evaluate(nnx.merge(graphdef, params, frozen), prompts, sampler, cfg)})
+            log.write({"step": 0, **first_record, **rl.evaluate(nnx.merge(graphdef, params, frozen), prompts, sampler, cfg)})
         progress = run.Progress(cfg, step, manager)
         while step < cfg.steps:
             with progress.timed("rollout"):  # 1. sample, 2. score, 3. advantages
@@ -590,7 +496,7 @@ def main(argv=None):
                 record = {**progress.record(step, update_metrics[-1], schedule(cfg.num_iterations * cfg.steps_per_generation * step - 1)),
                           **step_record(r, funcs, update_metrics, drew, eos_ids, cfg)}
                 if progress.due(step, cfg.eval_every):
-                    record.update(evaluate(nnx.merge(graphdef, params, frozen), prompts, sampler, cfg))
+                    record.update(rl.evaluate(nnx.merge(graphdef, params, frozen), prompts, sampler, cfg))
                 progress.write(log, record, reward=f"{record['reward']:.3f}", kl=f"{record.get('kl', 0):.4f}",
                                eval=record.get("eval/reward", ""))
             if cfg.log_completions_every and progress.due(step, cfg.log_completions_every):

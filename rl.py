@@ -7,6 +7,8 @@ greedy held-out accuracy; each script holds its own advantages, loss, step and l
     reward_functions  what is rewarded: the built-in task's exact answer and format, or GSM8K-like data's
     prepare           the start of a run: model, tokenizer, prompts, the demo's supervised warm-up, LoRA
                       adapters, the sampler (tools.Sampler: generate, then score)
+    policy_logps      what the learner reads of the policy: log π of the sampled tokens, the entropy, a MoE
+                      router's load-balancing loss
     evaluate          eval/reward: the first reward of greedy completions of the held-out prompts
 
 Arrows point down: grpo.py and ppo.py import rl; rl imports run, data, tasks, tools, never a script.
@@ -15,10 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import ClassVar
 
 import adapters
 import data
 import flags
+import logprobs
+import model as model_lib
+import moe
 import run
 import shard
 import tasks
@@ -46,6 +52,10 @@ class PromptConfig:
     top_p: float = 1.0  # nucleus sampling
     top_k: int = 0  # top-k sampling (0: off)
     rollout_slots: int = 0  # S > 0: decode in S slots refilled as completions end (engine.py); 0: one static batch
+    # (tiny, pretrained) for the fields left None, in a script's AUTO: the tiny task's answer length, Tunix's GSM8K
+    # demo's temperature, GSM8K and its reasoning prompt for a pretrained model
+    AUTO: ClassVar[dict] = {"max_completion_len": (6, 256), "temperature": (1.0, 0.9),
+                            "data": (None, "openai/gsm8k:main"), "system_prompt": ("", tasks.REASONING_PROMPT)}
 
     def fill_task(self) -> None:
         """A named --task is the data (a pretrained model's too, its prompts as they are); else *,3,1."""
@@ -73,6 +83,18 @@ def reward_functions(cfg) -> list:
     if getattr(cfg, "soft_punish_cache", 0):
         funcs.append(tasks.soft_overlong_punishment(cfg.max_completion_len, cfg.soft_punish_cache))
     return funcs
+
+
+def policy_logps(model, batch, temperature: float, rows_per_prompt: int = 1):
+    """log π(o_t | q, o_<t) [b, C] of the completion tokens under softmax(logits / temperature), π's entropy there,
+    a MoE router's load-balancing loss over the rows' tokens (moe.load_balancing_loss; 0 for a dense model);
+    batch: data.completion_batch's rows, in runs of rows_per_prompt with one prompt (forward pass run once)."""
+    tokens, C = batch["tokens"], batch["mask"].shape[-1]
+    x, taps = model_lib.next_token_hidden(model, tokens, batch["positions"], batch["segment_ids"], C, rows_per_prompt,
+                                          taps=("router",))  # [b, C, D]
+    logp, entropy = logprobs.token_logps(x, model.head(model.cfg.param_dtype), tokens[:, -C:], entropy=True,
+                                         cap=model.cfg.final_softcap, temperature=temperature)
+    return logp, entropy, moe.load_balancing_loss(taps["router"], batch["segment_ids"][:, :-1] > 0, model.cfg)
 
 
 def evaluate(model, prompts: data.Prompts, sample: tools.Sampler, cfg) -> dict:

@@ -23,6 +23,7 @@ from flax import nnx
 
 import grpo
 import model as model_lib
+import rl
 import sample
 import tasks
 import tokenizer
@@ -116,8 +117,8 @@ def test_the_sequence_task_and_its_reward():
 def test_a_named_task_is_the_data_of_a_pretrained_model_too():
     named, default = grpo.Config(ckpt="runs/x/hf", task="sequence"), grpo.Config(ckpt="runs/x/hf")
     assert (named.data, named.system_prompt, named.task) == ("", "", "sequence")
-    assert [f.__name__ for f in grpo.reward_functions(named)] == ["accuracy_reward"]
-    assert grpo.reward_functions(named)[0](["1, 2, 3, 4,"], [" 5"]) == [1.0]  # the task's, not GSM8K's
+    assert [f.__name__ for f in rl.reward_functions(named)] == ["accuracy_reward"]
+    assert rl.reward_functions(named)[0](["1, 2, 3, 4,"], [" 5"]) == [1.0]  # the task's, not GSM8K's
     assert (default.data, default.system_prompt, default.task) == ("openai/gsm8k:main", tasks.REASONING_PROMPT, "*,3,1")
     assert grpo.Config().task == "*,3,1" and grpo.Config().data is None
 
@@ -318,7 +319,7 @@ def test_the_correction_is_1_when_sampler_and_learner_agree_and_follows_a_forced
     adv = jnp.asarray(np.random.default_rng(1).normal(size=N), jnp.float32)
     m = jnp.asarray(batch["mask"])
     for temperature in (1.0, 0.9):
-        logp, entropy, _ = grpo.policy_logps(model, batch, temperature)
+        logp, entropy, _ = rl.policy_logps(model, batch, temperature)
         cfg = grpo.Config(temperature=temperature, warmup_sft_steps=0)  # sequence_mask, [None, 3]
         corrected, terms = grpo.token_losses(logp, jax.lax.stop_gradient(logp), jnp.asarray(batch["sampler_logp"]),
                                              None, adv, m, entropy, cfg)
@@ -382,7 +383,7 @@ def test_soft_overlong_punishment_is_dapos_in_tokens():
     ids = [[1] * n for n in (10, 80, 81, 90, 100, 101)]
     assert f(["p"] * 6, ["x"] * 6, completion_ids=ids) == [0.0, 0.0, -0.05, -0.5, -1.0, -1.0]
     assert f.__name__ == "soft_overlong_punishment"
-    assert grpo.reward_functions(grpo.Config(soft_punish_cache=2, warmup_sft_steps=0))[-1].__name__ == \
+    assert rl.reward_functions(grpo.Config(soft_punish_cache=2, warmup_sft_steps=0))[-1].__name__ == \
         "soft_overlong_punishment"
 
 
@@ -510,11 +511,11 @@ def test_sampled_logprobs_are_the_learners(preset, temperature):
     batch, completions = sampled_batch(model, temperature)
     lengths = [len(c) for c in completions]
     assert len(set(lengths)) > 2 and batch["mask"].sum() == sum(lengths)
-    logp, entropy, _ = jax.jit(grpo.policy_logps, static_argnums=2)(model, batch, temperature)
+    logp, entropy, _ = jax.jit(rl.policy_logps, static_argnums=2)(model, batch, temperature)
     m = batch["mask"] > 0
     np.testing.assert_allclose(np.asarray(logp)[m], batch["sampler_logp"][m], atol=1e-5)
     assert np.all(np.asarray(entropy)[m] > 0)
-    assert np.isclose(float(grpo.policy_logps(model, batch, 1.0)[0][m].sum()), batch["sampler_logp"][m].sum(),
+    assert np.isclose(float(rl.policy_logps(model, batch, 1.0)[0][m].sum()), batch["sampler_logp"][m].sum(),
                       atol=1e-3) == (temperature == 1.0)  # the temperature matters
 
 
@@ -528,7 +529,7 @@ def test_a_groups_shared_prompt_gives_the_same_logps_and_gradients(preset):
     for big in (False, True):  # pretend the model is large: the scanned forward
         with mock.patch.object(model_lib, "unrolled_if_small", (lambda m: None) if big else model_lib.unrolled_if_small):
             def objective(p, group):
-                logp, entropy, aux_loss = grpo.policy_logps(nnx.merge(graphdef, p), batch, 1.0, group)
+                logp, entropy, aux_loss = rl.policy_logps(nnx.merge(graphdef, p), batch, 1.0, group)
                 return jnp.sum((logp + entropy) * batch["mask"]) + aux_loss, (logp, entropy, aux_loss)
             (_, (logp1, ent1, aux1)), g1 = jax.value_and_grad(objective, has_aux=True)(params, 1)
             (_, (logp3, ent3, aux3)), g3 = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)(params, 3)
@@ -554,7 +555,7 @@ def policy_rollout():
     """A tiny policy, one rollout of it, and a jitted scorer of [A, b, ...] batches (shared)."""
     model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(2))
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    logps = jax.jit(lambda p, b: jax.lax.map(lambda mb: grpo.policy_logps(nnx.merge(graphdef, p, frozen), mb, 0.8)[0],
+    logps = jax.jit(lambda p, b: jax.lax.map(lambda mb: rl.policy_logps(nnx.merge(graphdef, p, frozen), mb, 0.8)[0],
                                              b))
     return graphdef, params, frozen, sampled_batch(model, 0.8, G=4)[0], logps
 
@@ -830,7 +831,7 @@ def test_lora_trains_adapters_against_the_base_model():
     import adapters
     model = Transformer(CONFIGS["tiny-qwen3"], nnx.Rngs(3))
     batch, _ = sampled_batch(model, 1.0)
-    base = np.asarray(grpo.policy_logps(model, batch, 1.0)[0])
+    base = np.asarray(rl.policy_logps(model, batch, 1.0)[0])
     adapters.add_lora(model, 4, 8.0)
     graphdef, params, frozen = nnx.split(model, adapters.LoRA, ...)  # what --lora trains | the frozen rest
     assert all("lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
@@ -838,7 +839,7 @@ def test_lora_trains_adapters_against_the_base_model():
     trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(0), x.shape), params)
     reference = jax.tree.map(jnp.zeros_like, trained)  # grpo.py's reference under --lora
     m = batch["mask"] > 0
-    ref_logp = np.asarray(grpo.policy_logps(nnx.merge(graphdef, reference, frozen), batch, 1.0)[0])
-    policy_logp = np.asarray(grpo.policy_logps(nnx.merge(graphdef, trained, frozen), batch, 1.0)[0])
+    ref_logp = np.asarray(rl.policy_logps(nnx.merge(graphdef, reference, frozen), batch, 1.0)[0])
+    policy_logp = np.asarray(rl.policy_logps(nnx.merge(graphdef, trained, frozen), batch, 1.0)[0])
     np.testing.assert_allclose(ref_logp[m], base[m], atol=1e-5)
     assert np.max(np.abs(policy_logp[m] - base[m])) > 1e-3

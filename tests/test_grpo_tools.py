@@ -16,6 +16,7 @@ import chat
 import data
 import engine
 import grpo
+import rl
 import tasks
 import tokenizer
 import tools
@@ -100,7 +101,7 @@ def test_tool_results_carry_no_loss_and_exactly_zero_gradient(monkeypatch):
         assert mask[row, :len(completion)].tolist() == loss_mask and not mask[row, len(completion):].any()
     model = Transformer(CONFIGS["tiny-qwen3"], __import__("flax").nnx.Rngs(0))
     mb = {k: jnp.asarray(v[0]) for k, v in batch.items()}
-    logp, entropy, _ = grpo.policy_logps(model, mb, cfg.temperature)
+    logp, entropy, _ = rl.policy_logps(model, mb, cfg.temperature)
     assert r.advantages.std() > 0
 
     def loss(logp):  # the train step's loss as a function of π_θ's log-probs (make_train_step's loss_fn)
