@@ -58,6 +58,7 @@ import ckpt
 import data
 import flags
 import model as model_lib
+import moe
 import rl
 import run
 import shard
@@ -95,10 +96,9 @@ class Config(rl.PromptConfig, flags.RunConfig, flags.WarmUpConfig, flags.LoRACon
     eval_every: int = 25  # steps between evaluations (and at the start and end)
     save_every: int = 50  # steps between train-state checkpoints
     seed: int = 0  # data order, sampling and initialisation
-    # (tiny, pretrained): TRL's PPOConfig kl_coef; grpo.py's lengths, temperatures and data
-    AUTO: ClassVar[dict] = {"lr": (3e-4, 1e-6), "kl_coef": (0.05, 0.05), "max_completion_len": (6, 256),
-                            "temperature": (1.0, 0.9), "prompts_per_step": (256, 64),
-                            "data": (None, "openai/gsm8k:main"), "system_prompt": ("", "")}
+    # (tiny, pretrained): TRL's PPOConfig kl_coef; the prompts' (rl.PromptConfig.AUTO) as grpo.py's
+    AUTO: ClassVar[dict] = {"lr": (3e-4, 1e-6), "kl_coef": (0.05, 0.05), "prompts_per_step": (64, 64),
+                            **rl.PromptConfig.AUTO}
 
     def __post_init__(self):
         self.fill_task()
@@ -218,8 +218,7 @@ def make_scorer(graphdef, critic_graphdef, cfg: Config):
     without a reference) and V_old [K, b, C] of a rollout batch, a micro-batch at a time (lax.map)."""
     def one(params, ref_params, critic, frozen, critic_frozen, mb):
         def logp(p):
-            return model_lib.token_logps(nnx.merge(graphdef, p, frozen), mb, last=mb["mask"].shape[-1],
-                                         temperature=cfg.temperature)
+            return rl.policy_logps(nnx.merge(graphdef, p, frozen), mb, cfg.temperature)[0]
         old = logp(params)
         ref = jnp.zeros_like(old) if ref_params is None else logp(ref_params)
         return old, ref, critic_values(critic_graphdef, critic, critic_frozen, mb)
@@ -232,12 +231,13 @@ def make_train_step(graphdef, critic_graphdef, tx, critic_tx, cfg: Config):
     each network on a mini-batch, the policy on L_π and the critic on vf_coef · L_V, each with its own AdamW.
     state: {params, opt_state, critic, critic_opt_state}; batch["weights"]: the mask / the mini-batch's tokens."""
     def policy_fn(params, frozen, mb, key):
-        logp, entropy = model_lib.token_logps(nnx.merge(graphdef, params, frozen), mb, last=mb["mask"].shape[-1],
-                                              temperature=cfg.temperature, entropy=True)
+        model = nnx.merge(graphdef, params, frozen)
+        logp, entropy, aux_loss = rl.policy_logps(model, mb, cfg.temperature)
+        c = moe.aux_loss_coef(cfg.router_aux_loss_coef, model.cfg)  # a MoE router's aux loss weight (None: dense)
         loss, ratio, clipped = policy_loss(logp, mb["old_logp"], mb["advantages"], cfg.cliprange)
         w = mb["weights"]  # Σ w · x: the mean of x over the mini-batch's completion tokens
         # approx_kl: http://joschu.net/blog/kl-approx.html (k2, as TRL logs it)
-        return jnp.sum(loss * w), {"policy/approxkl_avg": jnp.sum(0.5 * (logp - mb["old_logp"]) ** 2 * w),
+        return jnp.sum(loss * w) + (c or 0.0) / cfg.grad_accum * aux_loss, {"policy/approxkl_avg": jnp.sum(0.5 * (logp - mb["old_logp"]) ** 2 * w),
                                    "policy/clipfrac_avg": jnp.sum(clipped * w),
                                    "policy/entropy_avg": jnp.sum(entropy * w), "val/ratio": jnp.sum(ratio * w)}
 

@@ -40,3 +40,14 @@ def calculator_demo(tmp_path_factory) -> pathlib.Path:
                        capture_output=True, text=True, timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def ppo_demo(tmp_path_factory) -> pathlib.Path:
+    """`python ppo.py` run once (a few minutes): its --out directory (metrics.jsonl, hf/), for tests/test_ppo.py."""
+    import subprocess
+    out = tmp_path_factory.mktemp("ppo_demo") / "run"
+    r = subprocess.run([sys.executable, "ppo.py", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

@@ -9,10 +9,13 @@ import distill
 import dpo
 import grpo
 import lora
+import ppo
 import sft
 
-MAINS = {"sft": sft.main, "lora": lora.main, "dpo": dpo.main, "grpo": grpo.main, "distill": distill.main}
+MAINS = {"sft": sft.main, "lora": lora.main, "dpo": dpo.main, "grpo": grpo.main, "ppo": ppo.main,
+         "distill": distill.main}
 SMALL = {"sft": [], "lora": [], "dpo": ["--warmup-sft-steps", "0"], "grpo": ["--warmup-sft-steps", "0"],
+         "ppo": ["--warmup-sft-steps", "0"],
          "distill": ["--teacher", "tiny-qwen3"]}
 # each script's row format: a good row, a row missing a key, a row with a value of the wrong type
 ROWS = {
@@ -24,7 +27,8 @@ ROWS = {
     "answer": ('{"prompt": "a", "answer": "1"}', '{"prompt": "a"}', '{"prompt": 5, "answer": "1"}',
                "missing key 'answer'", "expected an object with a 'prompt'"),
 }
-FORMAT = {"sft": "completion", "lora": "completion", "distill": "completion", "dpo": "pair", "grpo": "answer"}
+FORMAT = {"sft": "completion", "lora": "completion", "distill": "completion", "dpo": "pair", "grpo": "answer",
+          "ppo": "answer"}
 
 
 def error_line(capsys, script, tmp_path, *args) -> str:

@@ -25,6 +25,8 @@ RUNS = {
     "dpo.py": ["--warmup-sft-steps", "0", "--train-examples", "64", "--eval-examples", "6", "--batch-size", "8"],
     "grpo.py": ["--warmup-sft-steps", "5", "--warmup-sft-batch-size", "16", "--prompts-per-step", "4",
                 "--num-generations", "4", "--num-iterations", "2", "--train-examples", "200", "--eval-examples", "8"],
+    "ppo.py": ["--warmup-sft-steps", "5", "--warmup-sft-batch-size", "16", "--prompts-per-step", "8",
+               "--num-mini-batches", "2", "--train-examples", "200", "--eval-examples", "8"],  # critic and policy states
     "distill.py": ["--teacher", "tiny-qwen3", "--train-examples", "200", "--eval-examples", "8", "--batch-size", "8",
                    "--lmbda", "0.5", "--max-new-tokens", "6"],  # half the steps sample their completions
 }

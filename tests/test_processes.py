@@ -28,13 +28,15 @@ RUNS = {
             "--precompute-ref-log-probs", "--grad-accum", "2", *SMALL],
     "grpo": ["--steps", "3", "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--warmup-sft-steps", "10",
              "--grad-accum", "2", "--num-iterations", "2", *SMALL],
+    "ppo": ["--steps", "3", "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--warmup-sft-steps", "10",
+            "--prompts-per-step", "32", "--num-mini-batches", "2", "--grad-accum", "2", *SMALL],
     "distill": ["--steps", "3", "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--teacher-steps", "10",
                 "--teacher-topk", "8", *SMALL],
 }
 # Compared step by step: the same to 1e-5 (relative; the sums over devices and processes add in another order).
 # Not dpo's rewards/accuracies: at step 0 every margin is 0 up to rounding, and the fraction above 0 is noise.
 COMPARED = ("loss", "grad_norm", "reward", "kl", "eval/loss", "eval/accuracy", "eval/reward", "eval/kl/forward",
-            "rewards/margins", "eval/rewards/margins")
+            "rewards/margins", "eval/rewards/margins", "loss/value_avg", "objective/kl")
 
 
 def free_port() -> int:

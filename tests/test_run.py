@@ -26,7 +26,7 @@ import flags
 import run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SCRIPTS = ["sft", "lora", "grpo", "dpo", "distill"]
+SCRIPTS = ["sft", "lora", "grpo", "ppo", "dpo", "distill"]
 COMMANDS = SCRIPTS + ["sample", "serve", "evaluate"]
 
 
@@ -180,7 +180,7 @@ def test_the_update_sums_its_micro_batches():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_first_update_has_a_learning_rate_above_zero(script):
     """nanoGPT's warm-up, lr·(n + 1)/(ramp + 1): update 0 moves (it used to run at lr 0, a wasted step)."""
-    cfg = importlib.import_module(script).Config(warmup_sft_steps=0) if script in ("grpo", "dpo") else \
+    cfg = importlib.import_module(script).Config(warmup_sft_steps=0) if script in ("grpo", "ppo", "dpo") else \
         importlib.import_module(script).Config()
     _, schedule = run.adamw(cfg, 1000)
     ramp = int(cfg.warmup * 1000)
@@ -199,6 +199,7 @@ SHORT = {  # the fewest flags that make each script's run a few seconds
     "dpo": ["--warmup-sft-steps", "0", "--train-examples", "32", "--eval-examples", "4", "--batch-size", "8"],
     "grpo": ["--warmup-sft-steps", "0", "--prompts-per-step", "2", "--num-generations", "2", "--train-examples", "32",
              "--eval-examples", "4"],
+    "ppo": ["--warmup-sft-steps", "0", "--prompts-per-step", "2", "--train-examples", "32", "--eval-examples", "4"],
     "distill": ["--teacher", "tiny-qwen3", "--train-examples", "32", "--eval-examples", "4", "--batch-size", "8"],
 }
 COMMON = ["--steps", "3", "--log-every", "1", "--eval-every", "3", "--save-every", "3"]
