@@ -58,6 +58,16 @@ def test_grpo_worker():
     assert out["compiles"]["train_step"] >= 1, out
 
 
+def test_ppo_worker():
+    setting = {"prompts_per_step": 2, "max_completion_len": 4, "num_ppo_epochs": 2, "kl_coef": 0.05}
+    r = bench("bench_ppo.py", "--worker", json.dumps(setting), stdin=json.dumps({"prompts": ["1+1=", "2*3="]}) + "\n")
+    out = answer(r)
+    assert out["seconds"] > 0 and out["lengths"] == [4], out  # EOS off: every completion has C tokens
+    assert set(out["phases"]) == {"rollout", "rewards_batch", "logps_values_gae", "updates"}, out
+    assert all(t > 0 for t in out["phases"].values()), out
+    assert out["compiles"]["train_step"] == 1 and out["compiles"]["score"] == 1, out
+
+
 @pytest.mark.parametrize("mode", ["sft", "lora", "qlora-nf4", "qlora-int8"])  # bench_lora.MODES
 def test_lora_worker(mode):
     out = answer(bench("bench_lora.py", "--mode", mode, "--model", "tiny-qwen3", "--batch", 1, "--len", 16,
