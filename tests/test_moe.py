@@ -241,3 +241,15 @@ def test_every_script_trains_a_moe_model_and_logs_its_aux_loss(script, tmp_path)
     assert len(trained) == 2 and all(1.0 < rec["aux_loss"] < 4.0 for rec in trained), trained  # k = 2: ~2 if balanced
     exported = json.loads((tmp_path / "run" / "hf" / "config.json").read_text())  # the trained MoE, as transformers loads it
     assert exported["model_type"] == "qwen3_moe" and exported["num_experts"] == 4
+
+
+@pytest.mark.slow
+def test_sft_learns_the_task_on_the_moe_preset(tmp_path):
+    """python sft.py --model tiny-qwen3-moe, its first 400 steps: held-out accuracy from 0 past 0.6 (measured 0.84
+    at step 400, 0.996 at the default 1200), routing kept balanced (aux_loss near k = 2)."""
+    from test_sft import metrics, run_sft
+    r = run_sft("--model", "tiny-qwen3-moe", "--steps", "400", "--eval-every", "400", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    evals = [m["eval/accuracy"] for m in metrics(tmp_path / "run") if "eval/accuracy" in m]
+    assert evals[0] < 0.05 and evals[-1] >= 0.6, evals
+    assert [m["aux_loss"] for m in metrics(tmp_path / "run") if "aux_loss" in m][-1] < 2.3  # balanced by the end
