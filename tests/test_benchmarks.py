@@ -135,3 +135,18 @@ def test_memory_timeline_names_each_phase_and_the_whole_run(tmp_path):
     bad = bench("memory_timeline.py", "nosuch.py")
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "error: nosuch.py: not one of the training scripts (sft.py, lora.py, dpo.py, grpo.py, distill.py)"]
+
+
+def test_moe_driver():
+    """bench_moe.py's driver without Tunix, at toy sizes: the layer's grouped and dense paths (their y and
+    gradients compared by the driver, which exits 1 past 1e-4) and tiny-qwen3-moe's SFT step beside its dense
+    twin, one process each; both tables come out."""
+    r = bench("bench_moe.py", "--layer-settings", "E4k2", "--layer-shape", "64x32x16", "--layer-systems",
+              "grouped,dense", "--step-settings", "2x16", "--step-systems", "moe,dense", "--repeats", 1, "--steps", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    layer = {row[2].strip(): row for row in rows if row[1].strip() == "E 4, k 2"}
+    assert set(layer) == {"grouped", "dense"} and layer["grouped"][8].strip() == "reference", r.stdout
+    assert float(layer["dense"][8]) <= 1e-5 and float(layer["dense"][4]) > 0, r.stdout  # same function; tokens/s
+    step = {row[2].strip(): row for row in rows if row[1].strip() == "2x16"}
+    assert set(step) == {"moe", "dense"} and step["moe"][7].strip().endswith("x**"), r.stdout
