@@ -215,9 +215,9 @@ def test_adapters_on_a_moe_model_are_one_line(tmp_path, script, args):
     assert r.returncode != 0 and len(lines) == 1 and "mixture-of-experts model's experts" in lines[0], r.stderr
 
 
-# A two-step run of each script on the MoE preset (lora.py refuses it in one line, above).
+# A two-step run of each script on the MoE preset (sft.py's: the learning test below; lora.py refuses it in one
+# line, above).
 MOE_RUNS = {
-    "sft.py": ["--train-examples", "64", "--batch-size", "8"],
     "dpo.py": ["--warmup-sft-steps", "2", "--train-examples", "32", "--batch-size", "8"],
     "grpo.py": ["--warmup-sft-steps", "2", "--warmup-sft-batch-size", "8", "--prompts-per-step", "4", "--num-generations",
                 "4", "--train-examples", "64", "--router-aux-loss-coef", "0.01"],
@@ -253,3 +253,4 @@ def test_sft_learns_the_task_on_the_moe_preset(tmp_path):
     evals = [m["eval/accuracy"] for m in metrics(tmp_path / "run") if "eval/accuracy" in m]
     assert evals[0] < 0.05 and evals[-1] >= 0.6, evals
     assert [m["aux_loss"] for m in metrics(tmp_path / "run") if "aux_loss" in m][-1] < 2.3  # balanced by the end
+    assert json.loads((tmp_path / "run" / "hf" / "config.json").read_text())["model_type"] == "qwen3_moe"
