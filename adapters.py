@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can wrap
+ATTENTION = ("q", "k", "v", "o")  # a mixture-of-experts model's (its experts take no adapters yet)
 QUANT_FORMATS = ("nf4", "int8")
 # numpy, not jax: a jax array made at import would start the runtime before jax.distributed can
 NF4_LEVELS = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -58,13 +59,18 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-def add_lora(model, rank: int, alpha: float, targets=TARGETS, dropout: float = 0.0, rslora: bool = False,
+def add_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.0, rslora: bool = False,
              seed: int = 0):
     """Attach adapters in place: A [L, in..., r] with PEFT's init (uniform, bound 1/sqrt(in)) and
-    B [L, r, out...] = 0, so the model computes exactly what it did until B trains."""
+    B [L, r, out...] = 0, so the model computes exactly what it did until B trains. targets None: every
+    projection the model has (a mixture-of-experts model: the attention's, as PEFT's default for Qwen MoE)."""
+    cfg, key = model.cfg, jax.random.key(seed)
+    targets = (ATTENTION if cfg.experts is not None else TARGETS) if targets is None else targets
     if rank < 1 or not targets or set(targets) - set(TARGETS):
         raise ValueError(f"LoRA needs rank >= 1 and targets among {', '.join(TARGETS)} (got {rank}, {targets})")
-    cfg, key = model.cfg, jax.random.key(seed)
+    if cfg.experts is not None and set(targets) - set(ATTENTION):
+        raise ValueError(f"LoRA on a mixture-of-experts model takes q,k,v,o: its experts take no adapters yet "
+                         f"(targets {','.join(targets)})")
     shapes = projection_shapes(cfg)
     for i, name in enumerate(TARGETS):
         if name not in targets:

@@ -56,7 +56,7 @@ class Config(sft.Config):
     lora_rank: int = 8  # r
     lora_alpha: float = 16.0  # the update is scaled by alpha / r
     lora_dropout: float = 0.0  # dropout on the adapters' inputs
-    lora_targets: str = "q,k,v,o,gate,up,down"  # projections that get adapters
+    lora_targets: str = ""  # projections that get adapters ("": q,k,v,o,gate,up,down; a MoE model: q,k,v,o)
     rslora: bool = False  # scale by alpha / sqrt(r) (rank-stabilised LoRA)
     quant: str = ""  # QLoRA: store the frozen base as nf4 or int8 ("" keeps float32)
     quant_block: int = 64  # values per quantization scale
@@ -70,7 +70,7 @@ class Config(sft.Config):
         super().__post_init__()
         if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError("need --lora-rank >= 1, --lora-alpha > 0 and 0 <= --lora-dropout < 1")
-        unknown = set(self.lora_targets.split(",")) - set(adapters.TARGETS)
+        unknown = set(self.lora_targets.split(",")) - set(adapters.TARGETS) if self.lora_targets else ()
         if unknown:
             raise ValueError(f"unknown --lora-targets {', '.join(sorted(unknown))}; "
                              f"choose from {','.join(adapters.TARGETS)}")
@@ -86,8 +86,8 @@ def attach_adapters(model, cfg: Config) -> dict:
     if cfg.adapter:
         ckpt.load_peft(model, cfg.adapter)
     else:
-        adapters.add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")),
-                           cfg.lora_dropout, cfg.rslora, seed=cfg.seed)
+        targets = tuple(cfg.lora_targets.split(",")) if cfg.lora_targets else None  # None: all the model has
+        adapters.add_lora(model, cfg.lora_rank, cfg.lora_alpha, targets, cfg.lora_dropout, cfg.rslora, seed=cfg.seed)
     if cfg.quant:
         adapters.quantize_model(model, cfg.quant, cfg.quant_block)
     n_train = sum(x.size for x in jax.tree.leaves(nnx.state(model, adapters.LoRA)))

@@ -200,10 +200,12 @@ def test_shard_rules_place_the_experts():
         assert "tp" not in spec and (("fsdp" in spec) == (path != "layers/router"))  # D on fsdp, experts whole
 
 
-@pytest.mark.parametrize("script,args", [("lora.py", []), ("grpo.py", ["--lora"]), ("dpo.py", ["--lora", "--quant", "nf4"])])
-def test_adapters_on_a_moe_model_are_one_line(tmp_path, script, args):
-    """LoRA and QLoRA do not reach the experts yet: every script that would add adapters or quantize the base says
-    so in one line before anything trains, rather than training dense adapters the sparse layers never use."""
+@pytest.mark.parametrize("script,args,message", [
+    ("lora.py", ["--lora-targets", "q,gate"], "LoRA on a mixture-of-experts model takes q,k,v,o"),
+    ("dpo.py", ["--lora", "--quant", "nf4"], "QLoRA does not quantize a mixture-of-experts model's experts")])
+def test_adapters_the_experts_cannot_take_are_one_line(tmp_path, script, args, message):
+    """The experts take no adapters and are not quantized yet: an MLP target or --quant on a MoE model is one
+    line before anything trains, rather than dense adapters the sparse layers never use."""
     import os
     import pathlib
     import subprocess
@@ -212,12 +214,31 @@ def test_adapters_on_a_moe_model_are_one_line(tmp_path, script, args):
     r = subprocess.run([sys.executable, script, "--model", "tiny-qwen3-moe", *args, "--out", str(tmp_path / "run")],
                        cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
     lines = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and len(lines) == 1 and "mixture-of-experts model's experts" in lines[0], r.stderr
+    assert r.returncode != 0 and len(lines) == 1 and message in lines[0], r.stderr
 
 
-# A two-step run of each script on the MoE preset (sft.py's: the learning test below; lora.py refuses it in one
-# line, above).
+def test_peft_loads_our_moe_attention_adapter_with_the_same_logits(tmp_path):
+    """LoRA on a MoE model: q, k, v, o by default (PEFT's own default for Qwen MoE); the adapter saved in PEFT's
+    layout gives transformers + peft our logits on a mixed qwen3_moe checkpoint."""
+    import adapters
+    import peft
+    from test_lora import trained_adapter
+    hf = make_hf_model("qwen3_moe", attn_implementation="eager")
+    base = save_hf_model(hf, tmp_path / "base")
+    ours = adapters.add_lora(ckpt.load_hf(base), 4, 8.0)
+    assert ours.lora.targets == ("q", "k", "v", "o")
+    trained_adapter(ours, scale=0.1)  # B moved away from 0
+    ckpt.save_peft(ours, tmp_path / "adapter", base_model=str(base))
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    x = tokens()
+    want = hf_logits(theirs, x)
+    assert rel_err(want, hf_logits(make_hf_model("qwen3_moe", attn_implementation="eager"), x)) > 1e-3
+    assert rel_err(ours(jnp.asarray(x)), want) <= 2e-4
+
+
+# A two-step run of each script on the MoE preset (sft.py's: the learning test below).
 MOE_RUNS = {
+    "lora.py": ["--train-examples", "64", "--batch-size", "8", "--merge"],  # adapters on q, k, v, o
     "dpo.py": ["--warmup-sft-steps", "2", "--train-examples", "32", "--batch-size", "8"],
     "grpo.py": ["--warmup-sft-steps", "2", "--warmup-sft-batch-size", "8", "--prompts-per-step", "4", "--num-generations",
                 "4", "--train-examples", "64", "--router-aux-loss-coef", "0.01"],
