@@ -217,12 +217,34 @@ def qwen3_chat(messages: list[dict], add_generation_prompt: bool = True, enable_
     return text
 
 
+def gemma4_chat(messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False,
+                tools: list[dict] | None = None) -> str:
+    """Gemma 4: after <bos>, turns of <|turn>{system|user|model}\n...<turn|>\n. A system (or developer) message, and
+    <|think|> with enable_thinking, open a system turn; a model turn drops its thoughts (<|channel>...<channel|>) and
+    continues the previous one when two assistant messages follow each other; the generation prompt is
+    <|turn>model\n, then an empty thought channel when thinking is off (the template's later revision). Gemma 4's own
+    tool format (<|tool>declaration:..., <|tool_call>call:name{...}) is not written here yet: tools are a ValueError."""
+    if tools or any(m["role"] == "tool" or _tool_calls(m) for m in messages):
+        raise ValueError("Gemma 4's tool format (<|tool_call>call:...) is not supported yet")
+    text, system = "<bos>", bool(messages) and messages[0]["role"] in ("system", "developer")
+    if enable_thinking or system:
+        text += "<|turn>system\n" + "<|think|>\n" * enable_thinking + (messages[0]["content"].strip() if system else "")
+        text, messages = text + "<turn|>\n", messages[system:]
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":  # its thoughts dropped: the text outside <|channel> ... <channel|>
+            content = "".join(part.split("<|channel>")[0] for part in m["content"].split("<channel|>")).strip()
+            text += ("" if i and messages[i - 1]["role"] == "assistant" else "<|turn>model\n") + content + "<turn|>\n"
+        else:
+            text += f"<|turn>{m['role']}\n" + m["content"].strip() + "<turn|>\n"
+    return text + ("<|turn>model\n" + "<|channel>thought\n<channel|>" * (not enable_thinking)) * add_generation_prompt
+
+
 # The token that closes an assistant turn: generation in chat mode stops there too.
-END_OF_TURN = {"gemma": "<end_of_turn>", "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>",
+END_OF_TURN = {"gemma": "<end_of_turn>", "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "gemma4": "<turn|>",
                "llama3": "<|eot_id|>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>"}
 
-CHAT_TEMPLATES = {"gemma": gemma_chat, "gemma2": gemma_chat, "gemma3": gemma_chat, "llama3": llama3_chat,
-                  "qwen2": qwen2_chat, "qwen3": qwen3_chat}
+CHAT_TEMPLATES = {"gemma": gemma_chat, "gemma2": gemma_chat, "gemma3": gemma_chat, "gemma4": gemma4_chat,
+                  "llama3": llama3_chat, "qwen2": qwen2_chat, "qwen3": qwen3_chat}
 
 
 def _check_message(i: int, m) -> dict:

@@ -87,7 +87,7 @@ def decode_chunk(graphdef, state, layers, slots: Slots, eos_ids, return_early, *
     S, N = slots.ids.shape
     done_before, full = slots.done, slots.cache
     window = lambda x: x[:, :span]  # noqa: E731
-    slots = slots._replace(cache=KVCache(tuple(map(window, full.k)), tuple(map(window, full.v)),
+    slots = slots._replace(cache=KVCache(jax.tree.map(window, full.k), jax.tree.map(window, full.v),
                                          window(full.segment_ids), full.index))
 
     def one(carry):
@@ -111,7 +111,7 @@ def decode_chunk(graphdef, state, layers, slots: Slots, eos_ids, return_early, *
     slots = jax.lax.while_loop(more, one, (jnp.int32(0), slots))[1]
     back = lambda big, small: jax.lax.dynamic_update_slice(big, small, (0,) * big.ndim)  # noqa: E731
     cache = slots.cache
-    return slots._replace(cache=KVCache(tuple(map(back, full.k, cache.k)), tuple(map(back, full.v, cache.v)),
+    return slots._replace(cache=KVCache(jax.tree.map(back, full.k, cache.k), jax.tree.map(back, full.v, cache.v),
                                         back(full.segment_ids, cache.segment_ids), cache.index))
 
 
@@ -143,7 +143,7 @@ def prefill(graphdef, state, layers, slots: Slots, tokens, segment_ids, position
     into = lambda big, new: big.at[to, :P].set(new[admit.source], mode="drop")  # noqa: E731 ([S, C, K, H])
     empty_row = jnp.zeros((len(to), slots.cache.segment_ids.shape[1]), jnp.int32)
     empty_row = empty_row.at[:, :P].set(segment_ids[admit.source])  # the prompt's columns, then nothing
-    new_cache = KVCache(tuple(map(into, slots.cache.k, cache.k)), tuple(map(into, slots.cache.v, cache.v)),
+    new_cache = KVCache(jax.tree.map(into, slots.cache.k, cache.k), jax.tree.map(into, slots.cache.v, cache.v),
                         slots.cache.segment_ids.at[to].set(empty_row, mode="drop"),
                         slots.cache.index.at[to].set(P, mode="drop"))
     put = lambda big, new: big.at[to].set(new, mode="drop")  # noqa: E731

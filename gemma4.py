@@ -240,6 +240,7 @@ def forward(model, tokens, positions, segment_ids, cache, last, layers, hidden, 
         new_v.append(v)
         maps.append(attention_map)
     tapped = {name: jnp.stack(a) for name, a in (("hidden", hiddens + [x]), ("attention", maps)) if name in taps}
+    tapped.update({"router": None} if "router" in taps else {})  # no load-balancing loss: transformers' Gemma 4 has none
 
     x = x if last is None else x[:, -last:]
     x = M.rms_norm(x, model.final_norm[...], cfg.norm_eps, False)

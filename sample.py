@@ -273,7 +273,8 @@ def _beam_search(graphdef, state, tokens, segment_ids, positions, eos_ids, *, ma
         is_fin = gather(jnp.concatenate([is_fin, just], 1), pick)
         # reorder the cache to follow each running beam's source, then feed its new token
         flat_src = (jnp.arange(B)[:, None] * nb + run_src).reshape(-1)
-        cache = KVCache(cache.k[:, flat_src], cache.v[:, flat_src], cache.segment_ids[flat_src], cache.index)
+        take = lambda x: jnp.take(x, flat_src, axis=x.ndim - 4)  # noqa: E731 ([L, B, S, K, H] or per layer [B, S, K, H])
+        cache = KVCache(jax.tree.map(take, cache.k), jax.tree.map(take, cache.v), cache.segment_ids[flat_src], cache.index)
         pos = beams(positions[:, -1:]) + 1 + g
         logits, cache = model(run_seq[:, :, g].reshape(-1, 1), positions=pos,
                               segment_ids=jnp.ones((B * nb, 1), jnp.int32), cache=cache)

@@ -159,3 +159,40 @@ def test_presets_have_published_sizes():
     assert abs(sizes["gemma4-31b"] - 30.7) < 0.01 and abs(sizes["gemma4-26b-a4b"] - 25.2) < 0.05
     assert abs(sizes["gemma4-e2b"] - 4.629) < 0.001 and abs(sizes["gemma4-e4b"] - 7.463) < 0.001
     assert ckpt.hub_repo("gemma4") == "google/gemma-4-E2B"
+
+
+def test_engine_and_beam_search_follow_the_shared_cache(tmp_path):
+    """engine.py's slots (continuous batching) give sample.generate's greedy ids on ragged prompts; beam search
+    (its cache reordered per beam, shared layers holding none) gives transformers' beams."""
+    import engine
+    hf, model = load_pair("gemma4", tmp_path, seed=3)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (3, 19, 8, 27, 12)]
+    want = sample.generate(model, prompts, max_new_tokens=20, eos_ids=())
+    eng = engine.Engine(model, slots=2, max_new_tokens=20, max_prompt_len=32, chunk=4, eos_ids=())
+    assert eng.generate(prompts) == want and eng.stats["prefills"] >= 3
+    beams = [[5, 9, 33, 7], [7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    ids = torch.tensor([[299] * 5 + beams[0], beams[1]])
+    mask = torch.tensor([[0] * 5 + [1] * 4, [1] * 9])
+    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False,
+                      pad_token_id=299)[:, 9:].tolist()
+    assert sample.generate(model, beams, max_new_tokens=12, num_beams=3, eos_ids=()) == ref
+
+
+def test_chat_template():
+    """chat.gemma4_chat renders what Gemma 4's published template does for text turns (its later revision: an empty
+    thought channel after the generation prompt when thinking is off); its tool format is refused, not misrendered."""
+    import chat
+    messages = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi "},
+                {"role": "assistant", "content": "<|channel>thought\nhmm<channel|>Hello!"},
+                {"role": "user", "content": "2+2?"}]
+    assert chat.apply_chat_template(messages, "gemma4") == (
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n"
+        "<|turn>user\n2+2?<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
+    assert chat.apply_chat_template(messages[1:2], "gemma4", enable_thinking=True) == (
+        "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n")
+    assert chat.apply_chat_template(messages[1:3], "gemma4", add_generation_prompt=False) == (
+        "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n")
+    assert chat.END_OF_TURN["gemma4"] == "<turn|>"
+    with pytest.raises(ValueError, match="tool format"):
+        chat.apply_chat_template(messages[1:2], "gemma4", tools=[{"name": "add", "parameters": {}}])
