@@ -62,6 +62,18 @@ PARAM_RULES = [
     (r"layers/expert_(gate|up)$", P(None, None, "fsdp", None)),  # [L, E, D, F]
     (r"layers/expert_down$", P(None, None, None, "fsdp")),  # [L, E, F, D]
     (r"layers/router$", P()),  # [L, D, E]: small, replicated
+    # Gemma 4 (gemma4.py): one dict per layer, no L axis (layers/3/q); its own PLE tables; 26B-A4B's experts in
+    # transformers' fused [E, out, in] layout, split along D on fsdp like Qwen 3 MoE's
+    (r"layers/\d+/(q|k|v)$", P("fsdp", "tp", None)),  # [D, N|K, H]
+    (r"layers/\d+/o$", P("tp", None, "fsdp")),  # [N, H, D]
+    (r"layers/\d+/(gate|up)$", P("fsdp", "tp")),  # [D, F]
+    (r"layers/\d+/down$", P("tp", "fsdp")),  # [F, D]
+    (r"layers/\d+/expert_gate_up$", P(None, None, "fsdp")),  # [E, 2F, D]
+    (r"layers/\d+/expert_down$", P(None, "fsdp", None)),  # [E, D, F]
+    (r"layers/\d+/ple_gate$", P("fsdp", None)),  # [D, P]
+    (r"layers/\d+/ple_proj$", P(None, "fsdp")),  # [P, D]
+    (r"(^|/)ple_embed$", P("tp", "fsdp")),  # [V, L·P], like the embedding
+    (r"(^|/)ple_model_proj$", P("fsdp", None)),  # [D, L·P]
     (r"norm$", P()),  # [L, D], [L, H], [D]: small, replicated
     (r".*", P()),  # anything else (step counters, scalars): replicated
 ]

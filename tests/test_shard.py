@@ -169,3 +169,34 @@ def test_tpu_flag_fails_cleanly_without_tpu():
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "no TPU" in lines[0], r.stderr
+
+
+def test_a_gemma4_model_on_eight_devices_equals_one():
+    """Gemma 4's per-layer weights (no L axis), PLE tables, k = v and KV-shared layers on data=2,fsdp=2,tp=2:
+    values, gradients and an AdamW step equal one device's, every array of 1 MB or more split (gemma4.py)."""
+    import gemma4
+    cfg = SMALL.replace(family="gemma4", n_layers=4, act="gelu_tanh", post_norms=True, embed_scale=True, query_scale=1.0,
+                        rope_local_theta=1e4, sliding_window=16, sliding_layers=(True, False) * 2,
+                        gemma4=gemma4.Gemma4(global_head_dim=128, global_kv_heads=2, k_eq_v=True, kv_shared_layers=2,
+                                             ple_dim=64, ple_vocab=4096, global_rope_fraction=0.25,
+                                             double_wide_mlp=True))
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (8, 33)).astype(np.int32)
+    one, eight = run("data=1,fsdp=1,tp=1", tokens, cfg), run("data=2,fsdp=2,tp=2", tokens, cfg)
+    # Query scale 1 on unit-norm q and k (QK-norm at init): attention logits of order sqrt(H), so the summation
+    # order moves the outputs by up to ~3e-5 of their size; the tolerance is relative to each array's largest value
+    for k in (0, 1, 3, 4):  # logits, gradients, Adam's moments, the loss (a leaf near 0, a cancelling sum such as
+        ours, ref = jax.tree.leaves(eight[k]), jax.tree.leaves(one[k])  # a layer_scalar's gradient: to its tree's size)
+        scale = max(np.max(np.abs(np.asarray(b))) for b in ref)
+        for a, b in zip(ours, ref):
+            a, b = np.asarray(a), np.asarray(b)
+            assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(b)) + 1e-6 * scale
+    for a, b in zip(jax.tree.leaves(eight[2]), jax.tree.leaves(one[2])):  # Adam's first step: lr * g / (|g| + eps)
+        assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 2e-3
+    for tree in eight[2:4]:  # every parameter and Adam moment of 1 MB or more is split as the table says
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            expected = shard.spec_for(shard.path_str(path), leaf.shape, eight[5])
+            assert leaf.sharding.is_equivalent_to(jax.sharding.NamedSharding(eight[5], expected), leaf.ndim)
+            assert leaf.nbytes < 1 << 20 or leaf.addressable_shards[0].data.nbytes < leaf.nbytes, path
+    mesh = shard.make_mesh("fsdp=8")
+    assert shard.spec_for("layers/5/expert_gate_up", (128, 1408, 2816), mesh) == P(None, None, "fsdp")
+    assert shard.spec_for("opt/0/mu/layers/5/expert_down", (128, 2816, 704), mesh) == P(None, "fsdp", None)
