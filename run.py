@@ -73,6 +73,8 @@ def load(cfg, **overrides) -> Loaded:
     if model.cfg.experts is not None and getattr(cfg, "quant", ""):
         raise ValueError(f"{source}: QLoRA does not quantize a mixture-of-experts model's experts yet; "
                          "train its attention's adapters on the float base (no --quant)")
+    if model.cfg.gemma4 is not None and (getattr(cfg, "lora", False) or getattr(cfg, "quant", "") or hasattr(cfg, "lora_targets")):
+        raise ValueError(f"{source}: LoRA and QLoRA do not reach Gemma 4's per-layer weights yet; train it in full")
     return Loaded(model, tokenizer.load_tokenizer(directory), source, directory, model.cfg.family if directory else None)
 
 
