@@ -120,13 +120,15 @@ def grouped_experts(h, weights, chosen, gate, up, down, act: Callable) -> jax.Ar
 def experts(p: dict, h, cfg: Experts, act: Callable, grouped: bool | None = None) -> tuple[jax.Array, ...]:
     """The sparse MLP of h [B, T, D] → [B, T, D], and the router logits [B, T, E] float32, with this layer's
     p["router"] [D, E] and p["expert_gate"], p["expert_up"] [E, D, F], p["expert_down"] [E, F, D]. grouped
-    None: by size, ragged_dot once a layer's experts hold 2^24 weights (the dense path's E/k extra FLOPs stop
-    being cheaper than sorting)."""
+    None: by size and device, ragged_dot once a layer's experts hold 2^24 weights (the dense path's E/k extra
+    FLOPs stop being cheaper than sorting) on an accelerator; on CPU always dense: XLA has no grouped kernel
+    there and runs ragged_dot as a masked product over every expert, k times the dense path's work (E 128,
+    top 8: 4.7x its time, 5x its memory; benchmarks/RESULTS.md, Qwen 3 MoE)."""
     B, T, D = h.shape
     h = h.reshape(B * T, D)  # [M, D]
     weights, chosen, logits = route(h, p["router"], cfg)  # [M, k] float32, int32; [M, E]
     if grouped is None:
-        grouped = p["expert_gate"].size * 3 >= 2**24
+        grouped = p["expert_gate"].size * 3 >= 2**24 and jax.default_backend() != "cpu"
     compute = grouped_experts if grouped else dense_experts
     y = compute(h, weights, chosen, p["expert_gate"], p["expert_up"], p["expert_down"], act)
     return y.reshape(B, T, D), logits.reshape(B, T, -1)

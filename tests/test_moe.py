@@ -150,19 +150,21 @@ def test_grouped_equals_dense_in_values_and_gradients():
     assert float(jnp.max(jnp.abs(g_grouped[1][5]))) == 0.0  # the unused expert learns nothing
 
 
-def test_the_size_picks_grouped_or_dense(monkeypatch):
-    """Tiny models take the dense path, the published ones ragged_dot (traced by shape only, nothing computed)."""
+def test_the_size_and_device_pick_grouped_or_dense(monkeypatch):
+    """Tiny models take the dense path, the published ones ragged_dot on an accelerator and the dense path on CPU
+    (no grouped kernel there; traced by shape only, nothing computed)."""
     seen = []
     for name in ("dense_experts", "grouped_experts"):
         f = getattr(moe, name)
         monkeypatch.setattr(moe, name, lambda *a, f=f, name=name: seen.append(name) or f(*a))
-    for preset in ("tiny-qwen3-moe", "qwen3-30b-a3b"):
+    for backend, preset in (("tpu", "tiny-qwen3-moe"), ("tpu", "qwen3-30b-a3b"), ("cpu", "qwen3-30b-a3b")):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
         cfg = CONFIGS[preset]
         shapes = moe.with_expert_shapes(cfg, {})
         p = {name: jax.ShapeDtypeStruct((*shape,), jnp.bfloat16) for name, shape in shapes.items()}
         h = jax.ShapeDtypeStruct((1, 4, cfg.dim), jnp.bfloat16)
         jax.eval_shape(lambda p, h: moe.experts(p, h, cfg.experts, jax.nn.silu), p, h)
-    assert seen == ["dense_experts", "grouped_experts"]
+    assert seen == ["dense_experts", "grouped_experts", "dense_experts"]
 
 
 def test_presets_have_published_sizes():
