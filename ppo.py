@@ -139,6 +139,7 @@ def token_rewards(scores, kl, mask, kl_coef: float):
     return (-kl_coef * kl + jnp.where(last, scores[:, None], 0.0)) * mask
 
 
+@jax.jit  # one compiled scan per batch shape (called eagerly, the scan would be traced again every step)
 def gae(rewards, values, mask, gamma: float, lam: float):
     """Advantages and returns [N, C] from rewards and values [N, C], scanned from the last token back. A masked
     position (padding after the end, a tool's result inside a conversation) is skipped as verl skips it: it
