@@ -222,33 +222,42 @@ def forward(model, tokens, positions, segment_ids, cache, last, layers, hidden, 
     ple = per_layer_inputs(model, tokens, x) if cfg.gemma4.ple_dim else None  # [B, T, L, P]
     start, k_segments, (global_mask, sliding_mask), _ = model.attention_inputs(positions, segment_ids, cache)
     sliding_rope, full_rope = rope_tables(cfg, positions)
-    layers = layer_arrays(model) if layers is None else layers
-    sources = kv_sources(cfg)
-    policy = None if cfg.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    kvs, new_k, new_v, hiddens, maps = {}, [], [], [], []
-    for i, p in enumerate(layers):
-        slides = bool(cfg.sliding_layers and cfg.sliding_layers[i])
-        step = jax.checkpoint(functools.partial(
-            block, c=layer_config(cfg, i), table=sliding_rope if slides else full_rope,
-            mask=sliding_mask if slides else global_mask, start=start), policy=policy)
-        hiddens.append(x)
-        cache_kv = (None, None) if cache is None else (cache.k[i], cache.v[i])
-        shared = None if sources[i] == i else kvs[sources[i]]
-        x, kvs[i], (k, v), attention_map = step(x, p, ple=None if ple is None else ple[:, :, i],
-                                                cache_kv=cache_kv, shared_kv=shared)
-        new_k.append(k)
-        new_v.append(v)
-        maps.append(attention_map)
-    tapped = {name: jnp.stack(a) for name, a in (("hidden", hiddens + [x]), ("attention", maps)) if name in taps}
+    x, caches, tapped = run_layers(cfg, x, layer_arrays(model) if layers is None else layers, ple,
+                                   {"sliding": sliding_mask, "full": global_mask},
+                                   {"sliding": sliding_rope, "full": full_rope},
+                                   None if cache is None else (cache.k, cache.v), start, tuple(taps))
     tapped.update({"router": None} if "router" in taps else {})  # no load-balancing loss: transformers' Gemma 4 has none
 
     x = x if last is None else x[:, -last:]
     x = M.rms_norm(x, model.final_norm[...], cfg.norm_eps, False)
     out = x if hidden else model.logits(x)
-    cache = None if cache is None else M.KVCache(tuple(new_k), tuple(new_v), k_segments, start + tokens.shape[1])
+    if cache is not None:
+        cache = M.KVCache(*(tuple(kv) for kv in zip(*caches)), k_segments, start + tokens.shape[1])
     if taps:
         return (out, tapped) if cache is None else (out, cache, tapped)
     return out if cache is None else (out, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "taps"))
+def run_layers(cfg, x, layers, ple, masks, tables, cache_kv, start, taps):
+    """Every layer on x [B, T, D] as one jitted program (called eagerly, an unrolled model would otherwise run
+    op by op): x, each layer's cache (k, v) ((None, None) for a KV-shared layer, or without a cache), and the
+    taps "hidden" [L + 1, B, T, D] and "attention" [L, B, T, S] asked for."""
+    sources = kv_sources(cfg)
+    policy = None if cfg.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable  # as model.py's
+    kvs, caches, hiddens, maps = {}, [], [], []
+    for i, p in enumerate(layers):
+        kind = "sliding" if cfg.sliding_layers and cfg.sliding_layers[i] else "full"
+        step = jax.checkpoint(functools.partial(block, c=layer_config(cfg, i)), policy=policy)
+        hiddens.append(x)
+        x, kvs[i], layer_cache, attention_map = step(
+            x, p, table=tables[kind], mask=masks[kind], ple=None if ple is None else ple[:, :, i],
+            cache_kv=(None, None) if cache_kv is None else (cache_kv[0][i], cache_kv[1][i]),
+            shared_kv=None if sources[i] == i else kvs[sources[i]], start=start)
+        caches.append(layer_cache)
+        maps.append(attention_map)
+    tapped = {name: jnp.stack(a) for name, a in (("hidden", hiddens + [x]), ("attention", maps)) if name in taps}
+    return x, caches, tapped
 
 
 def init_cache(cfg, batch: int, length: int, dtype=None):
