@@ -3,9 +3,10 @@
 Gemma 4 keeps Gemma 3's block (sandwich norms, GeGLU, QK-norm, 5 sliding layers to 1 global, soft-capped logits)
 and changes six things, each a few lines below:
 
-    per-layer embeddings (PLE)  every layer i also reads e_i = (norm(x0 W_ple)_i / ... + E_ple[token]_i) / sqrt(2),
-                                [P] per layer, gated into its residual stream after the MLP:
-                                x += norm(((gelu(x W_gate_i) * e_i) W_proj_i))
+    per-layer embeddings (PLE)  every layer i also reads e_i [P], from the token and from the embedded context x0:
+                                e_i = (norm((x0 W_ple / sqrt(D))_i) + sqrt(P) E_ple[token]_i) / sqrt(2),
+                                gated into its residual stream after the MLP:
+                                x += norm((gelu(x W_gate_i) * e_i) W_proj_i)
     KV sharing                  the last `kv_shared_layers` layers compute no keys or values: each attends to those
                                 of the last earlier layer of its type (and stores no KV cache of its own)
     k = v                       full-attention layers may have one projection for both: v = k before k's norm/RoPE
@@ -19,7 +20,7 @@ and 26B-A4B adds a mixture of experts in parallel with the dense MLP (`moe_block
 
 Because shapes differ between layers (head dim and kv heads by type, no k/v on shared layers, twice the MLP width
 on E2B's shared layers), a Gemma 4 model keeps one parameter dict per layer (`model.layers[i]`, nnx.List) and
-runs its layers unrolled (`forward`); everything else (embedding, head, masks, cache slots, sampling) is model.py's.
+runs its layers unrolled in one jitted program (`run_layers`); everything else (embedding, head, masks, cache slots, sampling) is model.py's.
 The transformers reference is models/gemma4 (Gemma4TextModel): names in comments are its config fields.
 """
 from __future__ import annotations
@@ -97,7 +98,7 @@ def layer_shapes(cfg, i: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-ONES = ("norm", "layer_scalar", "router_scale", "expert_scale")  # parameters that start at 1 (norms scale by w)
+ONES = ("layer_scalar", "router_scale", "expert_scale")  # with the norms (they scale by w), what starts at 1
 
 
 class Block(nnx.Module):
@@ -106,7 +107,7 @@ class Block(nnx.Module):
     def __init__(self, cfg, i: int, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.param_dtype)
         for name, shape in layer_shapes(cfg, i).items():
-            if name.endswith(ONES):
+            if "norm" in name or name in ONES:
                 value = jnp.ones(shape, dtype)
             else:  # LeCun normal over the fan in: o [N, H, D] over N·H, an expert [E, out, in] over its last axis
                 fan_in = math.prod(shape[:2] if name == "o" else shape[2:] if "expert_" in name else shape[:1])
