@@ -89,7 +89,7 @@ class Config(rl.PromptConfig, flags.RunConfig, flags.WarmUpConfig, flags.LoRACon
     vf_coef: float = 0.1  # the value loss's weight in the logged loss (and its gradient)
     grad_accum: int = 1  # micro-batches per mini-batch (less memory, same update)
     # -- optimisation --
-    steps: int = 250  # PPO steps, each a rollout batch and num_ppo_epochs x num_mini_batches updates
+    steps: int = 300  # PPO steps, each a rollout batch and num_ppo_epochs x num_mini_batches updates
     lr: float | None = None  # the policy's peak learning rate
     warmup: float = 0.05  # fraction of updates of linear warmup, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -98,7 +98,7 @@ class Config(rl.PromptConfig, flags.RunConfig, flags.WarmUpConfig, flags.LoRACon
     save_every: int = 50  # steps between train-state checkpoints
     seed: int = 0  # data order, sampling and initialisation
     # (tiny, pretrained); the prompts' (rl.PromptConfig.AUTO) as grpo.py's
-    AUTO: ClassVar[dict] = {"lr": (3e-4, 1e-6), "prompts_per_step": (256, 64),
+    AUTO: ClassVar[dict] = {"lr": (4e-4, 1e-6), "prompts_per_step": (256, 64),
                             **rl.PromptConfig.AUTO}
 
     def __post_init__(self):
