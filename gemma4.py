@@ -209,7 +209,8 @@ def moe_block(p: dict, x, c):
     h = M.rms_norm(h, p["pre_ffw_norm_2"], c.norm_eps, False)
     gate, up = jnp.split(jnp.swapaxes(p["expert_gate_up"], 1, 2), 2, axis=-1)  # [E, D, F] each: gate rows came first
     down = jnp.swapaxes(p["expert_down"], 1, 2)  # [E, F, D]
-    compute = moe.grouped_experts if gate.size * 3 >= 2**24 else moe.dense_experts  # moe.experts' rule
+    grouped = gate.size * 3 >= 2**24 and jax.default_backend() != "cpu"  # moe.experts' rule: ragged_dot off CPU
+    compute = moe.grouped_experts if grouped else moe.dense_experts
     y = compute(h, weights, chosen, gate, up, down, M.ACTIVATIONS[c.act])
     return y.reshape(B, T, D)
 
