@@ -349,7 +349,7 @@ def config_from_hf(hf: dict):
     if hf.get("enable_moe_block"):
         experts = moe.Experts(hf["num_experts"], hf["top_k_experts"], hf["moe_intermediate_size"], norm_topk_prob=True,
                               sparse_layers=(True,) * L)
-    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}.get(hf.get("hidden_activation", "gelu_pytorch_tanh"))
+    act = {v: k for k, v in HF_ACT.items()}.get(hf.get("hidden_activation", "gelu_pytorch_tanh"))  # ACT2FN's names
     if act is None:
         raise ValueError(f"unsupported activation {hf.get('hidden_activation')!r}")
     ple_dim = hf.get("hidden_size_per_layer_input") or 0
@@ -371,6 +371,9 @@ def config_from_hf(hf: dict):
                       double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)), experts=experts))
 
 
+HF_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu"}  # ours → transformers' (exact gelu)
+
+
 def json_key(x) -> str:
     return repr(sorted(x.items()))
 
@@ -386,7 +389,7 @@ def config_to_hf(cfg) -> dict:
           "num_global_key_value_heads": g.global_kv_heads if g.k_eq_v else None,
           "num_kv_shared_layers": g.kv_shared_layers, "hidden_size_per_layer_input": g.ple_dim,
           "vocab_size_per_layer_input": g.ple_vocab or cfg.vocab_size, "use_double_wide_mlp": g.double_wide_mlp,
-          "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": cfg.norm_eps,
+          "hidden_activation": HF_ACT[cfg.act], "rms_norm_eps": cfg.norm_eps,
           "layer_types": ["sliding_attention" if s else "full_attention"
                           for s in cfg.sliding_layers or (False,) * cfg.n_layers],
           "sliding_window": cfg.sliding_window or 512, "final_logit_softcapping": cfg.final_softcap,
