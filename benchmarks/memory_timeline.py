@@ -39,7 +39,7 @@ class Timeline:
 
     def __init__(self, interval: float):
         self.interval, self.samples, self.stack, self.t0 = interval, [], ["outside main()"], time.perf_counter()
-        self.done = threading.Event()
+        self.done, self.lock = threading.Event(), threading.Lock()  # the lock: samples of both threads in time order
         self.thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self):
@@ -47,7 +47,8 @@ class Timeline:
             self.mark()
 
     def mark(self):
-        self.samples.append((time.perf_counter() - self.t0, rss(), self.stack[-1]))
+        with self.lock:
+            self.samples.append((time.perf_counter() - self.t0, rss(), self.stack[-1]))
 
     @contextlib.contextmanager
     def phase(self, name: str):
