@@ -19,9 +19,9 @@ import safetensors.numpy
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # A few steps of each tiny demo on a smaller data set; every one logs each step, evaluates and saves mid-run.
-# sft's proof is the SIGTERM test below (its uninterrupted one-process run is the reference).
 SMALL = ["--train-examples", "1000", "--eval-examples", "64"]
 RUNS = {
+    "sft": ["--steps", "4", "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--grad-accum", "2", *SMALL],
     "lora": ["--steps", "4", "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--quant", "nf4", "--merge",
              *SMALL],
     "dpo": ["--steps", "3", "--log-every", "1", "--eval-every", "2", "--save-every", "2", "--warmup-sft-steps", "10",
@@ -131,10 +131,13 @@ def wait_for_step(out, step, procs, timeout=300):
 
 @pytest.mark.slow
 def test_sigterm_to_both_saves_one_step_that_two_processes_resume_exactly(tmp_path):
+    """The reference is the same two processes left alone: the same sums in the same order, so every logged number
+    and every exported weight must be equal, not close. (Against one process the sums add in another order, and
+    late in a run the gradient norm, a sum of cancelling parts, drifts ~1e-5 apart: measured 1.3e-5 at step 32.)"""
     args = ["--steps", "40", "--log-every", "1", "--eval-every", "20", "--save-every", "1000", "--grad-accum", "2",
             *SMALL]
     one, two = tmp_path / "one", tmp_path / "two"
-    reference = start("sft", one, args, 4)
+    reference = start_two("sft", one, args)
     procs = start_two("sft", two, args)
     wait_for_step(two, 4, procs)
     for p in procs:  # what a scheduler does
@@ -144,9 +147,16 @@ def test_sigterm_to_both_saves_one_step_that_two_processes_resume_exactly(tmp_pa
     assert len(saved) == 1 and 4 <= int(saved[0]) < 40, saved
     assert f"stopped at step {saved[0]}" in log_tail(two, 0)
     assert finish(start_two("sft", two, [*args, "--resume"])) == [0, 0], [log_tail(two, 0), log_tail(two, 1)]
-    assert finish([reference]) == [0], log_tail(one, "one")
-    assert_same_records(one, two)
-    assert_same_tensors(one / "hf", two / "hf")
+    assert finish(reference) == [0, 0], [log_tail(one, 0), log_tail(one, 1)]
+    a, b = records(one), records(two)
+    assert a.keys() == b.keys() == set(range(41))
+    for step in a:
+        assert {k: v for k, v in b[step].items() if k in COMPARED} == {k: v for k, v in a[step].items() if k in COMPARED}
+    exported = sorted(p.relative_to(one) for p in (one / "hf").rglob("*.safetensors"))
+    assert exported and exported == sorted(p.relative_to(two) for p in (two / "hf").rglob("*.safetensors"))
+    for name in exported:
+        a, b = safetensors.numpy.load_file(one / name), safetensors.numpy.load_file(two / name)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.slow
