@@ -15,6 +15,7 @@ Tool turns take OpenAI's (and transformers') message shape, and tools= takes fun
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import re
 
@@ -217,26 +218,142 @@ def qwen3_chat(messages: list[dict], add_generation_prompt: bool = True, enable_
     return text
 
 
+GEMMA4_QUOTE = '<|"|>'  # Gemma 4's string quote, one token
+
+
+def gemma4_value(value, quote_keys: bool = False) -> str:
+    """A value as Gemma 4 writes it in tool text: strings between <|"|> quotes, true/false, {key:value,...} with
+    the keys sorted (quoted too with quote_keys), [value,...], anything else as Python's str (3, 2.5, None)."""
+    if isinstance(value, str):
+        return GEMMA4_QUOTE + value + GEMMA4_QUOTE
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        key = (lambda k: GEMMA4_QUOTE + k + GEMMA4_QUOTE) if quote_keys else str
+        return "{" + ",".join(key(k) + ":" + gemma4_value(v, quote_keys) for k, v in sorted(value.items())) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(gemma4_value(v, quote_keys) for v in value) + "]"
+    return str(value)
+
+
+def _gemma4_required(names: list[str]) -> str:
+    return "required:" + gemma4_value(list(names))
+
+
+def _gemma4_items(items: dict) -> str:
+    """An array's item schema: its keys sorted, types upper-cased, nested properties as _gemma4_properties."""
+    fields = []
+    for key, value in sorted((k, v) for k, v in items.items() if v is not None):
+        if key == "properties":
+            fields.append("properties:{" + (_gemma4_properties(value) if isinstance(value, dict) else "") + "}")
+        elif key == "required":
+            fields.append(_gemma4_required(value))
+        elif key == "type":
+            value = value.upper() if isinstance(value, str) else [t.upper() for t in value]
+            fields.append("type:" + gemma4_value(value))
+        else:
+            fields.append(f"{key}:" + gemma4_value(value, quote_keys=True))
+    return ",".join(fields)
+
+
+def _gemma4_properties(properties: dict, skip_schema_keys: bool = False) -> str:
+    """Parameters as key:{description, enum | items, nullable, properties and required, type}, sorted by name (the
+    template's format_parameters; an object without "properties" lists its own keys but the schema's)."""
+    out = []
+    for key, value in sorted(properties.items()):
+        if skip_schema_keys and key in ("description", "type", "properties", "required", "nullable"):
+            continue
+        kind = str(value.get("type", "")).upper()
+        fields = [f"description:{gemma4_value(value['description'])}"] if value.get("description") else []
+        if kind == "STRING" and value.get("enum"):
+            fields.append("enum:" + gemma4_value(value["enum"], quote_keys=True))
+        elif kind == "ARRAY" and isinstance(value.get("items"), dict) and value["items"]:
+            fields.append("items:{" + _gemma4_items(value["items"]) + "}")
+        if value.get("nullable"):
+            fields.append("nullable:true")
+        if kind == "OBJECT":
+            nested = value.get("properties")
+            fields.append("properties:{" + (_gemma4_properties(nested) if isinstance(nested, dict)
+                                            else _gemma4_properties(value, skip_schema_keys=True)) + "}")
+            fields += [_gemma4_required(value["required"])] if value.get("required") else []
+        out.append(key + ":{" + ",".join(fields + [f"type:{gemma4_value(kind)}"]) + "}")
+    return ",".join(out)
+
+
+def gemma4_declaration(tool: dict) -> str:
+    """<|tool>declaration:name{description:...,parameters:{properties:{...},required:[...],type:...}}<tool|>"""
+    function = tool.get("function", tool)
+    text = f"declaration:{function['name']}{{description:{gemma4_value(function.get('description', ''))}"
+    params = function.get("parameters")
+    if params:
+        text += ",parameters:{" + ("properties:{" + _gemma4_properties(params["properties"]) + "},"
+                                   if params.get("properties") else "")
+        text += (_gemma4_required(params["required"]) + "," if params.get("required") else "")
+        text += f"type:{gemma4_value(params['type'].upper())}}}" if params.get("type") else ""
+    if "response" in function:  # sic: the template closes the response's braces only for an OBJECT type
+        response = function["response"]
+        text += ",response:{" + (f"description:{gemma4_value(response['description'])}," if response.get(
+            "description") else "") + ("type:" + gemma4_value("OBJECT") + "}"
+                                       if str(response.get("type", "")).upper() == "OBJECT" else "")
+    return "<|tool>" + text.strip() + "}<tool|>"
+
+
+def gemma4_call(name: str, arguments: dict) -> str:
+    return f"<|tool_call>call:{name}{{" + gemma4_value(arguments)[1:-1] + "}<tool_call|>"
+
+
+def _gemma4_turn(messages: list[dict], i: int, continues: bool, after_last_user: bool) -> tuple[str, str | None]:
+    """Message i as Gemma 4's template writes it, and what it wrote last ("tool_call", "tool_response" or None).
+    A model turn holds its calls, then the tool messages that follow it as responses, then its text; after calls
+    without responses it ends in <|tool_response> (where the model stops to be answered), after responses and no
+    text it stays open, else it closes with <turn|>."""
+    m, calls = messages[i], _tool_calls(messages[i])
+    role = "model" if m["role"] == "assistant" else m["role"]
+    text = "" if continues and role == "model" else f"<|turn>{role}\n"
+    thought = m.get("reasoning") or m.get("reasoning_content")
+    if thought and after_last_user and calls:
+        text += "<|channel>thought\n" + thought + "\n<channel|>"
+    text += "".join(gemma4_call(name, arguments) for name, arguments in calls)
+    responses = []
+    for r in itertools.takewhile(lambda r: r["role"] == "tool", messages[i + 1:] if calls else []):
+        name = r.get("name", "unknown")  # the call's name where the ids match (as the template: None == None)
+        for c in m["tool_calls"]:
+            name = c.get("function", c)["name"] if c.get("id") == r.get("tool_call_id") else name
+        responses.append(f"<|tool_response>response:{name}{{value:{gemma4_value(r['content'])}}}<tool_response|>")
+    content = m["content"].strip()
+    if role == "model":  # its thoughts dropped: the text outside <|channel> ... <channel|>
+        content = "".join(part.split("<|channel>")[0] for part in m["content"].split("<channel|>")).strip()
+    text += "".join(responses) + content
+    if calls and not responses:
+        return text + "<|tool_response>", "tool_call"
+    return text + ("" if responses and not content else "<turn|>\n"), "tool_response" if responses else None
+
+
 def gemma4_chat(messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False,
                 tools: list[dict] | None = None) -> str:
-    """Gemma 4: after <bos>, turns of <|turn>{system|user|model}\n...<turn|>\n. A system (or developer) message, and
-    <|think|> with enable_thinking, open a system turn; a model turn drops its thoughts (<|channel>...<channel|>) and
-    continues the previous one when two assistant messages follow each other; the generation prompt is
-    <|turn>model\n, then an empty thought channel when thinking is off (the template's later revision). Gemma 4's own
-    tool format (<|tool>declaration:..., <|tool_call>call:name{...}) is not written here yet: tools are a ValueError."""
-    if tools or any(m["role"] == "tool" or _tool_calls(m) for m in messages):
-        raise ValueError("Gemma 4's tool format (<|tool_call>call:...) is not supported yet")
+    """Gemma 4: after <bos>, turns of <|turn>{system|user|model}\n...<turn|>\n. A system (or developer) message,
+    <|think|> with enable_thinking, and the tools (gemma4_declaration each) open a system turn; a model turn drops
+    its thoughts (<|channel>...<channel|>) and continues the previous one when the message before it (tool
+    messages aside) is an assistant's too. Calls and their results stay inside the model turn (_gemma4_turn):
+
+        <|turn>model\n<|tool_call>call:add{a:1,b:2}<tool_call|><|tool_response>response:add{value:<|"|>3<|"|>}
+        <tool_response|>1 + 2 = 3<turn|>\n
+
+    The generation prompt is <|turn>model\n, then an empty thought channel when thinking is off (the template's
+    later revision); after calls or results the model goes on in its open turn, so nothing is added."""
     text, system = "<bos>", bool(messages) and messages[0]["role"] in ("system", "developer")
-    if enable_thinking or system:
+    if enable_thinking or system or tools:
         text += "<|turn>system\n" + "<|think|>\n" * enable_thinking + (messages[0]["content"].strip() if system else "")
-        text, messages = text + "<turn|>\n", messages[system:]
+        text, messages = text + "".join(map(gemma4_declaration, tools or [])) + "<turn|>\n", messages[system:]
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    previous, wrote = None, None  # the role of the last message that was not a tool's; what its turn wrote last
     for i, m in enumerate(messages):
-        if m["role"] == "assistant":  # its thoughts dropped: the text outside <|channel> ... <channel|>
-            content = "".join(part.split("<|channel>")[0] for part in m["content"].split("<channel|>")).strip()
-            text += ("" if i and messages[i - 1]["role"] == "assistant" else "<|turn>model\n") + content + "<turn|>\n"
-        else:
-            text += f"<|turn>{m['role']}\n" + m["content"].strip() + "<turn|>\n"
-    return text + ("<|turn>model\n" + "<|channel>thought\n<channel|>" * (not enable_thinking)) * add_generation_prompt
+        if m["role"] != "tool":  # tool messages are written by the model turn that called them
+            turn, wrote = _gemma4_turn(messages, i, previous == "assistant", i > last_user)
+            text, previous = text + turn, m["role"]
+    if add_generation_prompt and wrote not in ("tool_call", "tool_response"):
+        text += "<|turn>model\n" + "<|channel>thought\n<channel|>" * (not enable_thinking)
+    return text
 
 
 # The token that closes an assistant turn: generation in chat mode stops there too.

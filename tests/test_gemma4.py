@@ -165,7 +165,7 @@ def test_engine_and_beam_search_follow_the_shared_cache(tmp_path):
 
 def test_chat_template():
     """chat.gemma4_chat renders what Gemma 4's published template does for text turns (its later revision: an empty
-    thought channel after the generation prompt when thinking is off); its tool format is refused, not misrendered."""
+    thought channel after the generation prompt when thinking is off); tools: test_chat_template_tools."""
     import chat
     messages = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi "},
                 {"role": "assistant", "content": "<|channel>thought\nhmm<channel|>Hello!"},
@@ -178,8 +178,75 @@ def test_chat_template():
     assert chat.apply_chat_template(messages[1:3], "gemma4", add_generation_prompt=False) == (
         "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n")
     assert chat.END_OF_TURN["gemma4"] == "<turn|>"
-    with pytest.raises(ValueError, match="tool format"):
-        chat.apply_chat_template(messages[1:2], "gemma4", tools=[{"name": "add", "parameters": {}}])
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first.
+        b: The second.
+    """
+    return a + b
+
+
+def get_weather(city: str, unit: str = "celsius", days: list[int] | None = None, flags: dict | None = None,
+                ok: bool = True) -> str:
+    """The weather.
+
+    Args:
+        city: The city.
+        unit: The unit (choices: ["celsius", "fahrenheit"])
+        days: Which days.
+        flags: Options.
+        ok: Whether to.
+    """
+    return "sunny"
+
+
+def _call(name, arguments, id=None):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}} | ({"id": id} if id else {})
+
+
+SYSTEM, USER = {"role": "system", "content": " Be brief. "}, {"role": "user", "content": "1+2, and the weather? "}
+WEATHER = {"city": "Paris", "days": [1, 2], "flags": {"x": True, "y": "z"}, "ok": False}
+CALLS = {"role": "assistant", "content": None, "tool_calls": [_call("add", {"a": 1, "b": 2}),
+                                                              _call("get_weather", WEATHER)]}
+RESULTS = [{"role": "tool", "content": "3"}, {"role": "tool", "content": "sunny", "name": "get_weather"}]
+ANSWER = {"role": "assistant", "content": "<|channel>thought\nok<channel|>3, and sunny."}
+THINKING_CALL = {"role": "assistant", "content": "Let me see.", "reasoning_content": "add them",
+                 "tool_calls": [_call("add", {"a": 1, "b": 2.5}, "c1")]}
+THINKING_RESULT = {"role": "tool", "content": "3.5", "tool_call_id": "c1"}
+TOOL_CONVERSATIONS = {"calls": [SYSTEM, USER, CALLS], "calls and results": [SYSTEM, USER, CALLS, *RESULTS],
+                      "answered": [USER, CALLS, *RESULTS, ANSWER],
+                      "next question": [USER, CALLS, *RESULTS, ANSWER, USER],
+                      "reasoning and ids": [USER, THINKING_CALL, THINKING_RESULT, ANSWER, USER, THINKING_CALL],
+                      "text only": [SYSTEM, USER, ANSWER, USER]}
+
+
+@pytest.mark.parametrize("name", list(TOOL_CONVERSATIONS))
+def test_chat_template_tools(name):
+    """Gemma 4's tool format against the published template rendered by transformers (tests/chat_templates/
+    gemma4.jinja): declarations in the system turn, calls, their results and the answer in one model turn."""
+    import pathlib
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    import chat
+    template = (pathlib.Path(__file__).parent / "chat_templates" / "gemma4.jinja").read_text()
+    messages = [dict(m, content=m["content"] or "") for m in TOOL_CONVERSATIONS[name]]  # the template's content: str
+    for tools in ([add, get_weather], None, []):
+        schemas = None if tools is None else [chat.function_schema(t) for t in tools]
+        for gen, thinking in [(True, False), (False, False), (True, True)]:
+            ref, _ = render_jinja_template(conversations=[messages], chat_template=template, tools=schemas,
+                                           add_generation_prompt=gen, enable_thinking=thinking, bos_token="<bos>")
+            assert chat.apply_chat_template(TOOL_CONVERSATIONS[name], "gemma4", gen, tools=tools,
+                                            enable_thinking=thinking) == ref[0], (tools, gen, thinking)
+    assert chat.apply_chat_template([USER, CALLS, *RESULTS], "gemma4") == (
+        "<bos><|turn>user\n1+2, and the weather?<turn|>\n<|turn>model\n<|tool_call>call:add{a:1,b:2}<tool_call|>"
+        '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:[1,2],flags:{x:true,y:<|"|>z<|"|>},ok:false}'
+        '<tool_call|><|tool_response>response:get_weather{value:<|"|>3<|"|>}<tool_response|>'  # sic: no ids, the
+        '<|tool_response>response:get_weather{value:<|"|>sunny<|"|>}<tool_response|>')  # last call's name (template)
 
 
 QUICK = {  # a couple of steps of each script's demo on tiny-gemma4, warm-ups and evaluations cut to the bone
