@@ -528,7 +528,7 @@ def cached_arrays(directory, key_parts, compute, what: str = "arrays") -> dict[s
     print(f"{what}: computed, cached in {path}", file=sys.stderr)
     if shard.is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial.npz")
+        partial = path.with_suffix(f".{os.getpid()}.partial.npz")  # two runs sharing a cache each write their own
         np.savez(partial, **arrays)
         partial.replace(path)
     return arrays
