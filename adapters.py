@@ -63,7 +63,8 @@ def add_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.0,
              seed: int = 0):
     """Attach adapters in place: A [L, in..., r] with PEFT's init (uniform, bound 1/sqrt(in)) and
     B [L, r, out...] = 0, so the model computes exactly what it did until B trains. targets None: every
-    projection the model has (a mixture-of-experts model: the attention's, as PEFT's default for Qwen MoE)."""
+    projection the model has (a mixture-of-experts model: the attention's, as PEFT's default for Qwen MoE).
+    Gemma 4 (one parameter dict per layer): A [in..., r] and B [r, out...] in each layer that has the weight."""
     cfg, key = model.cfg, jax.random.key(seed)
     targets = (ATTENTION if cfg.experts is not None else TARGETS) if targets is None else targets
     if rank < 1 or not targets or set(targets) - set(TARGETS):
@@ -71,18 +72,33 @@ def add_lora(model, rank: int, alpha: float, targets=None, dropout: float = 0.0,
     if cfg.experts is not None and set(targets) - set(ATTENTION):
         raise ValueError(f"LoRA on a mixture-of-experts model takes q,k,v,o: its experts take no adapters yet "
                          f"(targets {','.join(targets)})")
-    shapes = projection_shapes(cfg)
-    for i, name in enumerate(TARGETS):
-        if name not in targets:
-            continue
-        n_in = 2 if name == "o" else 1
-        ins, outs = shapes[name][:n_in], shapes[name][n_in:]
-        bound = 1.0 / math.sqrt(math.prod(ins))
-        a = jax.random.uniform(jax.random.fold_in(key, i), (cfg.n_layers, *ins, rank), jnp.float32, -bound, bound)
-        setattr(model.layers, f"{name}_lora_a", LoRA(a.astype(cfg.param_dtype)))
-        setattr(model.layers, f"{name}_lora_b", LoRA(jnp.zeros((cfg.n_layers, rank, *outs), cfg.param_dtype)))
+    if cfg.gemma4:  # a KV-shared layer has no k or v, a k = v layer no v: their adapters are absent too
+        owners = [(block, {n: getattr(block, n).shape for n in TARGETS if hasattr(block, n)},
+                   jax.random.fold_in(key, layer)) for layer, block in enumerate(model.layers)]
+    else:
+        owners = [(model.layers, {n: (cfg.n_layers, *shape) for n, shape in projection_shapes(cfg).items()}, key)]
+    for owner, shapes, owner_key in owners:
+        for i, name in enumerate(TARGETS):
+            if name not in targets or name not in shapes:
+                continue
+            lead = shapes[name][:0 if cfg.gemma4 else 1]  # () or (L,)
+            n_in = len(lead) + (2 if name == "o" else 1)
+            ins, outs = shapes[name][len(lead):n_in], shapes[name][n_in:]
+            bound = 1.0 / math.sqrt(math.prod(ins))
+            a = jax.random.uniform(jax.random.fold_in(owner_key, i), (*lead, *ins, rank), jnp.float32, -bound, bound)
+            setattr(owner, f"{name}_lora_a", LoRA(a.astype(cfg.param_dtype)))
+            setattr(owner, f"{name}_lora_b", LoRA(jnp.zeros((*lead, rank, *outs), cfg.param_dtype)))
     model.lora = LoRAConfig(rank, float(alpha), tuple(t for t in TARGETS if t in targets), dropout, rslora)
     return model
+
+
+def factor_vars(model, name: str, factor: str) -> list[tuple[list[int], nnx.Variable, bool]]:
+    """Where target `name`'s LoRA factor ("a" or "b") lives: (layer indices, the variable, whether it is stacked
+    with a leading L) — one stacked [L, ...] variable, or for Gemma 4 one per layer that has the weight."""
+    attr = f"{name}_lora_{factor}"
+    if model.cfg.gemma4:
+        return [([i], getattr(block, attr), False) for i, block in enumerate(model.layers) if hasattr(block, attr)]
+    return [(list(range(model.cfg.n_layers)), getattr(model.layers, attr), True)]
 
 
 def lora_delta(x, a, b, scale: float) -> jax.Array:
@@ -130,12 +146,16 @@ def weight(p: dict, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
 
 def quantize_model(model, fmt: str, block: int = 64, tables: bool = True):
     """Replace the frozen projection weights (and, with `tables`, the embedding and output head:
-    62% of Gemma 3 270M) by quantized codes and scales, in place."""
-    targets = [(model.layers, name) for name in TARGETS]
+    62% of Gemma 3 270M) by quantized codes and scales, in place. Gemma 4's per-layer weights get a
+    leading axis of 1 in their codes (quantize's first axis is never blocked)."""
+    per_layer = model.cfg.gemma4 is not None
+    layers = list(model.layers) if per_layer else [model.layers]
+    targets = [(owner, name) for owner in layers for name in TARGETS if hasattr(owner, name)]
     if tables:
         targets += [(model, name) for name in ("embed", "lm_head") if hasattr(model, name)]
     for owner, name in targets:
-        codes, scales = quantize(getattr(owner, name)[...], fmt, block)
+        w = getattr(owner, name)[...]
+        codes, scales = quantize(w[None] if per_layer and owner is not model else w, fmt, block)
         delattr(owner, name)
         setattr(owner, f"{name}_codes", Quantized(codes))
         setattr(owner, f"{name}_scales", Quantized(scales))
@@ -148,15 +168,18 @@ def merge_lora(model):
     cfg = model.cfg
     graphdef, state = nnx.split(nnx.eval_shape(lambda: type(model)(cfg, nnx.Rngs(0))))
     flat = dict(nnx.to_flat_state(state))
-    stacked, shapes, lora = model.layers.arrays(), projection_shapes(cfg), getattr(model, "lora", None)
+    lora = getattr(model, "lora", None)
+    per_layer = [block.arrays() for block in model.layers] if cfg.gemma4 else None  # Gemma 4: a dict per layer
+    stacked = None if cfg.gemma4 else model.layers.arrays()
     for path, var in flat.items():
         if path[0] == "layers":
-            name = path[1]  # "q", "attn_norm", ...
-            value = weight(stacked, name, (cfg.n_layers, *shapes.get(name, ())), jnp.float32).astype(jnp.float32)
-            if f"{name}_lora_a" in stacked:
-                a, b = stacked[f"{name}_lora_a"], stacked[f"{name}_lora_b"]
-                delta = jnp.einsum("lir,lro->lio", a.reshape(cfg.n_layers, -1, lora.rank).astype(jnp.float32),
-                                   b.reshape(cfg.n_layers, lora.rank, -1).astype(jnp.float32))
+            p, name = (per_layer[path[1]], path[2]) if cfg.gemma4 else (stacked, path[1])  # "q", "attn_norm", ...
+            value = weight(p, name, var.shape, jnp.float32).astype(jnp.float32)
+            if f"{name}_lora_a" in p:
+                a, b = (p[f"{name}_lora_{f}"].astype(jnp.float32) for f in "ab")
+                a, b = (a[None], b[None]) if cfg.gemma4 else (a, b)  # [L, in..., r], [L, r, out...]
+                delta = jnp.einsum("lir,lro->lio", a.reshape(a.shape[0], -1, lora.rank),
+                                   b.reshape(b.shape[0], lora.rank, -1))
                 value = value + lora.scale * delta.reshape(value.shape)
         elif path[0] in ("embed", "lm_head"):
             value = model.table(path[0], jnp.float32)
@@ -164,5 +187,3 @@ def merge_lora(model):
             value = getattr(model, path[0])[...]
         var.set_value(value.astype(var.dtype))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-

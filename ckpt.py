@@ -27,9 +27,9 @@ from flax import nnx
 import ml_dtypes
 from safetensors.numpy import save_file
 
+import adapters
 import gemma4
 import moe
-from adapters import add_lora
 from model import CONFIGS, Config, Transformer, every_nth_global, get_config, layer_shapes
 
 
@@ -458,15 +458,15 @@ def save_peft(model: Transformer, path, base_model: str | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained
     onto the transformers model (atomically replaced, like save_hf)."""
     lora, path = model.lora, pathlib.Path(path)
-    arrays = model.layers.arrays()
     tensors = {}
     for name in lora.targets:
-        a = np.asarray(jax.device_get(arrays[f"{name}_lora_a"]), np.float32)  # [L, in..., r]
-        b = np.asarray(jax.device_get(arrays[f"{name}_lora_b"]), np.float32)  # [L, r, out...]
-        for i in range(model.cfg.n_layers):
-            module = PEFT_PREFIX.format(i=i) + PEFT_MODULES[name]
-            tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(to_hf(a[i], a.ndim - 2))  # [r, in]
-            tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(to_hf(b[i], 1))  # [out, r]
+        for factor in "ab":
+            for layers, var, stacked in adapters.factor_vars(model, name, factor):
+                x = np.asarray(jax.device_get(var[...]), np.float32)
+                x = x if stacked else x[None]  # A [L, in..., r] → [r, in]; B [L, r, out...] → [out, r]
+                for j, i in enumerate(layers):
+                    hf = f"{PEFT_PREFIX.format(i=i)}{PEFT_MODULES[name]}.lora_{factor.upper()}.weight"
+                    tensors[hf] = np.ascontiguousarray(to_hf(x[j], x.ndim - 2 if factor == "a" else 1))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "use_rslora": lora.rslora,
               "target_modules": sorted(PEFT_MODULES[t].split(".")[1] for t in lora.targets),
@@ -511,26 +511,25 @@ def _attach_peft(model: Transformer, config, config_file: pathlib.Path, weights:
     targets, rank = tuple(by_module[m] for m in modules), int(config["r"])
     if not 1 <= rank <= model.cfg.dim:  # before anything of that size is allocated
         raise CheckpointError(f"{config_file}: r = {rank} is not a rank of a {model.cfg.dim}-wide model")
-    add_lora(model, rank, float(config.get("lora_alpha", 8)), targets,
+    adapters.add_lora(model, rank, float(config.get("lora_alpha", 8)), targets,
              dropout=float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora")))
     file = SafetensorsFile(weights)
     for name in model.lora.targets:
-        for factor, n_in in (("a", None), ("b", 1)):
-            var = getattr(model.layers, f"{name}_lora_{factor}")
-            stacked = np.empty(var.shape, np.dtype(var.dtype))
-            for i in range(model.cfg.n_layers):
-                module = PEFT_PREFIX.format(i=i) + PEFT_MODULES[name]
-                hf = f"{module}.lora_{factor.upper()}.weight"
-                if hf not in file.keys():
-                    raise CheckpointError(f"{weights}: missing tensor {hf}")
-                ours = var.shape[1:]
-                n = len(ours) - 1 if factor == "a" else n_in  # A: [in..., r]; B: [r, out...]
-                x = file.get(hf)
-                if tuple(x.shape) != hf_shape(ours, n):
-                    raise CheckpointError(f"{hf}: adapter shape {tuple(x.shape)} does not match the model's "
-                                          f"{hf_shape(ours, n)} ({weights.name})")
-                stacked[i] = to_ours(x, ours, n)
-            var.set_value(jnp.asarray(stacked))
+        for factor in "ab":
+            for layers, var, stacked in adapters.factor_vars(model, name, factor):
+                ours = var.shape[1:] if stacked else var.shape
+                n = len(ours) - 1 if factor == "a" else 1  # A: [in..., r]; B: [r, out...]
+                values = np.empty((len(layers), *ours), np.dtype(var.dtype))
+                for j, i in enumerate(layers):
+                    hf = f"{PEFT_PREFIX.format(i=i)}{PEFT_MODULES[name]}.lora_{factor.upper()}.weight"
+                    if hf not in file.keys():
+                        raise CheckpointError(f"{weights}: missing tensor {hf}")
+                    x = file.get(hf)
+                    if tuple(x.shape) != hf_shape(ours, n):
+                        raise CheckpointError(f"{hf}: adapter shape {tuple(x.shape)} does not match the model's "
+                                              f"{hf_shape(ours, n)} ({weights.name})")
+                    values[j] = to_ours(x, ours, n)
+                var.set_value(jnp.asarray(values if stacked else values[0]))
     return model
 
 

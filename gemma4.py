@@ -157,18 +157,19 @@ def per_layer_inputs(model, tokens, x):
     return (by_context + by_token.reshape(B, T, L, P)) * 2 ** -0.5
 
 
-def attention(p: dict, h, c, table: rope.Rope, mask, cache_kv, shared_kv, start):
+def attention(p: dict, h, c, table: rope.Rope, mask, cache_kv, shared_kv, start, adapters):
     """Layer attention of h [B, T, D] (c: the layer's Config) → out [B, T, D], the keys and values it attended
     (for the layers that share them), its cache (k, v) [B, S, K, H] or (None, None), the head-averaged map.
     shared_kv: another layer's keys and values (a KV-shared layer computes none and caches none)."""
     M = model_lib
     norm = lambda y, w: M.rms_norm(y, w, c.norm_eps, False)  # noqa: E731
-    q, = M.projections(p, ("q",), h, c, None)  # [B, T, N, H]
+    q, = M.projections(p, ("q",), h, c, adapters)  # [B, T, N, H]
     q = rope.apply_rope(norm(q, p["q_norm"]), table.cos, table.sin)
     if shared_kv is not None:
         (k, v), cache_kv = shared_kv, (None, None)
     else:
-        k, *v = M.projections(p, ("k", "v") if "v" in p else ("k",), h, c, None)  # [B, T, K, H]
+        own_v = "v" in p or "v_codes" in p  # (stored as it is, or quantized)
+        k, *v = M.projections(p, ("k", "v") if own_v else ("k",), h, c, adapters)  # [B, T, K, H]
         v = v[0] if v else k  # k = v: the values are the key projection, before k's norm and RoPE
         k = rope.apply_rope(norm(k, p["k_norm"]), table.cos, table.sin)
         v = norm(v, jnp.ones(v.shape[-1], jnp.float32))  # values RMS-normed, no learned scale
@@ -176,17 +177,20 @@ def attention(p: dict, h, c, table: rope.Rope, mask, cache_kv, shared_kv, start)
             cache_kv = tuple(M.write_slots(cached, new, start) for cached, new in zip(cache_kv, (k, v)))
             k, v = (cached.astype(h.dtype) for cached in cache_kv)
     heads, attention_map = M.attention(q, k, v, mask, c.query_scale, c.attn_softcap)  # query scale 1
-    out, = M.projections(p, ("o",), heads, c, None)
+    out, = M.projections(p, ("o",), heads, c, adapters)
     return out, (k, v), cache_kv, attention_map
 
 
-def block(x, p: dict, *, c, table, mask, ple, cache_kv, shared_kv, start):
-    """One Gemma 4 layer on x [B, T, D]; ple [B, T, P] its per-layer input (None without PLE)."""
+def block(x, p: dict, *, c, table, mask, ple, cache_kv, shared_kv, start, lora, drop_key):
+    """One Gemma 4 layer on x [B, T, D]; ple [B, T, P] its per-layer input (None without PLE); lora: the adapters'
+    LoRAConfig (None without), drop_key: dropout on their inputs (None: none)."""
     M = model_lib
+    adapters = None if lora is None else M.Adapters(lora.scale, lora.dropout, drop_key)
     norm = lambda y, name: M.rms_norm(y, p[name], c.norm_eps, False)  # noqa: E731
-    out, kv, cache_kv, attention_map = attention(p, norm(x, "attn_norm"), c, table, mask, cache_kv, shared_kv, start)
+    out, kv, cache_kv, attention_map = attention(p, norm(x, "attn_norm"), c, table, mask, cache_kv, shared_kv, start,
+                                                 adapters)
     x = x + norm(out, "post_attn_norm")
-    y = M.mlp(p, norm(x, "ffw_norm"), c, None)
+    y = M.mlp(p, norm(x, "ffw_norm"), c, adapters)
     if c.gemma4.experts:  # 26B-A4B: the experts beside the MLP, each with its own norms, summed
         y = norm(y, "post_ffw_norm_1") + norm(moe_block(p, x, c), "post_ffw_norm_2")
     x = x + norm(y, "post_ffw_norm")
@@ -215,8 +219,8 @@ def moe_block(p: dict, x, c):
     return y.reshape(B, T, D)
 
 
-def forward(model, tokens, positions, segment_ids, cache, last, layers, hidden, taps):
-    """model.Transformer.__call__ for Gemma 4 (same arguments and results; LoRA and dropout not yet): the
+def forward(model, tokens, positions, segment_ids, cache, last, layers, hidden, taps, dropout_key):
+    """model.Transformer.__call__ for Gemma 4 (same arguments and results): the
     layers unrolled, each with its own shapes, KV-shared layers reading their source layer's keys and values."""
     M, cfg = model_lib, model.cfg
     dtype = jnp.dtype(cfg.dtype)
@@ -227,7 +231,8 @@ def forward(model, tokens, positions, segment_ids, cache, last, layers, hidden, 
     x, caches, tapped = run_layers(cfg, x, layer_arrays(model) if layers is None else layers, ple,
                                    {"sliding": sliding_mask, "full": global_mask},
                                    {"sliding": sliding_rope, "full": full_rope},
-                                   None if cache is None else (cache.k, cache.v), start, tuple(taps))
+                                   None if cache is None else (cache.k, cache.v), start, tuple(taps),
+                                   getattr(model, "lora", None), dropout_key)
     tapped.update({"router": None} if "router" in taps else {})  # no load-balancing loss: transformers' Gemma 4 has none
 
     x = x if last is None else x[:, -last:]
@@ -240,22 +245,24 @@ def forward(model, tokens, positions, segment_ids, cache, last, layers, hidden, 
     return out if cache is None else (out, cache)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "taps"))
-def run_layers(cfg, x, layers, ple, masks, tables, cache_kv, start, taps):
+@functools.partial(jax.jit, static_argnames=("cfg", "taps", "lora"))
+def run_layers(cfg, x, layers, ple, masks, tables, cache_kv, start, taps, lora=None, dropout_key=None):
     """Every layer on x [B, T, D] as one jitted program (called eagerly, an unrolled model would otherwise run
     op by op): x, each layer's cache (k, v) ((None, None) for a KV-shared layer, or without a cache), and the
-    taps "hidden" [L + 1, B, T, D] and "attention" [L, B, T, S] asked for."""
+    taps "hidden" [L + 1, B, T, D] and "attention" [L, B, T, S] asked for. lora: the adapters' LoRAConfig (their
+    factors are in the layers' dicts); dropout_key: dropout on their inputs, a key per layer."""
     sources = kv_sources(cfg)
     policy = None if cfg.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable  # as model.py's
     kvs, caches, hiddens, maps = {}, [], [], []
     for i, p in enumerate(layers):
         kind = "sliding" if cfg.sliding_layers and cfg.sliding_layers[i] else "full"
-        step = jax.checkpoint(functools.partial(block, c=layer_config(cfg, i)), policy=policy)
+        step = jax.checkpoint(functools.partial(block, c=layer_config(cfg, i), lora=lora), policy=policy)
+        drop = None if dropout_key is None or lora is None or not lora.dropout else jax.random.fold_in(dropout_key, i)
         hiddens.append(x)
         x, kvs[i], layer_cache, attention_map = step(
             x, p, table=tables[kind], mask=masks[kind], ple=None if ple is None else ple[:, :, i],
             cache_kv=(None, None) if cache_kv is None else (cache_kv[0][i], cache_kv[1][i]),
-            shared_kv=None if sources[i] == i else kvs[sources[i]], start=start)
+            shared_kv=None if sources[i] == i else kvs[sources[i]], start=start, drop_key=drop)
         caches.append(layer_cache)
         maps.append(attention_map)
     tapped = {name: jnp.stack(a) for name, a in (("hidden", hiddens + [x]), ("attention", maps)) if name in taps}

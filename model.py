@@ -401,7 +401,8 @@ class Transformer(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None else positions
         segment_ids = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
         if cfg.gemma4:  # its layers, unrolled, each of its own shape
-            return gemma4.forward(self, tokens, positions, segment_ids, cache, last, layers, hidden, taps)
+            return gemma4.forward(self, tokens, positions, segment_ids, cache, last, layers, hidden, taps,
+                                  dropout_key)
 
         x = self.embed_rows(tokens).astype(dtype)  # [B, T, D]
         if cfg.embed_scale:  # Gemma rounds sqrt(D) to the compute dtype, as HF does

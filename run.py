@@ -70,11 +70,10 @@ def load(cfg, **overrides) -> Loaded:
     cfg.dtype with float32 parameters, and its tokenizer (the byte-level one when there is no directory)."""
     model, source, directory = ckpt.load_model(cfg.model, ckpt=cfg.ckpt, dtype=cfg.dtype, param_dtype="float32",
                                                seed=cfg.seed, init=cfg.init, remat=cfg.remat, **overrides)
-    if model.cfg.experts is not None and getattr(cfg, "quant", ""):
+    has_experts = model.cfg.experts is not None or bool(model.cfg.gemma4 and model.cfg.gemma4.experts)
+    if has_experts and getattr(cfg, "quant", ""):
         raise ValueError(f"{source}: QLoRA does not quantize a mixture-of-experts model's experts yet; "
-                         "train its attention's adapters on the float base (no --quant)")
-    if model.cfg.gemma4 is not None and (getattr(cfg, "lora", False) or getattr(cfg, "quant", "") or hasattr(cfg, "lora_targets")):
-        raise ValueError(f"{source}: LoRA and QLoRA do not reach Gemma 4's per-layer weights yet; train it in full")
+                         "train its adapters on the float base (no --quant)")
     return Loaded(model, tokenizer.load_tokenizer(directory), source, directory, model.cfg.family if directory else None)
 
 

@@ -71,6 +71,12 @@ PARAM_RULES = [
     (r"layers/\d+/expert_gate_up$", P(None, None, "fsdp")),  # [E, 2F, D]
     (r"layers/\d+/expert_down$", P(None, "fsdp", None)),  # [E, D, F]
     (r"layers/\d+/ple_gate$", P("fsdp", None)),  # [D, P]
+    (r"layers/\d+/(q|k|v|gate|up)_lora_a$", P("fsdp", None)),  # [D, r]: LoRA as on the stacked layers, no L
+    (r"layers/\d+/(q|k|v)_lora_b$", P(None, "tp", None)),  # [r, N|K, H]
+    (r"layers/\d+/(gate|up)_lora_b$", P(None, "tp")),  # [r, F]
+    (r"layers/\d+/o_lora_a$", P("tp", None, None)),  # [N, H, r]
+    (r"layers/\d+/down_lora_a$", P("tp", None)),  # [F, r]
+    (r"layers/\d+/(o|down)_lora_b$", P(None, "fsdp")),  # [r, D]
     (r"layers/\d+/ple_proj$", P(None, "fsdp")),  # [P, D]
     (r"(^|/)ple_embed$", P("tp", "fsdp")),  # [V, L·P], like the embedding
     (r"(^|/)ple_model_proj$", P("fsdp", None)),  # [D, L·P]

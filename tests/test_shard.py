@@ -148,6 +148,11 @@ def test_table_entries():
     assert shard.spec_for("embed", (4096, 256), mesh) == P("tp", "fsdp")
     assert shard.spec_for("layers/k", (2, 256, 1, 64), mesh) == P(None, "fsdp", None, None)  # 1 kv head
     assert shard.spec_for("layers/attn_norm", (2, 256), mesh) == P()
+    # Gemma 4's per-layer LoRA factors (no L axis) follow their weights as the stacked ones do
+    assert shard.spec_for("layers/3/q_lora_a", (256, 8), mesh) == P("fsdp", None)
+    assert shard.spec_for("layers/3/q_lora_b", (8, 8, 64), mesh) == P(None, "tp", None)
+    assert shard.spec_for("layers/3/o_lora_a", (8, 64, 8), mesh) == P("tp", None, None)
+    assert shard.spec_for("opt/0/mu/layers/3/down_lora_b", (8, 256), mesh) == P(None, "fsdp")
 
 
 def test_real_preset_is_split_eight_ways_without_allocating():
