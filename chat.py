@@ -236,6 +236,85 @@ def gemma4_value(value, quote_keys: bool = False) -> str:
     return str(value)
 
 
+GEMMA4_SCALAR = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?|true|false|null|None")  # None: str(None), as written
+GEMMA4_KEY = re.compile(r"[\w-]+")  # a bare key, as gemma4_value writes an argument's name
+GEMMA4_WORDS = {"true": True, "false": False, "null": None, "None": None}
+GEMMA4_CALL = re.compile(r"<\|tool_call>(.*?)(<tool_call\|>|\Z)", re.DOTALL)
+GEMMA4_NAME = re.compile(r"call:([\w.-]+)(?=\{)")
+
+
+def _gemma4_sequence(text: str, i: int, close: str, item) -> tuple[list, int]:
+    """The items of a {...} or [...] opened just before i, each read by item(text, i) → (it, i), comma-separated
+    up to close; and the position after close."""
+    items = []
+    while not text.startswith(close, i):
+        if items and not text.startswith(",", i):
+            raise ValueError(f"expected ',' or {close!r} at {i}, got {text[i:i + 20]!r}")
+        found, i = item(text, i + bool(items))
+        items.append(found)
+    return items, i + 1
+
+
+def _gemma4_pair(text: str, i: int) -> tuple[tuple[str, object], int]:
+    """key:value at text[i:] (the key bare or <|"|>-quoted), and the position after it."""
+    if text.startswith(GEMMA4_QUOTE, i):
+        key, i = gemma4_read(text, i)
+    elif bare := GEMMA4_KEY.match(text, i):
+        key, i = bare[0], bare.end()
+    else:
+        raise ValueError(f"expected a key at {i}, got {text[i:i + 20]!r}")
+    if not text.startswith(":", i):
+        raise ValueError(f"expected ':' after the key at {i}, got {text[i:i + 20]!r}")
+    value, i = gemma4_read(text, i + 1)
+    return (key, value), i
+
+
+def gemma4_read(text: str, i: int = 0) -> tuple[object, int]:
+    """The value gemma4_value wrote at text[i:] and the position after it: <|"|>-quoted strings, numbers,
+    true/false/null (None too), {key:value,...} and [value,...], nothing between them. A strict reader (the model's
+    text is never evaluated): a ValueError names the position where the text departs from that."""
+    if text.startswith(GEMMA4_QUOTE, i):
+        end = text.find(GEMMA4_QUOTE, i + len(GEMMA4_QUOTE))
+        if end < 0:
+            raise ValueError(f"the string opened at {i} is not closed")
+        return text[i + len(GEMMA4_QUOTE):end], end + len(GEMMA4_QUOTE)
+    if text.startswith("{", i):
+        pairs, end = _gemma4_sequence(text, i + 1, "}", _gemma4_pair)
+        if len(dict(pairs)) < len(pairs):
+            raise ValueError(f"a key repeats in the object at {i}")
+        return dict(pairs), end
+    if text.startswith("[", i):
+        return _gemma4_sequence(text, i + 1, "]", gemma4_read)
+    scalar = GEMMA4_SCALAR.match(text, i)
+    if not scalar:
+        raise ValueError(f"expected a value at {i}, got {text[i:i + 20]!r}")
+    word = scalar[0]
+    value = GEMMA4_WORDS[word] if word in GEMMA4_WORDS else float(word) if scalar[1] or scalar[2] else int(word)
+    return value, scalar.end()
+
+
+def _gemma4_call(body: str, closing: str) -> tuple[str, dict] | str:
+    """The call in one <|tool_call> block's body (call:name{key:value,...}), or the error text for the model."""
+    if not closing:
+        return "error: <|tool_call> without <tool_call|>"
+    name = GEMMA4_NAME.match(body)
+    try:
+        if not name:
+            raise ValueError("it does not open with call:<function name>{")
+        arguments, end = gemma4_read(body, name.end())
+        if end < len(body):
+            raise ValueError(f"text after the arguments at {end}")
+    except (ValueError, RecursionError) as e:
+        return f"error: a tool call is call:<function name>{{<arguments>}}: {e} in {body[:200]!r}"
+    return name[1], arguments
+
+
+def gemma4_calls(text: str) -> list[tuple[str, dict] | str]:
+    """Each <|tool_call> block's call in text (tools.parse_tool_calls' convention: (name, arguments), or the
+    "error: ..." text a malformed one gets as its result)."""
+    return [_gemma4_call(body, closing) for body, closing in GEMMA4_CALL.findall(text)]
+
+
 def _gemma4_required(names: list[str]) -> str:
     return "required:" + gemma4_value(list(names))
 
@@ -302,6 +381,10 @@ def gemma4_call(name: str, arguments: dict) -> str:
     return f"<|tool_call>call:{name}{{" + gemma4_value(arguments)[1:-1] + "}<tool_call|>"
 
 
+def gemma4_response(name: str, content) -> str:
+    return f"<|tool_response>response:{name}{{value:{gemma4_value(content)}}}<tool_response|>"
+
+
 def _gemma4_turn(messages: list[dict], i: int, continues: bool, after_last_user: bool) -> tuple[str, str | None]:
     """Message i as Gemma 4's template writes it, and what it wrote last ("tool_call", "tool_response" or None).
     A model turn holds its calls, then the tool messages that follow it as responses, then its text; after calls
@@ -319,7 +402,7 @@ def _gemma4_turn(messages: list[dict], i: int, continues: bool, after_last_user:
         name = r.get("name", "unknown")  # the call's name where the ids match (as the template: None == None)
         for c in m["tool_calls"]:
             name = c.get("function", c)["name"] if c.get("id") == r.get("tool_call_id") else name
-        responses.append(f"<|tool_response>response:{name}{{value:{gemma4_value(r['content'])}}}<tool_response|>")
+        responses.append(gemma4_response(name, r["content"]))
     content = m["content"].strip()
     if role == "model":  # its thoughts dropped: the text outside <|channel> ... <channel|>
         content = "".join(part.split("<|channel>")[0] for part in m["content"].split("<channel|>")).strip()
@@ -360,6 +443,10 @@ def gemma4_chat(messages: list[dict], add_generation_prompt: bool = True, enable
 END_OF_TURN = {"gemma": "<end_of_turn>", "gemma2": "<end_of_turn>", "gemma3": "<end_of_turn>", "gemma4": "<turn|>",
                "llama3": "<|eot_id|>", "qwen2": "<|im_end|>", "qwen3": "<|im_end|>"}
 
+# Gemma 4 ends a turn's tool calls with <|tool_response>: the model stops there, and the results follow inside the
+# same turn (_gemma4_turn). The other families end a turn of calls as any other, with END_OF_TURN.
+CALLS_END = {"gemma4": "<|tool_response>"}
+
 CHAT_TEMPLATES = {"gemma": gemma_chat, "gemma2": gemma_chat, "gemma3": gemma_chat, "gemma4": gemma4_chat,
                   "llama3": llama3_chat, "qwen2": qwen2_chat, "qwen3": qwen3_chat}
 
@@ -397,19 +484,27 @@ def apply_chat_template(messages: list[dict], family: str, add_generation_prompt
 
 # ----------------------------------------------------------------------------- tool conversations without a template
 
+def _marker_start(text: str, marker: str, thought_end: str) -> int:
+    """Where the first call marker after the reasoning (after the last thought_end) starts, or a marker half
+    written at the text's end; len(text) when neither."""
+    thought = text.rfind(thought_end)
+    after = 0 if thought < 0 else thought + len(thought_end)
+    found = text.find(marker, after)
+    spelling = (i for i in range(max(after, len(text) - len(marker) + 1), len(text)) if marker.startswith(text[i:]))
+    return found if found >= 0 else next(spelling, len(text))
+
+
 def call_start(text: str, family: str) -> int:
     """Where an assistant turn's first tool call starts in the family's format (tools.parse_tool_calls reads the
-    calls from there on; len(text) when there is none): Qwen's first <tool_call> after the reasoning, Llama 3's
+    calls from there on; len(text) when there is none): Qwen's first <tool_call> after the reasoning (Gemma 4's
+<|tool_call> after its thoughts' <channel|>), Llama 3's
     whole message when it opens with "{" or <|python_tag|>, Gemma's first line that opens with "{". Text still
     being written may be spelling a call out at its end (a half-written "<tool_c", a turn of blanks so far): that
     counts as a start too, so a stream shows the text up to here and a call's text never."""
     if family.startswith("qwen"):
-        thought = text.rfind("</think>")
-        after = 0 if thought < 0 else thought + len("</think>")
-        found = text.find("<tool_call>", after)
-        spelling = (i for i in range(max(after, len(text) - len("<tool_call>") + 1), len(text))
-                    if "<tool_call>".startswith(text[i:]))
-        return found if found >= 0 else next(spelling, len(text))
+        return _marker_start(text, "<tool_call>", "</think>")
+    if family == "gemma4":
+        return _marker_start(text, "<|tool_call>", "<channel|>")
     if family == "llama3":
         head = text.lstrip()
         return 0 if head.startswith(("{", "<|python_tag|>")) or "<|python_tag|>".startswith(head) else len(text)
@@ -417,18 +512,28 @@ def call_start(text: str, family: str) -> int:
     return first.start() if first else len(text)
 
 
-def end_of_turn_id(tok, family: str) -> int:
+def end_of_turn_id(tok, family: str, calls: bool = False) -> int:
     """The id that ends an assistant turn: the template's end-of-turn token where the tokenizer has it, else its
-    EOS (a byte-level tiny model's), as grpo.py's tool demo writes them (tasks.calculator_conversations)."""
-    return tok.token_id(END_OF_TURN[family]) or tok.eos_ids[0]
+    EOS (a byte-level tiny model's), as grpo.py's tool demo writes them (tasks.calculator_conversations). With
+    calls, the id that ends a turn's tool calls: Gemma 4's <|tool_response> where the tokenizer has it (CALLS_END)."""
+    end = tok.token_id(END_OF_TURN[family]) or tok.eos_ids[0]
+    return (tok.token_id(CALLS_END[family]) or end) if calls and family in CALLS_END else end
+
+
+def tool_stop_ids(tok, family: str, stop_ids) -> tuple[int, ...]:
+    """Where a turn stops with tools on: stop_ids (data.stop_ids, the end of any turn) and, for Gemma 4, the
+    <|tool_response> its calls end with where the tokenizer has it. Sampling, rollouts and the server take these."""
+    end = tok.token_id(CALLS_END[family]) if family in CALLS_END else None
+    return tuple(dict.fromkeys([*stop_ids] + [end] * (end is not None)))
 
 
 def assistant_turn_text(message: dict, family: str) -> str:
     """What the model writes in an assistant turn: its text, then each call in the family's format (tools.call_text),
-    one a line, as the templates write them (Llama 3's call is the whole message)."""
+    one a line, as the templates write them (Llama 3's call is the whole message; Gemma 4's calls follow each other)."""
     import tools  # here: tools imports this module inside its functions
     calls = [tools.call_text(family, name, arguments) for name, arguments in _tool_calls(message)]
-    return "\n".join(calls if family == "llama3" and calls else filter(None, [message["content"], *calls]))
+    return ("" if family == "gemma4" else "\n").join(calls if family == "llama3" and calls
+                                                     else filter(None, [message["content"], *calls]))
 
 
 def plain_conversation_ids(messages: list[dict], tok, family: str, enable_thinking: bool = True) -> list[int]:
@@ -436,7 +541,8 @@ def plain_conversation_ids(messages: list[dict], tok, family: str, enable_thinki
     the model writes its next turn, as grpo.py --tools trained it: the user message as a plain prompt (tok.encode,
     BOS included; a system message before it as grpo's --system-prompt is, its text and a blank line before the
     prompt and a newline after), each assistant turn as the model writes it (assistant_turn_text) then its
-    end-of-turn id, each run of tool results as tools.result_turn_text's turn, tokenized on its own. tools.rollout
+    end-of-turn id (end_of_turn_id: of a turn of calls, with calls=True), each run of tool results as
+    tools.result_turn_text's turn, tokenized on its own. tools.rollout
     builds the same ids while it samples (tests/test_serve_tools.py holds them equal). Such a model has no format
     for a second user message or tools listed in the prompt: the former is a ValueError, the latter not shown."""
     import tools
@@ -446,6 +552,7 @@ def plain_conversation_ids(messages: list[dict], tok, family: str, enable_thinki
     if not messages or messages[0]["role"] != "user":
         raise ValueError("a model without a chat template takes one user message first (after an optional system)")
     ids, results = tok.encode(f"{system}\n\n{messages[0]['content']}\n" if system else messages[0]["content"]), []
+    names = []  # the calls of the last assistant turn, which Gemma 4's results name
     for i, m in enumerate(messages[1:], 1):
         if m["role"] == "tool" and messages[i - 1]["role"] in ("assistant", "tool"):
             results.append(m["content"])
@@ -454,8 +561,11 @@ def plain_conversation_ids(messages: list[dict], tok, family: str, enable_thinki
             raise ValueError(f"message {i + skipped}: a model without a chat template takes one user message, then "
                              f"assistant turns, each followed by its tool results; got a {m['role']} message here")
         if results:  # the results of the turn before this one
-            ids, results = ids + tok.encode(tools.result_turn_text(family, results, enable_thinking), add_bos=False), []
-        ids += tok.encode(assistant_turn_text(m, family), add_bos=False) + [end_of_turn_id(tok, family)]
+            ids += tok.encode(tools.result_turn_text(family, results, enable_thinking, names), add_bos=False)
+        text, results = assistant_turn_text(m, family), []
+        calls = tools.parse_tool_calls(text, family)
+        names = [c[0] if isinstance(c, tuple) else "unknown" for c in calls]
+        ids += tok.encode(text, add_bos=False) + [end_of_turn_id(tok, family, calls=bool(calls))]
     if results:
-        ids += tok.encode(tools.result_turn_text(family, results, enable_thinking), add_bos=False)
+        ids += tok.encode(tools.result_turn_text(family, results, enable_thinking, names), add_bos=False)
     return ids

@@ -462,7 +462,7 @@ def main(argv=None):
     cfg = flags.parse(Config, argv)
     start_time = time.perf_counter()
     loaded, prompts, model, first_record, sampler, mesh, manager = rl.prepare(cfg)
-    (funcs, tok, eos_ids, *_), pad_id = sampler, data.pad_id(loaded.tokenizer)
+    (funcs, tok, *_), eos_ids, pad_id = sampler, sampler.stop_ids, data.pad_id(loaded.tokenizer)
     # π_θ: the trained parameters (all, or the adapters) | the frozen rest of the model
     graphdef, params, frozen = nnx.split(model, adapters.LoRA if cfg.lora else nnx.Param, ...)
     tx, schedule = run.adamw(cfg, cfg.steps * cfg.num_iterations * cfg.steps_per_generation)

@@ -578,6 +578,7 @@ def main(argv=None):
     with flags.user_errors():
         loaded = sample.load(cfg)
         model, tok, source, eos, _ = loaded
+    eos = chat.tool_stop_ids(tok, model.cfg.family, eos)  # Gemma 4's calls stop at <|tool_response> too
     name = pathlib.Path(cfg.ckpt).name if cfg.ckpt else cfg.model  # what clients pass as `model`
     make_engine = functools.partial(engine.Engine, model, slots=cfg.slots, max_new_tokens=cfg.max_completion_len,
                                     max_prompt_len=cfg.max_prompt_len, chunk=cfg.chunk, eos_ids=eos)

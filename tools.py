@@ -159,14 +159,17 @@ def function_schema(fn: typing.Callable) -> dict:
 
 # How each family writes a call (chat.py renders them so): Qwen one {"name", "arguments"} object per
 # <tool_call> block after any text; Llama 3.1 a whole message that is one {"name", "parameters"} object;
-# Gemma {"name", "parameters"} objects, one a line, after any text.
+# Gemma {"name", "parameters"} objects, one a line, after any text; Gemma 4 call:name{key:value,...} in a
+# <|tool_call> block each, after its thoughts (chat.gemma4_call writes them, chat.gemma4_calls reads them).
 ARGUMENTS_KEY = {"qwen2": "arguments", "qwen3": "arguments", "llama3": "parameters", "gemma": "parameters",
                  "gemma2": "parameters", "gemma3": "parameters"}
 QWEN_CALL = re.compile(r"<tool_call>(.*?)(</tool_call>|\Z)", re.DOTALL)
 GEMMA_CALLS = re.compile(r"^[ \t]*\{", re.MULTILINE)  # the first line that opens a JSON object
 # Markers the tokenizer may hold as special tokens (decode drops those): written back when a turn is decoded.
 TURN_MARKERS = {"qwen2": ("<tool_call>", "</tool_call>"),
-                "qwen3": ("<tool_call>", "</tool_call>", "<think>", "</think>"), "llama3": ("<|python_tag|>",)}
+                "qwen3": ("<tool_call>", "</tool_call>", "<think>", "</think>"), "llama3": ("<|python_tag|>",),
+                "gemma4": ("<|tool_call>", "<tool_call|>", '<|"|>', "<|channel>", "<channel|>", "<|tool_response>",
+                           "<tool_response|>")}
 
 
 def _call_of(obj, arguments_key: str) -> tuple[str, dict] | str:
@@ -207,7 +210,11 @@ def parse_tool_calls(text: str, family: str) -> list[tuple[str, dict] | str]:
     (name, arguments) pair, or, for a call that is malformed, the "error: ..." text its result will be, so that a
     bad call costs one result and not the run. [] when the turn calls nothing. Qwen: each <tool_call> block after
     the reasoning (calls drafted inside <think> are not made); Llama 3: a message that starts with "{" (after an
-    optional <|python_tag|>) is a call; Gemma: from the first line that starts with "{" on, JSON call lines."""
+    optional <|python_tag|>) is a call; Gemma: from the first line that starts with "{" on, JSON call lines;
+    Gemma 4: each <|tool_call> block after the thoughts (after the last <channel|>)."""
+    if family == "gemma4":
+        import chat  # here: chat imports this module
+        return chat.gemma4_calls(text.split("<channel|>")[-1])
     key = ARGUMENTS_KEY[family]
     if family.startswith("qwen"):
         return [_qwen_call(body, closing, key) for body, closing in QWEN_CALL.findall(text.split("</think>")[-1])]
@@ -305,14 +312,18 @@ def call_tool(fn: typing.Callable, arguments: dict, schema: dict, timeout_s: flo
 
 # ----------------------------------------------------------------------------- the multi-turn rollout
 
-def result_turn_text(family: str, results: list[str], enable_thinking: bool = True) -> str:
+def result_turn_text(family: str, results: list[str], enable_thinking: bool = True, names=()) -> str:
     """What chat.apply_chat_template writes after the end-of-turn token of an assistant turn that made calls, up
     to the first token of the next assistant turn, given the calls' results in order: for Qwen "\\n<|im_start|>user"
     and one <tool_response> block each, for Llama 3 one ipython turn each, for Gemma one user turn of
     ```tool_output``` blocks, each then opening the assistant's turn (for Qwen 3 with enable_thinking=False, with
-    the empty <think> block its generation prompt writes). Rendered by chat.py itself (a conversation whose calls
-    are made, then the same with its results), so it cannot drift from the template."""
+    the empty <think> block its generation prompt writes); for Gemma 4 the results after the <|tool_response> its
+    calls end with, in the same turn, each named by its call (names; "unknown" past them, as the template writes).
+    Rendered by chat.py itself, so it cannot drift from the template."""
     import chat  # here and not above: chat imports this module for function_schema
+    if family == "gemma4":
+        names = itertools.chain(names, itertools.repeat("unknown"))
+        return "".join(map(chat.gemma4_response, names, results)).removeprefix("<|tool_response>")
     end_of_turn = chat.END_OF_TURN[family]
     calling = [{"role": "user", "content": "?"},
                {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
@@ -369,13 +380,13 @@ def _append(r: ToolRollout, ids: list[int], sampled: bool, logprobs: list[float]
                       logprobs=r.logprobs + (list(logprobs) if sampled else [0.0] * len(ids)))
 
 
-def _model_turn(r: ToolRollout, ids: list[int], logprobs: list[float], tok, family: str,
-                eos_ids) -> tuple[ToolRollout, list]:
+def _model_turn(r: ToolRollout, ids: list[int], logprobs: list[float], tok, family: str, eos_ids,
+                calls_end) -> tuple[ToolRollout, list]:
     """r after the model's turn (its ids as sampled, mask 1) and the calls the turn makes: none unless it ended
-    with a stop id (a turn cut by the budget is not run)."""
+    with a stop id (a turn cut by the budget is not run), one of calls_end where the family has them (Gemma 4)."""
     ended = bool(ids) and ids[-1] in eos_ids
     text = _decode_turn(tok, ids[:-1] if ended else ids, family)
-    calls = parse_tool_calls(text, family) if ended else []
+    calls = parse_tool_calls(text, family) if ended and (not calls_end or ids[-1] in calls_end) else []
     made = [{"type": "function", "function": {"name": name, "arguments": arguments}}
             for name, arguments in (c for c in calls if not isinstance(c, str))]
     message = {"role": "assistant", "content": text} | ({"tool_calls": made} if made else {})
@@ -383,14 +394,16 @@ def _model_turn(r: ToolRollout, ids: list[int], logprobs: list[float], tok, fami
 
 
 def _tool_turn(r: ToolRollout, calls: list, run: typing.Callable, result_ids: typing.Callable,
-               max_len: int) -> ToolRollout:
+               max_len: int, named: bool) -> ToolRollout:
     """r after the calls' result turn: each call run (or its error taken), the result turn's ids (result_ids of
-    the results' texts) appended with mask 0, the completion cut to max_len tokens."""
-    results = [run(call) for call in calls]
-    r = _append(r, result_ids([x.text for x in results])[:max_len - len(r.completion)], False)
+    the results' texts) appended with mask 0, the completion cut to max_len tokens. named: each result's message
+    has its call's name (Gemma 4's template writes it)."""
+    results, names = [run(call) for call in calls], [c[0] if isinstance(c, tuple) else "unknown" for c in calls]
+    r = _append(r, result_ids([x.text for x in results], names)[:max_len - len(r.completion)], False)
     return r._replace(tool_calls=r.tool_calls + len(results),
                       failed_calls=r.failed_calls + sum(x.failed for x in results),
-                      messages=r.messages + [{"role": "tool", "content": x.text} for x in results])
+                      messages=r.messages + [{"role": "tool", "content": x.text} | ({"name": n} if named else {})
+                                             for x, n in zip(results, names)])
 
 
 def rollout(generate_fn: typing.Callable, prompts: list[list[int]], tok, family: str, tools: list[typing.Callable], *,
@@ -408,17 +421,20 @@ def rollout(generate_fn: typing.Callable, prompts: list[list[int]], tok, family:
     is run), or when its completion reaches max_completion_len (a result turn is cut there too).
     tools: the only functions the model can call, by their __name__; each call's arguments are checked against
     function_schema(fn) and it runs for at most timeout_s seconds (call_tool). enable_thinking: as the prompts
-    were rendered (Qwen 3's switch; each result turn ends in the generation prompt it implies)."""
+    were rendered (Qwen 3's switch; each result turn ends in the generation prompt it implies). Gemma 4's calls
+    are made where it stopped at <|tool_response> (chat.tool_stop_ids), never in a turn <turn|> ended."""
+    import chat  # here: chat imports this module
     functions = {fn.__name__: fn for fn in tools}
     if len(functions) != len(tools):
         raise ValueError(f"tools: two functions share a name in {[fn.__name__ for fn in tools]}")
     schemas = {name: function_schema(fn) for name, fn in functions.items()}
+    eos_ids, calls_end = chat.tool_stop_ids(tok, family, eos_ids), chat.tool_stop_ids(tok, family, ())
 
     def run(call):
         return _run_call(call, functions, schemas, timeout_s)
 
-    def result_ids(texts):  # the tools' text in the template's result turn: ours to tokenize, never the model's
-        return tok.encode(result_turn_text(family, texts, enable_thinking), add_bos=False)
+    def result_ids(texts, names):  # the tools' text in the template's result turn: ours to tokenize, never the model's
+        return tok.encode(result_turn_text(family, texts, enable_thinking, names), add_bos=False)
 
     out = [ToolRollout([], [], [], 0, 0, []) for _ in prompts]
     going = list(range(len(prompts)))
@@ -427,9 +443,10 @@ def rollout(generate_fn: typing.Callable, prompts: list[list[int]], tok, family:
         new_ids, new_logprobs = generate_fn([list(prompts[i]) + out[i].completion for i in going], max(budgets))
         still_going = []
         for i, ids, logprobs, budget in zip(going, new_ids, new_logprobs, budgets, strict=True):
-            r, calls = _model_turn(out[i], list(ids[:budget]), list(logprobs[:budget]), tok, family, eos_ids)
+            r, calls = _model_turn(out[i], list(ids[:budget]), list(logprobs[:budget]), tok, family, eos_ids,
+                                   calls_end)
             if calls and r.tool_calls + len(calls) <= max_tool_calls:
-                r = _tool_turn(r, calls, run, result_ids, max_completion_len)
+                r = _tool_turn(r, calls, run, result_ids, max_completion_len, family == "gemma4")
                 still_going += [i] * (len(r.completion) < max_completion_len)
             out[i] = r
         going = still_going
@@ -446,8 +463,11 @@ def generate(model, prompts: list[list[int]], fns: list[typing.Callable], tok, f
     compiles a few shapes); without, one turn each, exactly engine.generate's (mask 1 throughout, no calls).
     Greedy (temperature 0) asks for no log-probs: 0.0 each. family: the call and result format (chat.py's; a
     tiny byte-level model takes its preset's)."""
+    import chat
     import engine  # here: engine imports sample, which a tool module need not load
     rounds = itertools.count()
+    if fns:  # Gemma 4's calls stop at <|tool_response>
+        eos_ids = chat.tool_stop_ids(tok, family, model.cfg.eos_ids if eos_ids is None else eos_ids)
 
     def generate_fn(batch, max_new_tokens):
         r, n = next(rounds), len(batch)
@@ -479,6 +499,12 @@ class Sampler(NamedTuple):
     top_k: int = 0
     top_p: float = 1.0
     enable_thinking: bool = True  # as the prompts were rendered (Qwen 3)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Where a completion may end: eos_ids and, with tools, where Gemma 4's calls stop (chat.tool_stop_ids)."""
+        import chat
+        return chat.tool_stop_ids(self.tok, self.family, self.eos_ids) if self.fns else self.eos_ids
 
     def __call__(self, policy, rows, ids, seed: int, temperature: float):
         outs = generate(policy, ids, self.fns, self.tok, self.family, max_completion_len=self.max_completion_len,
@@ -520,17 +546,22 @@ def call_text(family: str, name: str, arguments: dict) -> str:
     import chat
     if family.startswith("qwen"):
         return chat.qwen_tool_call(name, arguments)
+    if family == "gemma4":
+        return chat.gemma4_call(name, arguments)
     return chat.json_text({"name": name, ARGUMENTS_KEY[family]: arguments})
 
 
 def scripted(prompt_ids: list[int], turns: list[str], tok, family: str, fns: list[typing.Callable], end_id: int,
              max_completion_len: int, enable_thinking: bool = True) -> ToolRollout:
-    """The conversation of a policy that writes the given turns (each then end_id) instead of sampling: the same
-    tokens and masks as a sampled one (a supervised warm-up learns the calls from it), the tools really run."""
+    """The conversation of a policy that writes the given turns (each then end_id; Gemma 4's calls <|tool_response>)
+    instead of sampling, the tools really run: a sampled one's tokens and masks (a warm-up learns calls from it)."""
+    import chat
     texts = iter(turns)
 
     def generate_fn(batch, max_new_tokens):
-        ids = tok.encode(next(texts), add_bos=False) + [end_id]
+        text = next(texts)
+        calls_end = chat.tool_stop_ids(tok, family, ()) if parse_tool_calls(text, family) else ()
+        ids = tok.encode(text, add_bos=False) + [(*calls_end, end_id)[0]]
         return [ids], [[0.0] * len(ids)]
     return rollout(generate_fn, [prompt_ids], tok, family, fns, max_completion_len=max_completion_len,
                    max_tool_calls=len(turns), eos_ids=(end_id,), enable_thinking=enable_thinking)[0]

@@ -4,6 +4,8 @@ nothing but what they should. Also parse_tool_calls and call_tool on their own."
 from __future__ import annotations
 
 import json
+import pathlib
+import re
 import sys
 import time
 from typing import Literal
@@ -18,7 +20,7 @@ import tools
 
 FAMILIES = ["qwen2", "qwen3", "llama3", "gemma3"]
 TOKENS = {**CONTROL_TOKENS, "gemma3": ["<bos>", "<start_of_turn>", "<end_of_turn>"]}
-BOS = {"llama3": "<|begin_of_text|>", "gemma3": "<bos>"}
+BOS = {"llama3": "<|begin_of_text|>", "gemma3": "<bos>", "gemma4": "<bos>"}
 ASSISTANT_HEADER = {"qwen2": "<|im_start|>assistant\n", "qwen3": "<|im_start|>assistant\n",
                     "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n", "gemma3": "<start_of_turn>model\n"}
 CONVERSATION = {"qwen2": TWO_CALLS, "qwen3": TWO_CALLS, "llama3": ONE_CALL_EACH, "gemma3": TWO_CALLS}
@@ -83,7 +85,7 @@ def toks(tmp_path_factory) -> dict:
     """Per family, a tokenizer.json of one token per byte, one merge ("Pa", so "Paris" has a canonical and a
     non-canonical tokenization) and the family's control tokens as special tokens (decode drops them)."""
     out = {}
-    for family in FAMILIES:
+    for family in [*FAMILIES, "gemma4"]:
         alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
         vocab = {c: i for i, c in enumerate(alphabet)} | {"Pa": len(alphabet)}
         tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[("P", "a")]))
@@ -256,7 +258,27 @@ def test_bad_calls_become_error_results_and_the_rollout_goes_on(toks):
                '"parameters": {"city": "Paris"}}'), [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Paris"})]),
     ("gemma3", '{"name": "add", "parameters": {"a": 1, "b": 2}}\nthat is all',
      [("add", {"a": 1, "b": 2}), "error: the tool call is not valid JSON: Expecting value (line 2 column 1)"]),
-    ("gemma3", "3, since {1 + 2} is 3.", [])])
+    ("gemma3", "3, since {1 + 2} is 3.", []),
+    ("gemma4", "<|channel>thought\nMaybe <|tool_call>call:add{a:1,b:2}<tool_call|>?<channel|>No call.", []),
+    ("gemma4", "<|channel>thought\nadd<channel|>Sure." + chat.gemma4_call("add", {"a": 1, "b": 2})
+     + chat.gemma4_call("get_weather", {"city": 'Zürich, "CH" {x}'}) + "<|tool_response>",
+     [("add", {"a": 1, "b": 2}), ("get_weather", {"city": 'Zürich, "CH" {x}'})]),
+    ("gemma4", '<|tool_call>call:forecast{days:[1,-2.5,1e-05],region:null,x:{<|"|>k<|"|>:[true,None]}}<tool_call|>',
+     [("forecast", {"days": [1, -2.5, 1e-05], "region": None, "x": {"k": [True, None]}})]),
+    ("gemma4", "<|tool_call>call:add{a:1}", ["error: <|tool_call> without <tool_call|>"]),
+    ("gemma4", "<|tool_call>call:add{a:1,}<tool_call|>",
+     ["error: a tool call is call:<function name>{<arguments>}: expected a key at 13, got '}' in 'call:add{a:1,}'"]),
+    ("gemma4", '<|tool_call>call:add{"a": 1}<tool_call|>',
+     ["error: a tool call is call:<function name>{<arguments>}: expected a key at 9, got '\"a\": 1}' in "
+      "'call:add{\"a\": 1}'"]),
+    ("gemma4", "<|tool_call>{a:1}<tool_call|><|tool_call>call:add{a:1} <tool_call|>",
+     ["error: a tool call is call:<function name>{<arguments>}: it does not open with call:<function name>{ in "
+      "'{a:1}'", "error: a tool call is call:<function name>{<arguments>}: text after the arguments at 13 in "
+      "'call:add{a:1} '"]),
+    ("gemma4", '<|tool_call>call:f{s:<|"|>x,t:' + "[" * 5000 + "<tool_call|>",
+     ["error: a tool call is call:<function name>{<arguments>}: the string opened at 9 is not closed in "
+      "'call:f{s:<|\"|>x,t:" + "[" * 182 + "'"]),
+    ("gemma4", "The answer is {a:1}.", [])])
 def test_parse_tool_calls(family, text, expected):
     assert tools.parse_tool_calls(text, family) == expected
 
@@ -361,3 +383,86 @@ def test_without_thinking_each_result_turn_opens_an_empty_think_block(toks):
     [r] = tools.rollout(ScriptedPolicy([prompt], [turns]), [prompt], tok, family, TOOLS, max_completion_len=1000,
                         max_tool_calls=1, eos_ids=stop(tok, family), enable_thinking=False)
     assert r.completion == turns[0] + tok.encode(text, add_bos=False) + turns[1]
+
+
+# ----------------------------------------------------------------------------- Gemma 4: calls and results in one turn
+
+GEMMA4_RESULTS = re.compile(r"response:.*?<tool_response\|>(?:<\|tool_response>response:.*?<tool_response\|>)*",
+                            re.DOTALL)  # a run of results after the <|tool_response> the model stopped at
+GEMMA4_CONVERSATION = [  # TWO_CALLS without text beside calls: the template moves such text after the results
+    QUESTION, {"role": "assistant", "content": "", "tool_calls": TWO_CALLS[1]["tool_calls"]},
+    {"role": "tool", "content": "18°C, sunny", "name": "get_weather"},
+    {"role": "tool", "content": "64°F, rain", "name": "get_weather"},
+    {"role": "assistant", "content": "", "tool_calls": [call("add", a=2, b=3)]}, {"role": "tool", "content": "5",
+                                                                                  "name": "add"}, ANSWER]
+
+
+def test_gemma4_scripted_policy_yields_the_rendered_conversation(toks):
+    """Gemma 4: the model's calls end at <|tool_response> (where the rollout stops it), each run of results goes on
+    inside the same model turn, named by its calls, and <turn|> ends the answer: the tokens are the published
+    template's conversation, mask 0 exactly on the results."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+    tok, family = toks["gemma4"], "gemma4"
+    messages = [SYSTEM] + GEMMA4_CONVERSATION
+    text = chat.apply_chat_template(messages, family, add_generation_prompt=False, tools=TOOLS, enable_thinking=True)
+    template = (pathlib.Path(__file__).parent / "chat_templates" / "gemma4.jinja").read_text()
+    ref, _ = render_jinja_template(conversations=[messages], chat_template=template, add_generation_prompt=False,
+                                   tools=[tools.function_schema(t) for t in TOOLS], enable_thinking=True,
+                                   bos_token="<bos>")
+    assert text == ref[0]
+    prompt_text = chat.apply_chat_template(messages[:2], family, tools=TOOLS, enable_thinking=True)
+    assert text.startswith(prompt_text) and text.endswith("<turn|>\n")
+    body, pieces, position = text[len(prompt_text):-1], [], 0  # the model's turn (its newline no model samples)
+    for results in GEMMA4_RESULTS.finditer(body):
+        pieces += [(body[position:results.start()], True), (results[0], False)]
+        position = results.end()
+    pieces.append((body[position:], True))
+    assert [p.endswith("<|tool_response>") for p, sampled in pieces if sampled] == [True, True, False]
+    prompt = tok.encode(prompt_text, add_bos=False)
+    turns = [tok.encode(piece, add_bos=False) for piece, sampled in pieces if sampled]
+    policy = ScriptedPolicy([prompt], [turns])
+    [r] = tools.rollout(policy, [prompt], tok, family, TOOLS, max_completion_len=4096, max_tool_calls=10,
+                        eos_ids=stop(tok, family))  # <turn|> alone: the rollout adds <|tool_response>
+    assert prompt + r.completion == tok.encode(text, add_bos=False)[:-1]
+    assert r.loss_mask == [int(sampled) for piece, sampled in pieces for _ in tok.encode(piece, add_bos=False)]
+    tool_messages = [m for m in messages if m["role"] == "tool"]
+    assert [m for m in r.messages if m["role"] == "tool"] == tool_messages  # contents and their calls' names
+    assert (r.tool_calls, r.failed_calls) == (3, 0)
+    said = [m for m in r.messages if m["role"] == "assistant"]
+    assert [m.get("tool_calls", []) for m in said] == [m.get("tool_calls", []) for m in messages
+                                                         if m["role"] == "assistant"]
+    assert said[-1]["content"] == ANSWER["content"]
+    names = [m["name"] for m in tool_messages[:2]]
+    assert tools.result_turn_text(family, [m["content"] for m in tool_messages[:2]], names=names) == pieces[1][0]
+
+
+def test_gemma4_calls_stop_at_tool_response_and_bad_calls_get_named_errors(toks):
+    """A turn of calls ends at <|tool_response> (tool_stop_ids adds it); one that <turn|> ends makes no call; a
+    malformed call's result is named "unknown" (the template's name for a result without a call)."""
+    tok, family = toks["gemma4"], "gemma4"
+    assert chat.tool_stop_ids(tok, family, stop(tok, family)) == (*stop(tok, family), tok.token_id("<|tool_response>"))
+    assert chat.tool_stop_ids(toks["qwen3"], "qwen3", stop(toks["qwen3"], "qwen3")) == stop(toks["qwen3"], "qwen3")
+    prompt = tok.encode(chat.apply_chat_template([QUESTION], family, tools=TOOLS), add_bos=False)
+    bad = tok.encode(chat.gemma4_call("add", {"a": 1, "b": 2}) + "<|tool_call>call:add{a:1,}<tool_call|>"
+                     + "<|tool_response>", add_bos=False)
+    ended = tok.encode(chat.gemma4_call("add", {"a": 1, "b": 2}) + "<turn|>", add_bos=False)
+    [r] = tools.rollout(ScriptedPolicy([prompt], [[bad, ended]]), [prompt], tok, family, TOOLS,
+                        max_completion_len=1000, max_tool_calls=5, eos_ids=stop(tok, family))
+    error = "error: a tool call is call:<function name>{<arguments>}: expected a key at 13, got '}' in 'call:add{a:1,}'"
+    results = tok.encode('response:add{value:<|"|>3<|"|>}<tool_response|><|tool_response>response:unknown{value:'
+                         f'<|"|>{error}<|"|>}}<tool_response|>', add_bos=False)
+    assert r.completion == bad + results + ended and (r.tool_calls, r.failed_calls) == (2, 1)
+    assert r.messages[-1] == {"role": "assistant", "content": chat.gemma4_call("add", {"a": 1, "b": 2})}
+    deep = "<|tool_call>call:f{t:" + "[" * 5000 + "]" * 5000 + "}<tool_call|>"
+    assert tools.parse_tool_calls(deep, family)[0].startswith("error: a tool call is call:")  # no RecursionError
+
+
+def test_gemma4_warm_up_conversations_end_calls_at_tool_response(toks):
+    """tools.scripted (grpo's demo warm-up, tasks.calculator_conversations) ends a turn of calls where a sampled one
+    ends: at <|tool_response>, the answer at <turn|>."""
+    tok, family = toks["gemma4"], "gemma4"
+    prompt = tok.encode(chat.apply_chat_template([QUESTION], family, tools=TOOLS), add_bos=False)
+    r = tools.scripted(prompt, [chat.gemma4_call("add", {"a": 2, "b": 3}), "5"], tok, family, TOOLS,
+                       tok.token_id("<turn|>"), 1000)
+    assert r.completion == tok.encode(chat.gemma4_call("add", {"a": 2, "b": 3}) + "<|tool_response>"
+                                      + 'response:add{value:<|"|>5<|"|>}<tool_response|>5<turn|>', add_bos=False)

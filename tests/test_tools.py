@@ -15,6 +15,7 @@ from transformers.utils import get_json_schema
 
 import chat
 import tokenizer
+import tools
 from tools import function_schema
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -211,6 +212,7 @@ CONVERSATIONS = {
     "qwen2": {"two calls": TWO_CALLS, "one call each": ONE_CALL_EACH},
     "qwen3": {"two calls": TWO_CALLS, "one call each": ONE_CALL_EACH, "reasoning": REASONING},
     "llama3": {"one call each": ONE_CALL_EACH, "two results in a row": ONE_CALL_EACH[:3] + TWO_CALLS[3:4] + [ANSWER]},
+    "gemma4": {"two calls": TWO_CALLS, "one call each": ONE_CALL_EACH},
 }
 TOOLS = [get_weather, add]
 CONTROL_TOKENS = {"qwen2": ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>",
@@ -218,7 +220,11 @@ CONTROL_TOKENS = {"qwen2": ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool
                   "qwen3": ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>",
                             "</tool_response>", "<think>", "</think>"],
                   "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                             "<|python_tag|>"]}
+                             "<|python_tag|>"],
+                  "gemma4": ["<bos>", "<|turn>", "<turn|>", "<|think|>", "<|tool>", "<tool|>", "<|tool_call>",
+                             "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|channel>",
+                             "<channel|>"]}
+BOS = {"llama3": "<|begin_of_text|>", "gemma4": "<bos>"}
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +238,7 @@ def tokenizer_dirs(tmp_path_factory) -> dict[str, pathlib.Path]:
         tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tok.decoder = tokenizers.decoders.ByteLevel()
         tok.add_special_tokens(control)
-        bos = "<|begin_of_text|>" if family == "llama3" else None
-        hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos,
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS.get(family),
                                                   eos_token=chat.END_OF_TURN[family],
                                                   chat_template=(TEMPLATES / f"{family}.jinja").read_text())
         dirs[family] = tmp_path_factory.mktemp(family)
@@ -268,6 +273,31 @@ def test_tool_turns_match_published_template(tokenizer_dirs, family, name, syste
             assert ids == ref_ids
         (text, ids), (ref_text, ref_ids) = render_both(tokenizer_dirs[family], family, messages, gen, None)
         assert (text, ids) == (ref_text, ref_ids)  # calls and results render without a tool list too
+
+
+RICH_CALL = [QUESTION, {"role": "assistant", "content": "", "tool_calls": [  # every kind of value Gemma 4 writes
+    call("get_weather", city='Zürich, "CH" {x}: [1]', unit=""),
+    call("forecast", days=[1, -2, 2.5, 1e-05, 1e20],
+         flags={"on": True, "off": False, "none": None, "deep": {"x": []}})]}]
+
+
+@pytest.mark.parametrize("family, name", CASES + [("gemma4", "rich")])
+def test_calls_read_back_from_the_published_template(tokenizer_dirs, family, name):
+    """Round trip: each assistant turn of calls as the published template writes it, parsed by parse_tool_calls,
+    gives the calls it was written from."""
+    messages = RICH_CALL if name == "rich" else CONVERSATIONS[family][name]
+    kw = {"enable_thinking": True} if family in ("qwen3", "gemma4") else {}  # Gemma 4's generation prompt is then
+    # the turn's opening
+    for i, m in enumerate(messages):
+        if not m.get("tool_calls"):
+            continue
+        (_, _), (before, _) = render_both(tokenizer_dirs[family], family, messages[:i], True, None, **kw)
+        (ours, _), (after, _) = render_both(tokenizer_dirs[family], family, messages[:i + 1], False, None, **kw)
+        assert ours == after and after.startswith(before)
+        turn = after[len(before):].split(chat.END_OF_TURN[family])[0]
+        expected = [(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
+        assert tools.parse_tool_calls(turn, family) == expected, turn
+        assert tools.parse_tool_calls(chat.assistant_turn_text(m, family), family) == expected
 
 
 @pytest.mark.parametrize("system", [True, False], ids=["system", "no system"])
