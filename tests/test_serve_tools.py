@@ -260,25 +260,64 @@ def test_malformed_tools_and_calls_get_openais_400(plain, templated):
     assert ask(plain.client(), messages, False, tools=[CALCULATOR], max_tokens=128)[2] == "tool_calls"  # still up
 
 
+def gemma4_script(prompt: str) -> str:
+    """calculator_script in Gemma 4's format: a call on the problem, the result once it follows the call (inside
+    the same turn), the rest of a call the prompt opened (tool_choice)."""
+    if prompt.endswith("<tool_response|>"):
+        return prompt.rsplit('{value:<|"|>', 1)[1].split('<|"|>}')[0]
+    if prompt.endswith(("call:", "call:calculator")):
+        return ("" if prompt.endswith("calculator") else "calculator") + '{expression:<|"|>4*5<|"|>}<tool_call|>'
+    return tools.call_text("gemma4", "calculator", {"expression": re.findall(r"(\d+[*+]\d+)=", prompt)[-1]})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemma4_calls_come_back_as_tool_calls_and_results_go_on_in_the_turn(stream):
+    """A Gemma 4 checkpoint's calls come back as OpenAI's tool_calls; the results sent back render inside the
+    model's turn, each named by its call's id, as the published template writes them; tool_choice opens a call."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+    server = ScriptedServer(chat_template=True, script=gemma4_script, family="gemma4")
+    try:
+        client, messages = server.client(), [{"role": "user", "content": "What is 12*34=?"}]
+        content, calls, reason = ask(client, messages, stream, tools=[CALCULATOR], max_tokens=200)
+        assert server.seen() == chat.apply_chat_template(messages, "gemma4", tools=[CALCULATOR])
+        assert (content, reason) == (None, "tool_calls")
+        assert [c[1:] for c in calls] == [("calculator", '{"expression": "12*34"}')]
+        back = sent_back(messages, calls, run_calls(calls))
+        content, calls2, reason = ask(client, back, stream, tools=[CALCULATOR], max_tokens=200)
+        assert (content, calls2, reason) == ("408", [], "stop")
+        template = (ROOT / "tests" / "chat_templates" / "gemma4.jinja").read_text()
+        for m in back[1]["tool_calls"]:
+            m["function"]["arguments"] = json.loads(m["function"]["arguments"])  # the template takes a dict
+        ref, _ = render_jinja_template(conversations=[back], chat_template=template, tools=[CALCULATOR],
+                                       add_generation_prompt=True, bos_token="<bos>")
+        assert server.seen() == ref[0] and ref[0].endswith('response:calculator{value:<|"|>408<|"|>}<tool_response|>')
+        _, calls, _ = ask(client, messages, stream, tools=[CALCULATOR], tool_choice="required", max_tokens=200)
+        assert server.seen().endswith("<|turn>model\n<|channel>thought\n<channel|><|tool_call>call:")
+        assert [c[1:] for c in calls] == [("calculator", '{"expression": "4*5"}')]
+    finally:
+        server.server.should_exit = True
+
+
 # ----------------------------------------------------------------------------- the renderer and the call's start
 
-def test_plain_conversation_ids_are_a_rollouts(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3", "gemma4"])
+def test_plain_conversation_ids_are_a_rollouts(tmp_path, family):
     """chat.plain_conversation_ids writes what tools.rollout builds while a model samples, two rounds of calls
     (one with two calls) included; a system message as grpo's --system-prompt is written for such a model."""
-    call = lambda expression: tools.call_text("qwen3", "calculator", {"expression": expression})  # noqa: E731
-    turns = [call("1+2"), call("3*4") + "\n" + call("5-6"), "3, 12 and -1"]
+    call = lambda expression: tools.call_text(family, "calculator", {"expression": expression})  # noqa: E731
+    turns = [call("1+2"), call("3*4") + ("" if family == "gemma4" else "\n") + call("5-6"), "3, 12 and -1"]
     for system in ("", "Use the calculator."):
         prompt = BYTES.encode(f"{system}\n\nQuestions\n" if system else "Questions")
-        r = tools.scripted(prompt, turns, BYTES, "qwen3", [tasks.calculator], END, 1000)
+        r = tools.scripted(prompt, turns, BYTES, family, [tasks.calculator], END, 1000)
         messages = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": "Questions"}]
         for message in r.messages[:-1]:  # the rollout's turns: the assistant's text holds its calls
             messages.append({"role": message["role"], "content": message["content"]})
         want = prompt + r.completion[:-len("3, 12 and -1") - 1]  # up to the answer
-        assert chat.plain_conversation_ids(messages, BYTES, "qwen3") == want
+        assert chat.plain_conversation_ids(messages, BYTES, family) == want
         structured = [m if m["role"] != "assistant" else {"role": "assistant", "content": None, "tool_calls": [
             {"type": "function", "function": {"name": name, "arguments": arguments}}
-            for name, arguments in tools.parse_tool_calls(m["content"], "qwen3")]} for m in messages]
-        assert chat.plain_conversation_ids(structured, BYTES, "qwen3") == want
+            for name, arguments in tools.parse_tool_calls(m["content"], family)]} for m in messages]
+        assert chat.plain_conversation_ids(structured, BYTES, family) == want
     with pytest.raises(ValueError, match="takes one user message"):
         chat.plain_conversation_ids([{"role": "tool", "content": "3"}], BYTES, "qwen3")
 
@@ -288,6 +327,8 @@ def test_plain_conversation_ids_are_a_rollouts(tmp_path):
     ("qwen3", "<think>draft <tool_call></think>\nok", 35), ("qwen3", "<think>draft <tool_call>", 13),
     ("llama3", '  {"name": "f"', 0), ("llama3", "<|python_tag|>{", 0), ("llama3", "  ", 0), ("llama3", "Hi {", 4),
     ("gemma3", 'Sure.\n  {"name": "f"}', 6), ("gemma3", "Sure {", 6),
+    ("gemma4", "Sure.<|tool_call>call:f{}", 5), ("gemma4", "Sure, <|tool_c", 6), ("gemma4", "no <|tool>", 10),
+    ("gemma4", "<|channel>thought\n<|tool_call><channel|>ok", 42), ("gemma4", "<|channel>draft <|tool_call>", 16),
 ])
 def test_call_start(family, text, start):
     assert chat.call_start(text, family) == start
