@@ -133,7 +133,7 @@ def record(index: int, row: dict, out: tools.ToolRollout, rewards, sampler: tool
     return {"prompt_index": index, "prompt": row["prompt"], "completion": sampler.tok.decode(out.completion),
             "answer": sampler.funcs[0].answer(answer), **{f.__name__: float(r) for f, r in zip(sampler.funcs, rewards)},
             "correct": bool(rewards[0] >= 1.0), "tokens": len(out.completion),
-            "stopped": bool(out.completion) and out.completion[-1] in sampler.eos_ids, "tool_calls": out.tool_calls,
+            "stopped": bool(out.completion) and out.completion[-1] in sampler.stop_ids, "tool_calls": out.tool_calls,
             "failed_calls": out.failed_calls}
 
 

@@ -280,7 +280,7 @@ def draw(prompts: data.Prompts, policy, sampler, cfg: Config, step: int, positio
     seed = int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0])
     outs, per_func = sampler(policy, rows, ids, seed, cfg.temperature)
     completions = [o.completion for o in outs]
-    ended = np.array([len(c) > 0 and c[-1] in sampler.eos_ids for c in completions])
+    ended = np.array([len(c) > 0 and c[-1] in sampler.stop_ids for c in completions])
     scores = per_func @ cfg.weights - cfg.missing_eos_penalty * ~ended
     return Rollout(rows, ids, completions, per_func, ended, scores.astype(np.float32)), position + len(picked)
 

@@ -459,9 +459,10 @@ def stream_turn(loaded: Loaded, ids: list[int], cfg: Config, seed: int, show, ca
     show gets only what comes before a call (chat.call_start)."""
     family, made, shown, ended = loaded.model.cfg.family, [], "", False
     decode = functools.partial(tools._decode_turn, loaded.tok, family=family) if calls else loaded.tok.decode
+    stops = chat.tool_stop_ids(loaded.tok, family, loaded.eos_ids) if calls else loaded.eos_ids  # Gemma 4 calls end
     for token in stream(loaded.model, ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_k=cfg.top_k, top_p=cfg.top_p, seed=seed, eos_ids=loaded.eos_ids):
-        if token in loaded.eos_ids:
+                        top_k=cfg.top_k, top_p=cfg.top_p, seed=seed, eos_ids=stops):
+        if token in stops:
             ended = True
             break
         made.append(token)
