@@ -497,8 +497,8 @@ def _marker_start(text: str, marker: str, thought_end: str) -> int:
 def call_start(text: str, family: str) -> int:
     """Where an assistant turn's first tool call starts in the family's format (tools.parse_tool_calls reads the
     calls from there on; len(text) when there is none): Qwen's first <tool_call> after the reasoning (Gemma 4's
-<|tool_call> after its thoughts' <channel|>), Llama 3's
-    whole message when it opens with "{" or <|python_tag|>, Gemma's first line that opens with "{". Text still
+    <|tool_call> after its thoughts' <channel|>), Llama 3's whole message when it opens with "{" or <|python_tag|>,
+    Gemma's first line that opens with "{". Text still
     being written may be spelling a call out at its end (a half-written "<tool_c", a turn of blanks so far): that
     counts as a start too, so a stream shows the text up to here and a call's text never."""
     if family.startswith("qwen"):
@@ -542,9 +542,9 @@ def plain_conversation_ids(messages: list[dict], tok, family: str, enable_thinki
     BOS included; a system message before it as grpo's --system-prompt is, its text and a blank line before the
     prompt and a newline after), each assistant turn as the model writes it (assistant_turn_text) then its
     end-of-turn id (end_of_turn_id: of a turn of calls, with calls=True), each run of tool results as
-    tools.result_turn_text's turn, tokenized on its own. tools.rollout
-    builds the same ids while it samples (tests/test_serve_tools.py holds them equal). Such a model has no format
-    for a second user message or tools listed in the prompt: the former is a ValueError, the latter not shown."""
+    tools.result_turn_text's turn, tokenized on its own. tools.rollout builds the same ids while it samples
+    (tests/test_serve_tools.py holds them equal). Such a model has no format for a second user message or tools
+    listed in the prompt: the former is a ValueError, the latter not shown."""
     import tools
     messages = [_check_message(i, m) for i, m in enumerate(messages)]
     skipped = int(bool(messages) and messages[0]["role"] == "system")  # message i below is message i + skipped
