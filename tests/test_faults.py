@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("private_jax_cache")  # runs killed or starved write no shared cache
 
 # Small runs of each script on the built-in task; every one saves at steps 2, 4, ...
 RUNS = {
@@ -116,6 +117,7 @@ def test_a_second_signal_stops_at_once(tmp_path):
     out = tmp_path / "run"
     proc = start("sft.py", out, "--batch-size", "4096", "--train-examples", "8192", steps=100000, eval_every=100000)
     wait_for(lambda: len(by_step(out)) >= 1, proc)
+    time.sleep(0.5)  # into the next step (seconds long): a signal just after a step's record stops at that step at once
     proc.send_signal(signal.SIGINT)
     for line in proc.stderr:  # the first is being handled: the step is finishing
         if "finishing this step" in line:

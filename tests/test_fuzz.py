@@ -12,6 +12,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("private_jax_cache")  # runs killed or starved write no shared cache
 CASES = int(os.environ.get("NANOTUNE_FUZZ_CASES", "1000"))  # per reader
 
 
