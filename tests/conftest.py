@@ -59,11 +59,11 @@ def _drop_compiled_programs():
 
 @pytest.fixture(scope="session")
 def calculator_demo(tmp_path_factory) -> pathlib.Path:
-    """`python grpo.py --tools calculator` run once (about 4 minutes): its --out directory (metrics.jsonl, hf/,
-    warmup_sft/), shared by the learning test and the tests that serve the exported model."""
+    """`python grpo.py --tools calculator --steps 30` (half the demo's 60 steps, about 2 minutes) run once: its --out
+    directory (metrics.jsonl, hf/, warmup_sft/), shared by the learning test and the tests that serve the model."""
     import subprocess
     out = tmp_path_factory.mktemp("calculator_demo") / "run"
-    r = subprocess.run([sys.executable, "grpo.py", "--tools", "calculator", "--out", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "grpo.py", "--tools", "calculator", "--steps", "30", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -71,10 +71,12 @@ def calculator_demo(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def ppo_demo(tmp_path_factory) -> pathlib.Path:
-    """`python ppo.py` run once (a few minutes): its --out directory (metrics.jsonl, hf/), for tests/test_ppo.py."""
+    """`python ppo.py --steps 150` (half the demo's 300 steps, about 2 minutes) run once: its --out directory
+    (metrics.jsonl, hf/), for tests/test_ppo.py."""
     import subprocess
     out = tmp_path_factory.mktemp("ppo_demo") / "run"
-    r = subprocess.run([sys.executable, "ppo.py", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "ppo.py", "--steps", "150", "--eval-every", "150", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True,
                        timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     return out
