@@ -43,8 +43,10 @@ def losses(out) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_default_run_learns_the_task(tmp_path):
+    """`python sft.py` shortened to 600 of its 1200 steps (the suite's time): held-out accuracy 0 -> >= 0.9
+    (measured on 2 cores: 0.73 at 200, 0.949 at 400, 0.965 at 600), and the export answers through sample.py."""
     start = time.time()
-    r = run_sft("--out", str(tmp_path / "run"))
+    r = run_sft("--steps", "600", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
     evals = [m for m in metrics(tmp_path / "run") if "eval/accuracy" in m]
     assert evals[0]["eval/accuracy"] < 0.05  # does not start solved
