@@ -85,13 +85,13 @@ def test_the_default_settings_raise_eval_reward(tmp_path):
 
 @pytest.mark.slow
 def test_the_real_gemma3_doubles_its_accuracy_on_the_sequence_task(gemma3_dir, tmp_path):
-    """The README's real-model recipe (Real models), its first 24 steps: the real Gemma 3 270M's greedy accuracy on
-    256 held-out progressions at least doubles and rises by 0.2 (measured: 0.195 -> 0.418 at step 10 of 50).
-    Evaluated before and after only: each evaluation decodes 256 prompts with the 270M model."""
+    """The README's real-model recipe (Real models) in 16 steps: the real Gemma 3 270M's greedy accuracy on 256
+    held-out progressions at least doubles and rises by 0.2 (measured: 0.195 -> 0.492 in 144 s on 2 cores; 0.418
+    at step 10 of the README's 50). Evaluated before and after only: each evaluation decodes 256 prompts."""
     start = time.time()
     r = run_grpo("--ckpt", str(gemma3_dir), "--task", "sequence", "--max-completion-len", "4", "--prompts-per-step",
                  "4", "--lr", "3e-6", "--temperature", "1.0", "--beta", "0", "--dynamic-sampling",
-                 "--max-num-gen-batches", "4", "--steps", "24", "--eval-every", "24", "--eval-examples", "256",
+                 "--max-num-gen-batches", "4", "--steps", "16", "--eval-every", "16", "--eval-examples", "256",
                  "--log-every", "4", "--save-every", "1000", "--out", str(tmp_path / "run"), timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
     evals = by_step(tmp_path / "run", "eval/reward")
