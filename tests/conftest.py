@@ -63,8 +63,8 @@ def calculator_demo(tmp_path_factory) -> pathlib.Path:
     directory (metrics.jsonl, hf/, warmup_sft/), shared by the learning test and the tests that serve the model."""
     import subprocess
     out = tmp_path_factory.mktemp("calculator_demo") / "run"
-    r = subprocess.run([sys.executable, "grpo.py", "--tools", "calculator", "--steps", "30", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
+    r = subprocess.run([sys.executable, "grpo.py", "--tools", "calculator", "--steps", "30", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -75,8 +75,7 @@ def ppo_demo(tmp_path_factory) -> pathlib.Path:
     (metrics.jsonl, hf/), for tests/test_ppo.py."""
     import subprocess
     out = tmp_path_factory.mktemp("ppo_demo") / "run"
-    r = subprocess.run([sys.executable, "ppo.py", "--steps", "150", "--eval-every", "150", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True,
-                       timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
+    r = subprocess.run([sys.executable, "ppo.py", "--steps", "150", "--eval-every", "150", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     return out
