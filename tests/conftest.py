@@ -58,6 +58,18 @@ def _drop_compiled_programs():
 
 
 @pytest.fixture(scope="session")
+def sft_demo(tmp_path_factory) -> pathlib.Path:
+    """`python sft.py --steps 600` (half the default's 1200 steps, under a minute) run once: its --out directory,
+    for sft's learning test and as the teacher of distill's (the default distill.py takes runs/sft/hf too)."""
+    import subprocess
+    out = tmp_path_factory.mktemp("sft_demo") / "run"
+    r = subprocess.run([sys.executable, "sft.py", "--steps", "600", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def calculator_demo(tmp_path_factory) -> pathlib.Path:
     """`python grpo.py --tools calculator --steps 30` (half the demo's 60 steps, about 2 minutes) run once: its --out
     directory (metrics.jsonl, hf/, warmup_sft/), shared by the learning test and the tests that serve the model."""

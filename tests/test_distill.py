@@ -402,9 +402,13 @@ def test_a_teacher_with_another_tokenizer_is_one_clear_line(capsys, tmp_path, ge
 
 
 @pytest.mark.slow
-def test_default_run_learns_from_the_teacher(tmp_path):
+def test_default_run_learns_from_the_teacher(tmp_path, sft_demo):
+    """`python distill.py` after `python sft.py` (its teacher the session's sft run, as runs/sft/hf would be; a
+    teacher trained first is tests/test_processes.py's distill run): the KL to the teacher halves and the student
+    reaches 0.8 of the teacher's held-out accuracy (measured on 2 cores: KL 6.35 -> 0.18, accuracy 0.836 of the
+    teacher's 0.965, in 58 s)."""
     start = time.time()
-    r = run_distill("--out", str(tmp_path / "run"))
+    r = run_distill("--teacher", str(sft_demo / "hf"), "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
     kl, accuracy = by_step(tmp_path / "run", "eval/kl"), by_step(tmp_path / "run", "eval/accuracy")
     teacher = by_step(tmp_path / "run", "eval/teacher_accuracy")[0]
