@@ -57,37 +57,32 @@ def _drop_compiled_programs():
     jax.clear_caches()
 
 
+def demo_run(tmp_path_factory, script: str, *args: str) -> pathlib.Path:
+    """`python script *args` in a subprocess on one CPU device, as a user runs it: its --out directory."""
+    import subprocess
+    out = tmp_path_factory.mktemp(script.removesuffix(".py") + "_demo") / "run"
+    r = subprocess.run([sys.executable, script, *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="session")
 def sft_demo(tmp_path_factory) -> pathlib.Path:
     """`python sft.py --steps 600` (half the default's 1200 steps, under a minute) run once: its --out directory,
     for sft's learning test and as the teacher of distill's (the default distill.py takes runs/sft/hf too)."""
-    import subprocess
-    out = tmp_path_factory.mktemp("sft_demo") / "run"
-    r = subprocess.run([sys.executable, "sft.py", "--steps", "600", "--out", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    return demo_run(tmp_path_factory, "sft.py", "--steps", "600")
 
 
 @pytest.fixture(scope="session")
 def calculator_demo(tmp_path_factory) -> pathlib.Path:
     """`python grpo.py --tools calculator --steps 30` (half the demo's 60 steps, about 2 minutes) run once: its --out
     directory (metrics.jsonl, hf/, warmup_sft/), shared by the learning test and the tests that serve the model."""
-    import subprocess
-    out = tmp_path_factory.mktemp("calculator_demo") / "run"
-    r = subprocess.run([sys.executable, "grpo.py", "--tools", "calculator", "--steps", "30", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    return demo_run(tmp_path_factory, "grpo.py", "--tools", "calculator", "--steps", "30")
 
 
 @pytest.fixture(scope="session")
 def ppo_demo(tmp_path_factory) -> pathlib.Path:
     """`python ppo.py --steps 150` (half the demo's 300 steps, about 2 minutes) run once: its --out directory
     (metrics.jsonl, hf/), for tests/test_ppo.py."""
-    import subprocess
-    out = tmp_path_factory.mktemp("ppo_demo") / "run"
-    r = subprocess.run([sys.executable, "ppo.py", "--steps", "150", "--eval-every", "150", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, "XLA_FLAGS": ""})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    return demo_run(tmp_path_factory, "ppo.py", "--steps", "150", "--eval-every", "150")

@@ -17,7 +17,6 @@ import pytest
 import safetensors.numpy
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.usefixtures("private_jax_cache")  # runs killed or starved write no shared cache
 
 # A few steps of each tiny demo on a smaller data set; every one logs each step, evaluates and saves mid-run.
 SMALL = ["--train-examples", "1000", "--eval-examples", "64"]
