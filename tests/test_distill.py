@@ -85,6 +85,18 @@ def test_every_divergence_is_its_definition(name, beta, temperature):
     np.testing.assert_allclose(got, reference(name, s, t, target, beta, 0.2, temperature), rtol=2e-5, atol=1e-6)
 
 
+def test_top1_agreement_is_the_argmax_agreement():
+    """top1_agreement (an equality with each row's max) is argmax(student) == argmax(teacher) where neither has
+    a tie, and 1 where a tied likeliest token of one is the other's likeliest."""
+    s, t = jax.random.normal(jax.random.key(0), (2, 500, 37))
+    t = t.at[:250].set(t[:250] + 10 * jax.nn.one_hot(jnp.argmax(s[:250], -1), 37))  # half the rows agree
+    expected = (jnp.argmax(s, -1) == jnp.argmax(t, -1)).astype(jnp.float32)
+    got = distill.top1_agreement(s, t)
+    assert np.array_equal(got, expected) and 0.4 < float(got.mean()) < 0.6
+    tied_s, tied_t = jnp.array([[1.0, 3.0, 3.0, 0.0]]), jnp.array([[0.0, 1.0, 2.0, 0.5]])  # student: 1 or 2
+    assert float(distill.top1_agreement(tied_s, tied_t)[0]) == 1.0 and float(distill.top1_agreement(tied_t, tied_s)[0]) == 1.0
+
+
 def test_jsd_tends_to_the_two_kls_at_its_ends():
     rng = np.random.default_rng(1)
     s, t = (jax.nn.log_softmax(jnp.asarray(rng.normal(0, 1, (5, 9)), jnp.float32)) for _ in range(2))

@@ -76,16 +76,17 @@ def test_the_supervised_loss_and_its_gradients_equal_the_whole_vocabulary(min_ro
             jax.jit(jax.grad(fused, (0, 1))).lower(x, head, weights).as_text().count("dot_general")
 
 
-@pytest.mark.parametrize("chunk_bytes", [4 * 1000 * 8, 1 << 30])  # 14 chunks (the last padded), one
-@pytest.mark.parametrize("cap", [None, 5.0])
-def test_summed_terms_and_their_gradients_equal_autodiff_of_the_chunked_terms(chunk_bytes, cap):
+@pytest.mark.parametrize("chunk_bytes,nll_coefficient", [(4 * 1000 * 8, 0.3), (1 << 30, 0.3), (4 * 1000 * 8, 0.0)])
+@pytest.mark.parametrize("cap", [None, 5.0])  # chunk_bytes: 14 chunks (the last padded), or one
+def test_summed_terms_and_their_gradients_equal_autodiff_of_the_chunked_terms(chunk_bytes, nll_coefficient, cap):
     """summed_terms (each chunk's logits made once, the gradient taken there) against jax.grad of per_position
     (the chunk made again in the backward pass) and of the whole-vocabulary terms: a distillation-like loss
-    with a second model's logits inside the chunk, two weighted terms and one only logged, a 0/1 mask."""
+    with a second model's logits inside the chunk, two weighted terms and one only logged, a 0/1 mask; with the
+    NLL's coefficient 0 (distill.py at kd_ratio 1) it is logged and left out of the gradient's program."""
     x, head, targets = inputs()
     x_t, head_t = 2 * inputs(seed=1)[0], inputs(seed=2)[1]
     mask = (jax.random.uniform(jax.random.key(3), (3, 37)) > 0.3).astype(jnp.float32)
-    coefficients = {"kd": 0.7, "nll": 0.3}
+    coefficients = {"kd": 0.7, "nll": nll_coefficient}
 
     def terms(logits, target, x_t_c):  # [c, V], [c], [c, D]
         log_s = jax.nn.log_softmax(logits, axis=-1)
@@ -120,6 +121,9 @@ def test_summed_terms_and_their_gradients_equal_autodiff_of_the_chunked_terms(ch
     assert max_rel(d_x, grads[0]) < 1e-6
     count = lambda f, *a: jax.jit(f).lower(*a).as_text().count("dot_general")  # noqa: E731
     assert count(jax.grad(lambda x: summed(x, head)[0]), x) < count(jax.grad(lambda x, h: summed(x, h)[0], (0, 1)), x, head)
+    # the NLL's gradient scatters into the target's column (take_along_axis transposed): there only when it counts
+    scatters = jax.jit(jax.grad(lambda x: summed(x, head)[0])).lower(x).as_text().count("scatter")
+    assert (scatters == 0) == (nll_coefficient == 0.0) and abs(float(sums["nll"])) > 0
 
 
 @pytest.mark.parametrize("max_rows", [1024, 40])  # one chunk of 111 rows x 6 blocks; 3 chunks of 37 x 2 blocks
