@@ -253,8 +253,9 @@ def answer_stats(model, batch, orpo: bool = False, wpo: bool = False):
 
     def per_token(logits, target):  # [c, V], [c]
         lse, z = jax.nn.logsumexp(logits, axis=-1), jax.lax.stop_gradient(logits)
-        logp = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - lse
-        top1 = (jnp.argmax(z, axis=-1) == target).astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+        logp = picked - lse
+        top1 = (jax.lax.stop_gradient(picked) == jnp.max(z, axis=-1)).astype(jnp.float32)  # an argmax is a slower pass
         log_sum_sq = jax.nn.logsumexp(2 * z, axis=-1) - 2 * jax.lax.stop_gradient(lse) if wpo else jnp.zeros_like(lse)
         return logp, jnp.mean(z, axis=-1), top1, log_sum_sq
     stats = logprobs.per_position(per_token, x, model.head(model.cfg.param_dtype), tokens[:, -L:],
