@@ -82,7 +82,8 @@ def summed_terms(fn, x: jax.Array, head: jax.Array, weights: jax.Array, coeffici
     Σ coefficients[name] · sums[name]. Each chunk's logits are made once: its terms and d loss / d logits come
     from one jax.vjp of fn there, then d x and d head (three matmuls with the head, none in the backward pass,
     as weighted_nll; per_position under jax.grad makes them twice). Only loss carries a gradient: sums are
-    what is logged (their cotangents are dropped), and a term whose coefficient is the float 0 is only logged. Same values and gradients as the per_position sums."""
+    what is logged (their cotangents are dropped), and a term whose coefficient is a constant 0 is only logged
+    (its gradient is not made). Same values and gradients as the per_position sums."""
     lead = x.shape[:-1]
     n = math.prod(lead)
     chunks, size = chunk_rows(n, head.shape[0], chunk_bytes)
@@ -98,7 +99,7 @@ def summed_terms(fn, x: jax.Array, head: jax.Array, weights: jax.Array, coeffici
             def weighted(z):  # the chunk's share of loss, and of sums
                 terms = fn(z, *rows_c)
                 sums = {k: jnp.sum(jnp.where(weight != 0, weight * t, 0.0)) for k, t in terms.items()}  # padding: 0
-                live = {k: c for k, c in coefficients.items() if not (isinstance(c, float) and c == 0)}
+                live = {k: c for k, c in coefficients.items() if not (isinstance(c, (int, float)) and c == 0)}
                 return sum((c * sums[k] for k, c in live.items()), jnp.zeros((), jnp.float32)), sums
             if not grads[0]:  # evaluation: the terms alone
                 return d_head, (*weighted(logits_of(x_c, head)), None)
