@@ -89,6 +89,7 @@ def summed_terms(fn, x: jax.Array, head: jax.Array, weights: jax.Array, coeffici
     chunks, size = chunk_rows(n, head.shape[0], chunk_bytes)
     flat = [flat_rows(a, len(lead), chunks * size).reshape(chunks, size, *a.shape[len(lead):])
             for a in (x, weights, *rows)]  # [chunks, size, ...]
+    live = {k: c for k, c in coefficients.items() if not (isinstance(c, (int, float)) and c == 0)}  # differentiated
 
     def forward(x, head, grads: tuple[bool, bool], weights, *rows):  # grads: (d x, d head) wanted
         def chunk(d_head, inputs):
@@ -99,7 +100,6 @@ def summed_terms(fn, x: jax.Array, head: jax.Array, weights: jax.Array, coeffici
             def weighted(z):  # the chunk's share of loss, and of sums
                 terms = fn(z, *rows_c)
                 sums = {k: jnp.sum(jnp.where(weight != 0, weight * t, 0.0)) for k, t in terms.items()}  # padding: 0
-                live = {k: c for k, c in coefficients.items() if not (isinstance(c, (int, float)) and c == 0)}
                 return sum((c * sums[k] for k, c in live.items()), jnp.zeros((), jnp.float32)), sums
             if not grads[0]:  # evaluation: the terms alone
                 return d_head, (*weighted(logits_of(x_c, head)), None)
