@@ -153,6 +153,36 @@ def kl(log_p, log_q):
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
+def kl_of_logits(p, lse_p, q, lse_q):
+    """KL(softmax(p) ‖ softmax(q)) per position from logits [c, V] and their rows' logsumexps [c]: one pass over
+    the vocabulary, no log-probs made (log p − log q = p − q − lse_p + lse_q, and Σ_v softmax(p) = 1)."""
+    return jnp.sum(jnp.exp(p - lse_p[:, None]) * (p - q), axis=-1) - lse_p + lse_q
+
+
+@jax.custom_vjp
+def forward_kl(s_logits, t_logits):
+    """KL(p_T ‖ p_S) per position [c] from the student's and the teacher's logits [c, V] (log-probs do as well),
+    differentiated on the student's side only, its gradient p_S − p_T written out: the forward pass keeps no
+    [c, V] array for it and the backward pass makes the gradient in one pass. Autodiff of kl(log_softmax(t),
+    log_softmax(s)) kept both log-probs and p_T: bench_distill.py's mid step went from 1.62 s to 1.41 s (CPU)."""
+    return _forward_kl_fwd(s_logits, t_logits)[0]
+
+
+def _forward_kl_fwd(s_logits, t_logits):
+    lse_s, lse_t = (jax.nn.logsumexp(z, axis=-1) for z in (s_logits, t_logits))  # [c]
+    return kl_of_logits(t_logits, lse_t, s_logits, lse_s), (s_logits, t_logits, lse_s, lse_t)
+
+
+def _forward_kl_bwd(residuals, g):  # g [c] → (d s_logits [c, V], none for the teacher's)
+    # The barrier keeps XLA from sharing exp(s − lse_s) and exp(t − lse_t) with the forward pass's sums: kept
+    # [c, V] arrays cost more than two more exponentials in this one fused pass (60 ms of the same mid step).
+    s_logits, t_logits, lse_s, lse_t = jax.lax.optimization_barrier(residuals)
+    return g[:, None] * (jnp.exp(s_logits - lse_s[:, None]) - jnp.exp(t_logits - lse_t[:, None])), None
+
+
+forward_kl.defvjp(_forward_kl_fwd, _forward_kl_bwd)
+
+
 def mixture(log_p, w: float, log_q):
     """log(w·p + (1 − w)·q), in log space (TRL's GKD mixture)."""
     return jax.nn.logsumexp(jnp.stack([log_p + jnp.log(w), log_q + jnp.log1p(-w)]), axis=0)
@@ -177,13 +207,21 @@ DIVERGENCES = {
 }
 
 
-def token_terms(log_s, log_t, s1, t1, target, cfg: Config) -> dict:
-    """Per position [c], what the loss and the log are made of, from the student's and the teacher's log-probs
-    at the loss's temperature (log_s, log_t) and at 1 (s1, t1), by the name each is logged under."""
-    kd = DIVERGENCES[cfg.loss](log_s, log_t, target, cfg) * (cfg.temperature ** 2 if cfg.tau_squared else 1.0)
-    s1_fixed = jax.lax.stop_gradient(s1)
-    return {"kd_loss": kd, "nll_loss": -picked(s1, target), "teacher_nll": -picked(t1, target),
-            "kl/forward": kl(t1, s1_fixed), "kl/reverse": kl(s1_fixed, t1)}
+def token_terms(s, t, s1, t1, target, cfg: Config) -> dict:
+    """Per position [c], what the loss and the log are made of, from the student's and the teacher's logits
+    at the loss's temperature (s, t) and at 1 (s1, t1) ([c, V]; log-probs do as well), by the name each is
+    logged under. The exact forward KL (the default) is forward_kl of the logits; the other divergences take
+    log-probs. The teacher's side is never differentiated here (forward_kl gives it no gradient)."""
+    forward = cfg.loss == "jsd" and cfg.beta == 0  # KL(p_T ‖ p_S)
+    kd = forward_kl(s, t) if forward else DIVERGENCES[cfg.loss](
+        jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1), target, cfg)
+    lse_s, lse_t = (jax.nn.logsumexp(z, axis=-1) for z in (s1, t1))  # [c]
+    s1_fixed, lse_s_fixed = jax.lax.stop_gradient(s1), jax.lax.stop_gradient(lse_s)
+    same = forward and s is s1 and t is t1  # at τ = 1 kd is the logged forward KL: one pass less
+    kl_forward = jax.lax.stop_gradient(kd) if same else kl_of_logits(t1, lse_t, s1_fixed, lse_s_fixed)
+    return {"kd_loss": kd * (cfg.temperature ** 2 if cfg.tau_squared else 1.0),
+            "nll_loss": lse_s - picked(s1, target), "teacher_nll": lse_t - picked(t1, target),
+            "kl/forward": kl_forward, "kl/reverse": kl_of_logits(s1_fixed, lse_s_fixed, t1, lse_t)}
 
 
 def top1_agreement(s_logits, t_logits):
@@ -216,10 +254,9 @@ def student_teacher_terms(student, teacher, batch, mask, coefficients: dict, cfg
         t_logits = logprobs.softcap(jnp.einsum("RD,VD->RV", x_t, head_t.astype(x_t.dtype),
                                                preferred_element_type=jnp.float32), cap_t)[:, :V]
         s_logits = logits[:, :V]
-        s1, t1 = jax.nn.log_softmax(s_logits, axis=-1), jax.nn.log_softmax(t_logits, axis=-1)
-        log_s, log_t = (s1, t1) if cfg.temperature == 1 else (
-            jax.nn.log_softmax(z / cfg.temperature, axis=-1) for z in (s_logits, t_logits))
-        return {**token_terms(log_s, log_t, s1, t1, target, cfg), "top1_agreement": top1_agreement(s_logits, t_logits)}
+        s, t = (s_logits, t_logits) if cfg.temperature == 1 else (z / cfg.temperature for z in (s_logits, t_logits))
+        return {**token_terms(s, t, s_logits, t_logits, target, cfg),
+                "top1_agreement": top1_agreement(s_logits, t_logits)}
     loss, sums = logprobs.summed_terms(per_token, x, student.head(student.cfg.param_dtype), mask, coefficients,
                                        tokens[:, 1:], x_t, cap=student.cfg.final_softcap)
     return loss, sums, layer_terms(taps_s, taps_t, projections, cfg), router

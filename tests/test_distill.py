@@ -85,6 +85,43 @@ def test_every_divergence_is_its_definition(name, beta, temperature):
     np.testing.assert_allclose(got, reference(name, s, t, target, beta, 0.2, temperature), rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("beta,temperature", [(0.0, 1.0), (0.0, 2.0), (0.5, 1.0)])
+def test_token_terms_from_logits_are_their_definitions_with_autodiffs_gradient(beta, temperature):
+    """token_terms takes logits (the exact forward KL through forward_kl's written-out gradient, the logged KLs
+    and NLLs from the rows' logsumexps): every term equals its definition from the log-probs, and the gradient
+    of 0.7·kd + 0.3·NLL equals autodiff of the same terms written with log_softmax, to 1e-5."""
+    rng = np.random.default_rng(2)
+    s, t = (jnp.asarray(rng.normal(0, 3, (9, 50)), jnp.float32) for _ in range(2))
+    target, weights = jnp.asarray(rng.integers(0, 50, 9)), jnp.asarray(rng.uniform(0, 1, 9), jnp.float32)
+    cfg = cfg_for(loss="jsd", beta=beta, temperature=temperature)
+
+    def terms_of(s):
+        return distill.token_terms(s / temperature, t / temperature, s, t, target, cfg)
+    terms = terms_of(s)
+    s64, t64 = np.asarray(s, np.float64), np.asarray(t, np.float64)
+    ls, lt = log_softmax(s64), log_softmax(t64)
+    rows = np.arange(9)
+    want = {"kd_loss": reference("jsd", s64, t64, target, beta, 0.1, temperature), "nll_loss": -ls[rows, target],
+            "teacher_nll": -lt[rows, target], "kl/forward": (np.exp(lt) * (lt - ls)).sum(-1),
+            "kl/reverse": (np.exp(ls) * (ls - lt)).sum(-1)}
+    for name, value in want.items():
+        np.testing.assert_allclose(terms[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+
+    def autodiff_terms(s):  # the log-prob formulation, differentiated by jax
+        log_s, log_t = (jax.nn.log_softmax(z / temperature) for z in (s, t))
+        return {"kd_loss": distill.DIVERGENCES["jsd"](log_s, log_t, target, cfg),
+                "nll_loss": -distill.picked(jax.nn.log_softmax(s), target)}
+
+    def loss(terms_fn):
+        return lambda s: jnp.sum(weights * (0.7 * terms_fn(s)["kd_loss"] + 0.3 * terms_fn(s)["nll_loss"]))
+    got, expected = jax.grad(loss(terms_of))(s), jax.grad(loss(autodiff_terms))(s)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+    if beta == 0 and temperature == 1:  # the written-out gradient is p_S − p_T, the teacher's side left alone
+        g = jax.grad(lambda s, t: jnp.sum(weights * distill.forward_kl(s, t)), argnums=(0, 1))(s, t)
+        np.testing.assert_allclose(g[0], weights[:, None] * (np.exp(ls) - np.exp(lt)), atol=1e-6)
+        assert not np.any(np.asarray(g[1]))
+
+
 def test_top1_agreement_is_the_argmax_agreement():
     """top1_agreement (an equality with each row's max) is argmax(student) == argmax(teacher) where neither has
     a tie, and 1 where a tied likeliest token of one is the other's likeliest."""
