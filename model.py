@@ -544,18 +544,31 @@ def next_token_hidden(model: Transformer, tokens, positions, segment_ids, last: 
     prompt's rows repeated, as if each row ran whole). layers None: unrolled_if_small's choice."""
     C, P = last, tokens.shape[1] - last
     layers = unrolled_if_small(model) if layers is None else layers
+    # Every token goes in and the last one's outputs are dropped: the layers run at the batch's own length (a
+    # bucket: 64, 256), not one short of it (63, 255), where XLA's CPU kernels are slower (bench_distill.py's
+    # tiny step 10%). Causal attention leaves every kept output as it was; taps are cut to the same positions.
     if group == 1 or C == 1:
-        return model(tokens[:, :-1], positions=positions[:, :-1], segment_ids=segment_ids[:, :-1], last=C,
-                     layers=layers, dropout_key=dropout_key, hidden=True, taps=taps)
+        out = model(tokens, positions=positions, segment_ids=segment_ids, last=C + 1, layers=layers,
+                    dropout_key=dropout_key, hidden=True, taps=taps)
+        return (out[0][:, :-1], without_last(out[1])) if taps else out[:, :-1]
     run = functools.partial(model, layers=layers, dropout_key=dropout_key, hidden=True, taps=taps)
     cache = KVCache.init(model.cfg, tokens.shape[0] // group, P + C)
     first, cache, *first_taps = run(tokens[::group, :P], positions=positions[::group, :P],
                                     segment_ids=segment_ids[::group, :P], cache=cache, last=1)  # [B/G, 1, D]
-    rest, _, *rest_taps = run(tokens[:, P:-1], positions=positions[:, P:-1], segment_ids=segment_ids[:, P:-1],
+    rest, _, *rest_taps = run(tokens[:, P:], positions=positions[:, P:], segment_ids=segment_ids[:, P:],
                               cache=repeat_rows(cache, group))
-    x = jnp.concatenate([jnp.repeat(first, group, axis=0), rest], axis=1)  # [B, C, D]
+    rest_taps = [without_last(t) for t in rest_taps]
+    x = jnp.concatenate([jnp.repeat(first, group, axis=0), rest[:, :-1]], axis=1)  # [B, C, D]
     return (x, jax.tree.map(lambda a, b: jnp.concatenate([jnp.repeat(a, group, axis=1), b], axis=2),  # [L, B, T, E]
                             first_taps[0], rest_taps[0])) if taps else x
+
+
+def without_last(taps: dict) -> dict:
+    """The model's taps of T positions cut to the first T − 1 (those of tokens[:, :-1]): hidden [L + 1, B, T, D],
+    router [L, B, T, E] on the position axis, attention [L, B, T, S] on both (the last key is masked for the
+    others: their maps are unchanged)."""
+    cut = {"hidden": lambda a: a[:, :, :-1], "router": lambda a: a[:, :, :-1], "attention": lambda a: a[:, :, :-1, :-1]}
+    return {name: None if a is None else cut[name](a) for name, a in taps.items()}
 
 
 def token_logps(model: Transformer, batch: dict, last: int | None = None, group: int = 1, temperature: float = 1.0,
