@@ -537,10 +537,10 @@ def repeat_rows(cache: KVCache, group: int) -> KVCache:
 def next_token_hidden(model: Transformer, tokens, positions, segment_ids, last: int, group: int = 1, layers=None,
                       dropout_key=None, taps: tuple[str, ...] = ()):
     """Final-normed hidden states [B, C, D] predicting the last C = `last` tokens of each row of tokens [B, T]:
-    model(tokens[:, :-1], ..., last=C, hidden=True). group > 1: rows come in runs of `group` that share their
-    first T - C tokens (a GRPO group's prompt); those run once per run, into a KV cache that the run's rows attend
-    to, so the prompt's work is done once, not `group` times (gradients flow through the cache: the run's
-    contributions add up). taps: (hidden, the model's taps of tokens[:, :-1]); group > 1 taps "router" only (the
+    what model(tokens[:, :-1], ..., last=C, hidden=True) gives. group > 1: rows come in runs of `group` that
+    share their first T - C tokens (a GRPO group's prompt); those run once per run, into a KV cache that the run's
+    rows attend to, so the prompt's work is done once, not `group` times (gradients flow through the cache: the
+    run's contributions add up). taps: (hidden, the model's taps of tokens[:, :-1]); group > 1 taps "router" only (the
     prompt's rows repeated, as if each row ran whole). layers None: unrolled_if_small's choice."""
     C, P = last, tokens.shape[1] - last
     layers = unrolled_if_small(model) if layers is None else layers
