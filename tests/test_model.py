@@ -193,3 +193,29 @@ def test_taps_match_transformers_hidden_states_and_attentions(family, tmp_path):
         assert rel_err(logits, ref.logits.numpy()) < 1e-4
     _, only_hidden = model(jnp.asarray(x), taps=("hidden",))
     assert set(only_hidden) == {"hidden"}
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-gemma3", "tiny-qwen3-moe", "tiny-gemma4"])
+def test_next_token_hidden_is_the_model_on_all_but_the_last_token(name):
+    """next_token_hidden runs every token and drops the last one's outputs (the layers at the batch's own length):
+    at every real position of a packed row and a padded one, its hidden states and its taps (residual stream,
+    attention maps, router logits) are the model's on tokens[:, :-1]. (A padding position attends to nothing:
+    what it holds is weighted 0 everywhere, and differs.)"""
+    from model import next_token_hidden
+    model = Transformer(CONFIGS[name], nnx.Rngs(0))
+    ids = jnp.asarray(tokens(length=SEQ, vocab=CONFIGS[name].vocab_size))
+    segments = jnp.asarray(np.array([[1] * 30 + [2] * 18, [1] * 40 + [0] * 8], np.int32))  # packed; padded
+    positions = jnp.asarray(np.array([list(range(30)) + list(range(18)), list(range(40)) + [0] * 8], np.int32))
+    real = np.asarray(segments[:, :-1]) > 0  # [B, T − 1]
+    taps = ("hidden", "attention") if CONFIGS[name].gemma4 else ("hidden", "attention", "router")
+    x, got = next_token_hidden(model, ids, positions, segments, SEQ - 1, taps=taps)
+    want_x, want = model(ids[:, :-1], positions=positions[:, :-1], segment_ids=segments[:, :-1], last=SEQ - 1,
+                         hidden=True, taps=taps)
+    assert x.shape == want_x.shape and rel_err(np.asarray(x)[real], np.asarray(want_x)[real]) < 1e-5
+    for tap in taps:
+        if want[tap] is None:  # a dense model's router
+            assert got[tap] is None
+            continue
+        assert got[tap].shape == want[tap].shape, tap
+        a, b = np.asarray(got[tap])[:, real], np.asarray(want[tap])[:, real]  # [L, positions, ...]
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(np.max(np.abs(b))), err_msg=tap)
