@@ -111,6 +111,32 @@ def test_remat_gives_same_logits_and_grads():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_attention_softmax_has_jax_softmaxs_values_and_gradient(monkeypatch):
+    """model.softmax writes its own backward pass (Σ p·g as a dot): it must be jax.nn.softmax's, on masked rows,
+    a fully masked row and large logits, and through whole models (soft-capped sliding Gemma 2, GQA Qwen 3)."""
+    import model
+    x = 30 * jax.random.normal(jax.random.key(0), (2, 3, 5, 17))
+    x = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.3, x.shape), jnp.finfo(jnp.float32).min, x)
+    x = x.at[0, 0, 0].set(jnp.finfo(jnp.float32).min)  # a padding query: every key masked
+    g = jax.random.normal(jax.random.key(2), x.shape)
+    ours, ref = (lambda x: jnp.sum(jnp.sin(f(x)) * g) for f in (model.softmax, lambda x: jax.nn.softmax(x, axis=-1)))
+    np.testing.assert_array_equal(model.softmax(x), jax.nn.softmax(x, axis=-1))
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(ref)(x), rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(jax.grad(ours)(x)).max()) > 0.1  # not vacuous
+    for name in ("tiny-gemma2", "tiny-qwen3"):
+        x = jnp.asarray(tokens(2, 40, 259))
+
+        def loss(m):
+            return jnp.mean(jnp.sin(m(x)))
+
+        grads_ours = nnx.grad(loss)(Transformer(CONFIGS[name], nnx.Rngs(0)))
+        monkeypatch.setattr(model, "softmax", lambda x: jax.nn.softmax(x, axis=-1))
+        grads_ref = nnx.grad(loss)(Transformer(CONFIGS[name], nnx.Rngs(0)))
+        monkeypatch.undo()
+        for a, b in zip(jax.tree.leaves(grads_ours), jax.tree.leaves(grads_ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_bf16_compute_keeps_logits_f32_and_close():
     cfg = CONFIGS["tiny-llama3"]
     f32 = Transformer(cfg, nnx.Rngs(0))
