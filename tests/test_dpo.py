@@ -483,6 +483,10 @@ def test_bad_flags_are_one_clear_line(capsys, tmp_path, args, message):
 
 @pytest.mark.slow
 def test_default_run_learns_from_pairs(tmp_path):
+    """The default dpo.py run: greedy held-out accuracy up by ≥ 0.10 and ≥ 0.92 of held-out pairs told apart.
+    Measured at step 500 in six runs (seeds 0-2; 1 and 2 cores; with and without model.softmax):
+    eval/rewards/accuracies 0.945-0.973 (it climbs 0.91 → 0.95 over steps 200-500, so a bar at 0.95 failed three
+    of the six), eval/accuracy +0.26 to +0.36 (seeds 0-2 with model.softmax)."""
     start = time.time()
     r = run_dpo("--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -493,4 +497,4 @@ def test_default_run_learns_from_pairs(tmp_path):
           f"in {time.time() - start:.0f} s")
     assert first < 0.7  # the warm-up leaves room to learn
     assert last - first >= 0.10, accuracy
-    assert pairs[max(pairs)] >= 0.95, pairs
+    assert pairs[max(pairs)] >= 0.92, pairs

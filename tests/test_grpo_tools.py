@@ -132,11 +132,13 @@ def test_prompts_of_a_chat_model_list_the_tools(tmp_path):
 
 @pytest.mark.slow
 def test_the_calculator_demo_learns_to_call_and_beats_the_same_demo_without_the_tool(calculator_demo, tmp_path):
-    """`python grpo.py --tools calculator --steps 30` (half the demo, tests/conftest.py): by its end the policy
-    calls the tool in (nearly) every completion (tools/call_frequency ≥ 0.8), GRPO raises greedy held-out accuracy
-    over the warm-up's by ≥ 0.15, and the final eval/reward is ≥ 0.3 above the same demo's without the tool
-    (3-digit products answered directly, same steps, batch and warm-up). Measured on 2 cores: 0.367 → 0.596 with
-    the tool at step 30 (0.664 at the demo's 60); 0.0 without."""
+    """`python grpo.py --tools calculator` (the demo, tests/conftest.py): by its end the policy calls the tool in
+    (nearly) every completion (tools/call_frequency ≥ 0.8), GRPO raises greedy held-out accuracy over the warm-up's
+    by ≥ 0.15, and at step 30 eval/reward is ≥ 0.3 above the same demo's without the tool (3-digit products
+    answered directly, same 30 steps, batch and warm-up). Measured over float orders (2 cores and one, with and
+    without the custom-gradient softmax of model.py): 0.367 → 0.49-0.65 at step 30 and 0.650-0.664 at step 60 with
+    the tool; 0.0 without. (Another seed can fail to learn in 60 steps: `--seed 1`'s warm-up ends at 0.309 and
+    its sampled completions miscopy the tool's answer, reward 0 for 30 steps.)"""
     with_tool = metrics(calculator_demo)
     evals = {m["step"]: m["eval/reward"] for m in with_tool if "eval/reward" in m}
     last = [m for m in with_tool if "tools/call_frequency" in m][-1]
@@ -147,8 +149,8 @@ def test_the_calculator_demo_learns_to_call_and_beats_the_same_demo_without_the_
     without = {m["step"]: m["eval/reward"] for m in metrics(tmp_path / "without") if "eval/reward" in m}
     print(f"\ncalculator demo: eval/reward {evals}, last call frequency {last['tools/call_frequency']}; "
           f"without the tool {without} ({time.time() - start:.0f} s)")
-    assert last["step"] == 30 and last["tools/call_frequency"] >= 0.8
-    assert evals[30] - evals[0] >= 0.15, evals
+    assert last["step"] == 60 and last["tools/call_frequency"] >= 0.8
+    assert evals[60] - evals[0] >= 0.15, evals
     assert evals[30] - without[30] >= 0.3, (evals, without)
     assert (calculator_demo / "hf" / "config.json").is_file()
 
